@@ -1,0 +1,137 @@
+"""The agent's SQLite database (WAL): journal, cursors, loss ledger and DLQ share one file.
+
+Opening runs `PRAGMA quick_check`; a corrupt file is moved aside (kept, with a
+timestamp in its name) and a fresh one is created. Writes go through `tx()`, which
+serializes transactions on the single writer connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiosqlite
+
+log = logging.getLogger("sidecar_agent.db")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: seqs are never reused, cursors stay valid
+    body BLOB NOT NULL                       -- msgpack-encoded Event
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    sink TEXT PRIMARY KEY,
+    seq  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS losses (
+    reason TEXT NOT NULL,
+    sink   TEXT NOT NULL DEFAULT '',
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (reason, sink)
+);
+CREATE TABLE IF NOT EXISTS dlq (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    sink          TEXT NOT NULL,
+    events        BLOB NOT NULL,     -- msgpack list of Event
+    count         INTEGER NOT NULL,
+    error_class   TEXT NOT NULL,
+    error         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL,
+    first_attempt REAL NOT NULL,
+    last_attempt  REAL NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending',
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dlq_sink_status ON dlq (sink, status, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+DB_FILE = "agent.db"
+
+
+class Database:
+    """Owns the writer and reader connections to the agent's SQLite file."""
+
+    def __init__(self, data_dir: Path, *, sync: str = "full") -> None:
+        self.path = Path(data_dir) / DB_FILE
+        self.sync = sync
+        self.writer: aiosqlite.Connection | None = None
+        self.reader: aiosqlite.Connection | None = None
+        self.recovered_from: str | None = None  # path of a corrupt file moved aside
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Open (checking integrity first), apply the schema, open the reader."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not await self._healthy():
+            self._move_aside()
+        self.writer = await self._connect()
+        await self.writer.executescript(SCHEMA)
+        self.reader = await self._connect()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def _healthy(self) -> bool:
+        try:
+            async with aiosqlite.connect(self.path) as conn:
+                rows = await conn.execute_fetchall("PRAGMA quick_check")
+                ok = [r[0] for r in rows] == ["ok"]
+                if ok:
+                    await conn.execute_fetchall("SELECT count(*) FROM sqlite_master")
+                return ok
+        except sqlite3.DatabaseError as exc:
+            log.error("database %s failed its integrity check: %s", self.path, exc)
+            return False
+
+    def _move_aside(self) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        self.path.rename(target)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+        self.recovered_from = str(target)
+        log.error("database %s was corrupt: moved aside to %s; starting on a fresh one", self.path, target)
+
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction on the writer connection, one at a time."""
+        assert self.writer is not None, "database is not open"
+        async with self._lock:
+            await self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.writer
+                await self.writer.execute("COMMIT")
+            except BaseException:
+                # Also covers a failed COMMIT (disk full): the transaction must not stay open.
+                with contextlib.suppress(sqlite3.Error):
+                    await self.writer.execute("ROLLBACK")
+                raise
+
+    async def fetchall(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """A read on the reader connection (WAL lets it run beside writes)."""
+        assert self.reader is not None, "database is not open"
+        return list(await self.reader.execute_fetchall(sql, params))
+
+    async def close(self) -> None:
+        """Close both connections."""
+        for conn in (self.reader, self.writer):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self.reader = self.writer = None

@@ -1,0 +1,42 @@
+"""The agent's error hierarchy: every error it raises on purpose derives from AgentError."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class for errors raised deliberately by the agent."""
+
+
+class ConfigError(AgentError):
+    """A config file or value is invalid; the message names the file and key path."""
+
+
+class PluginError(AgentError):
+    """A plugin failed to load, registered something invalid, or failed to start."""
+
+
+class SinkError(AgentError):
+    """A sink could not deliver a batch."""
+
+
+class RetryableError(SinkError):
+    """A transient failure: the same batch may succeed later (5xx, 429, timeouts, resets).
+
+    `retry_after` is the server's hint in seconds (e.g. from a Retry-After header).
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(SinkError):
+    """A failure that retrying cannot fix (validation, constraint, permission errors)."""
+
+
+class CircuitOpenError(RetryableError):
+    """The sink's circuit breaker is open; `retry_after` says when it will admit a probe."""
+
+
+class JournalFullError(AgentError):
+    """The journal is at its size cap and the overflow policy is `reject`."""

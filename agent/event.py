@@ -1,0 +1,193 @@
+"""The event model and its batch codecs.
+
+An Event is what every source produces, the journal stores and every sink receives.
+Codecs are module-level encoders/decoders built once and reused for whole batches.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Kind = Literal["counter", "gauge", "histogram", "event"]
+KINDS: tuple[str, ...] = ("counter", "gauge", "histogram", "event")
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+EventId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+
+MAX_TAGS = 64
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One metric sample or event. `id` is the idempotency key end to end."""
+
+    id: str = ""
+    name: str
+    kind: str = "gauge"
+    value: float | None = None
+    ts: float = 0.0
+    tags: dict[str, str] = {}
+    source: str = ""
+    agent_id: str = ""
+    session_id: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class EventIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An event as clients send it: validated strictly, then normalized into Event."""
+
+    name: Name
+    id: EventId | None = None
+    kind: Kind | None = None
+    value: float | None = None
+    ts: float | _dt.datetime | None = None
+    tags: dict[str, str] = {}
+    source: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class InvalidEvent(ValueError):
+    """One input item failed validation; `index` is its position in the batch."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"item {index}: {message}")
+        self.index = index
+        self.message = message
+
+
+def new_ids(n: int, now: float | None = None) -> list[str]:
+    """Return n fresh UUIDv7 strings (time-ordered, so database indexes stay compact).
+
+    Randomness comes from os.urandom, which stays unique across os.fork().
+    """
+    ms = int((time.time() if now is None else now) * 1000) & 0xFFFFFFFFFFFF
+    prefix = f"{ms:012x}"
+    head = f"{prefix[:8]}-{prefix[8:12]}-7"
+    raw = os.urandom(10 * n).hex()
+    out = []
+    for i in range(0, 20 * n, 20):
+        r = raw[i : i + 20]
+        variant = "89ab"[int(r[3], 16) & 3]
+        out.append(f"{head}{r[:3]}-{variant}{r[4:7]}-{r[8:20]}")
+    return out
+
+
+def default_kind(value: float | None) -> str:
+    """An event without a kind is a gauge when it has a value, otherwise a plain event."""
+    return "event" if value is None else "gauge"
+
+
+def from_input(item: EventIn, *, source: str, agent_id: str, now: float) -> Event:
+    """Normalize a validated input item: fill kind, ts, source and agent; lower-case the id."""
+    if len(item.tags) > MAX_TAGS:
+        raise ValueError(f"too many tags ({len(item.tags)} > {MAX_TAGS})")
+    ts = item.ts
+    if ts is None:
+        ts = now
+    elif isinstance(ts, _dt.datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=_dt.timezone.utc)
+        ts = ts.timestamp()
+    elif not math.isfinite(ts):
+        raise ValueError("ts must be a finite number")
+    return Event(
+        id=item.id.lower() if item.id else "",
+        name=item.name,
+        kind=item.kind or default_kind(item.value),
+        value=item.value,
+        ts=ts,
+        tags=item.tags,
+        source=item.source or source,
+        agent_id=item.agent_id or agent_id,
+        session_id=item.session_id,
+        data=item.data,
+    )
+
+
+def assign_ids(events: list[Event]) -> None:
+    """Give every event that has no id a fresh one, in place."""
+    missing = [e for e in events if not e.id]
+    if missing:
+        for e, i in zip(missing, new_ids(len(missing))):
+            e.id = i
+
+
+# Reused codecs: building an Encoder/Decoder is far costlier than using one.
+json_encoder = msgspec.json.Encoder()
+msgpack_encoder = msgspec.msgpack.Encoder()
+_json_one = msgspec.json.Decoder(EventIn)
+_json_many = msgspec.json.Decoder(list[EventIn])
+_json_any = msgspec.json.Decoder()
+_msgpack_any = msgspec.msgpack.Decoder()
+stored_decoder = msgspec.msgpack.Decoder(Event)
+stored_batch_decoder = msgspec.msgpack.Decoder(list[Event])
+
+
+def encode_json_batch(events: list[Event]) -> bytes:
+    """Encode a list of events as one JSON array."""
+    return json_encoder.encode(events)
+
+
+def encode_msgpack_batch(events: list[Event]) -> bytes:
+    """Encode a list of events as one msgpack array."""
+    return msgpack_encoder.encode(events)
+
+
+def decode_stored(blob: bytes) -> Event:
+    """Decode one journaled event."""
+    return stored_decoder.decode(blob)
+
+
+def _validate_items(raw: list[Any]) -> tuple[list[EventIn], list[InvalidEvent]]:
+    good: list[EventIn] = []
+    bad: list[InvalidEvent] = []
+    for i, obj in enumerate(raw):
+        try:
+            good.append(msgspec.convert(obj, EventIn))
+        except msgspec.ValidationError as exc:
+            bad.append(InvalidEvent(i, str(exc)))
+    return good, bad
+
+
+def decode_input(body: bytes, content_type: str) -> tuple[list[EventIn], list[InvalidEvent]]:
+    """Decode a request body (JSON object/array, NDJSON or msgpack) into input items.
+
+    Returns the valid items and a list naming each invalid one. A body that cannot be
+    parsed at all raises InvalidEvent with index -1.
+    """
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+        try:
+            raw = _msgpack_any.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidEvent(-1, f"body is not valid msgpack: {exc}") from None
+        return _validate_items(raw if isinstance(raw, list) else [raw])
+    if ctype in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
+        raw = []
+        for lineno, line in enumerate(body.splitlines()):
+            if line.strip():
+                try:
+                    raw.append(_json_any.decode(line))
+                except msgspec.DecodeError as exc:
+                    raise InvalidEvent(lineno, f"line {lineno + 1} is not valid JSON: {exc}") from None
+        return _validate_items(raw)
+    # JSON: try the typed fast path first, fall back to per-item errors.
+    stripped = body.lstrip()
+    try:
+        if stripped[:1] == b"[":
+            return _json_many.decode(body), []
+        return [_json_one.decode(body)], []
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(-1, f"body is not valid JSON: {exc}") from None
+    raw = _json_any.decode(body)
+    return _validate_items(raw if isinstance(raw, list) else [raw])

@@ -1,0 +1,8 @@
+"""Built-in plugins. Each module registers through the same hooks a third-party plugin uses."""
+
+# Module names the PluginManager loads as built-ins, in this order.
+BUILTIN: tuple[str, ...] = (
+    "plugins.system",
+    "plugins.process",
+    "plugins.jsonl",
+)
