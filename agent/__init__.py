@@ -1,3 +1,16 @@
-"""sidecar-agent: a monitoring agent that loses nothing, duplicates nothing and shows everything."""
+"""sidecar-agent: a monitoring agent that loses nothing, duplicates nothing and shows everything.
+
+    import agent
+    agent.start()                      # embedded defaults, or a path / dict
+    agent.record("orders.placed", 1, kind="counter", tags={"region": "eu"})
+
+In asyncio apps: ``async with agent.Agent(config) as a: a.record(...)``.
+"""
 
 __version__ = "0.1.0"
+
+from .embed import counter, current, flush, gauge, histogram, record, start, stop, timer  # noqa: E402
+from .runtime import Agent  # noqa: E402
+
+__all__ = ["Agent", "counter", "current", "flush", "gauge", "histogram", "record", "start", "stop", "timer",
+           "__version__"]

@@ -17,7 +17,7 @@ import msgspec
 
 from .errors import ConfigError
 
-DEFAULT_POLICIES = ["timeout", "retry", "circuit_breaker"]
+DEFAULT_POLICIES: list[str] = []  # becomes timeout, retry, circuit_breaker once those policies land
 
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -61,12 +61,21 @@ class PluginsSection(_Section):
     entry_points: bool = True
 
 
+class DlqSection(_Section):
+    """`[dlq]`: dead-letter queue retention and replay rate."""
+
+    ttl_hours: PositiveFloat = 168.0
+    max_events: PositiveInt = 1_000_000
+    replay_per_s: PositiveFloat = 2.0
+
+
 class Config(_Section):
     """The whole config file."""
 
     agent: AgentSection = msgspec.field(default_factory=AgentSection)
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     plugins: PluginsSection = msgspec.field(default_factory=PluginsSection)
+    dlq: DlqSection = msgspec.field(default_factory=DlqSection)
     sources: dict[str, dict[str, Any]] = {}
     sinks: dict[str, dict[str, Any]] = {}
     flags: dict[str, Any] = {}

@@ -42,6 +42,7 @@ class Journal:
         self._dirty_cursors: set[str] = set()
         self._waiters: set[asyncio.Event] = set()
         self.disk_error: str | None = None
+        self._append_lock = asyncio.Lock()  # seqs are assigned in memory: one append at a time
 
     async def open(self) -> None:
         """Read sequence, size, cursors and the persisted loss ledger."""
@@ -94,6 +95,10 @@ class Journal:
         This commit is the acknowledgement point. Raises JournalFullError under the
         `reject` policy, sqlite3.Error on disk failure (nothing is committed then).
         """
+        async with self._append_lock:
+            return await self._append(bodies)
+
+    async def _append(self, bodies: list[bytes]) -> tuple[int, int]:
         size = sum(map(len, bodies)) + ROW_OVERHEAD * len(bodies)
         if self.bytes + size > self.max_bytes:
             if self.overflow == "reject":
@@ -138,7 +143,8 @@ class Journal:
 
     async def free_space(self) -> int:
         """After a disk-full error: drop the oldest tenth (counted) so writes can go on."""
-        return await self._drop_oldest(max(1, self.bytes // 10))
+        async with self._append_lock:
+            return await self._drop_oldest(max(1, self.bytes // 10))
 
     # -- reading -------------------------------------------------------------------
 

@@ -1,0 +1,86 @@
+"""The HTTP API and dashboard: one aiohttp application (see create_app)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode, web
+
+from . import dlq, health, ingest, stream, ui
+from .keys import AGENT, WEBSOCKETS
+
+if TYPE_CHECKING:
+    from ..runtime import Agent
+
+log = logging.getLogger("sidecar_agent.api")
+
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _token_of(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("X-Sidecar-Token", "")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Mutating requests need the token when one is configured."""
+    token = request.app[AGENT].config.server.token
+    if token and request.method in MUTATING and not hmac.compare_digest(_token_of(request).encode(), token.encode()):
+        return web.json_response({"error": "unauthorized: send the token as 'Authorization: Bearer <token>'"},
+                                 status=401, headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JSON errors for the API, never an HTML traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/api/") and exc.content_type != "application/json":
+            return web.json_response({"error": exc.reason}, status=exc.status, headers=_keep(exc.headers))
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error (see the agent's log)"}, status=500)
+
+
+def _keep(headers: object) -> dict[str, str]:
+    h = dict(headers)  # type: ignore[call-overload]
+    h.pop("Content-Type", None)
+    h.pop("Content-Length", None)
+    return h
+
+
+async def _close_websockets(app: web.Application) -> AsyncIterator[None]:
+    yield
+    for ws in set(app[WEBSOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent shutting down")
+
+
+def create_app(agent: Agent) -> web.Application:
+    """The app factory: routes, middlewares and typed state for one Agent."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=agent.config.server.max_body_bytes,
+    )
+    app[AGENT] = agent
+    app[WEBSOCKETS] = weakref.WeakSet()
+    app.cleanup_ctx.append(_close_websockets)
+    health.add_routes(app)
+    ingest.add_routes(app)
+    stream.add_routes(app)
+    dlq.add_routes(app)
+    for method, path, handler, _mutating, _plugin in agent.host.routes:
+        app.router.add_route(method, path, handler)
+    ui.add_routes(app)
+    return app

@@ -1,0 +1,72 @@
+"""Turn `[sources.*]` and `[sinks.*]` tables into validated component specs.
+
+Each table may set `type` (default: its name). Sink tables also take `policies`
+(default timeout, retry, circuit_breaker), `batch_size`, and one sub-table per policy
+named after it. Every other key belongs to the plugin's own options struct; errors
+name the key path, e.g. `agent.toml: sinks.main.retry.max_attempts: expected int`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import DEFAULT_POLICIES, Config, convert_section
+from .errors import ConfigError, PluginError
+from .plugins import PluginHost, Registration
+
+
+@dataclass
+class ComponentSpec:
+    """A configured source or sink, ready to instantiate."""
+
+    kind: str  # "sources" | "sinks"
+    name: str
+    registration: Registration
+    options: Any
+    policies: list[tuple[str, Registration, Any]] = field(default_factory=list)
+    batch_size: int = 500
+
+
+def plan(config: Config, host: PluginHost) -> list[ComponentSpec]:
+    """Validate every component table against the loaded plugins."""
+    specs: list[ComponentSpec] = []
+    for kind in ("sources", "sinks"):
+        for name, table in getattr(config, kind).items():
+            specs.append(_spec(kind, name, dict(table), config, host))
+    return specs
+
+
+def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: PluginHost) -> ComponentSpec:
+    origin = config.origin
+    path = f"{kind}.{name}"
+    type_name = table.pop("type", name)
+    if not isinstance(type_name, str):
+        raise ConfigError(f"{origin}: {path}.type: expected a string")
+    try:
+        reg = host.get(kind, type_name)
+    except PluginError as exc:
+        raise ConfigError(f"{origin}: {path}.type: {exc}") from None
+    spec = ComponentSpec(kind, name, reg, None)
+    if kind == "sinks":
+        names = table.pop("policies", DEFAULT_POLICIES)
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"{origin}: {path}.policies: expected a list of policy names")
+        batch = table.pop("batch_size", 500)
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
+            raise ConfigError(f"{origin}: {path}.batch_size: expected a positive integer")
+        spec.batch_size = batch
+        for pname in names:
+            try:
+                preg = host.get("policies", pname)
+            except PluginError as exc:
+                raise ConfigError(f"{origin}: {path}.policies: {exc}") from None
+            raw = table.pop(pname, {})
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{origin}: {path}.{pname}: expected a table")
+            spec.policies.append((pname, preg, convert_section(raw, preg.options, origin, f"{path}.{pname}")))
+        for key, value in list(table.items()):
+            if isinstance(value, dict) and key in host.registry["policies"]:
+                raise ConfigError(f"{origin}: {path}.{key}: policy {key!r} is configured but not in policies")
+    spec.options = convert_section(table, reg.options, origin, path)
+    return spec

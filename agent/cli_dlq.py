@@ -1,0 +1,88 @@
+"""`sidecar-agent dlq list|replay|purge`: talks to the running agent's HTTP API, or,
+when none answers, works on the data dir directly (replay then happens at next start)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .config import Config
+
+
+def _http(cfg: Config, method: str, path: str, query: dict[str, Any]) -> dict[str, Any] | None:
+    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    req = urllib.request.Request(f"http://{host}:{cfg.server.port}{path}?{q}", method=method)
+    token = cfg.server.token or os.environ.get("SIDECAR_AGENT_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"error: {method} {path}: {exc.code} {exc.read().decode(errors='replace')}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    from .db import Database
+    from .dlq import DeadLetterQueue
+    from .losses import LossLedger
+
+    db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync)
+    await db.open()
+    ledger = LossLedger()
+    rows = await db.fetchall("SELECT reason, sink, count FROM losses")
+    ledger.load([tuple(r) for r in rows])
+    ledger.take_dirty()
+    dlq = DeadLetterQueue(db, ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events)
+    await dlq.open()
+    try:
+        if args.action == "list":
+            entries = await dlq.list(sink=args.sink, status=args.status, limit=args.limit)
+            return {"entries": msgspec.to_builtins(entries), "offline": True}
+        if args.action == "purge":
+            n = await dlq.purge(sink=args.sink, status=args.status or "pending")
+            async with db.tx() as conn:
+                await conn.executemany(
+                    "INSERT INTO losses (reason, sink, count) VALUES (?, ?, ?)"
+                    " ON CONFLICT (reason, sink) DO UPDATE SET count = excluded.count",
+                    ledger.take_dirty(),
+                )
+            return {"purged_events": n, "offline": True}
+        return {"pending_events": dlq.depth(args.sink), "offline": True,
+                "note": "the agent is not running: pending entries are replayed when it starts"}
+    finally:
+        await db.close()
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Dispatch one dlq action; prints JSON with --json, a table otherwise."""
+    method, path = {"list": ("GET", "/api/v1/dlq"), "replay": ("POST", "/api/v1/dlq/replay"),
+                    "purge": ("DELETE", "/api/v1/dlq")}[args.action]
+    query = {"sink": args.sink, "status": args.status}
+    if args.action == "list":
+        query["limit"] = args.limit
+    result = _http(cfg, method, path, query)
+    if result is None:
+        result = asyncio.run(_offline(cfg, args))
+    if args.json or args.action != "list":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'id':>6} {'sink':<14} {'status':<10} {'events':>7} {'attempts':>8}  {'last attempt':<20} error")
+    for e in result["entries"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["last_attempt"]))
+        print(f"{e['id']:>6} {e['sink']:<14} {e['status']:<10} {e['count']:>7} {e['attempts']:>8}  {when:<20} "
+              f"{e['error_class']}: {e['error']}")
+    return 0

@@ -1,0 +1,280 @@
+"""Per-sink delivery: one worker per sink reads the journal after its cursor, sends
+through the sink's resilience chain, and moves the cursor only when the sink confirms.
+
+Outcomes of a batch:
+- delivered: the cursor moves past it;
+- PermanentError: the batch is bisected so only the offending events reach the DLQ;
+- RetryableError that escaped the chain (its budget is spent): the batch goes to the
+  DLQ and the cursor moves on (no head-of-line blocking);
+- CircuitOpenError: the worker waits for the breaker and sends the same batch again,
+  so the journal, not memory, holds the backlog while a sink is down.
+DLQ entries are replayed when the sink is healthy again, at a bounded rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dlq import DeadLetterQueue
+from .errors import CircuitOpenError, PermanentError, RetryableError
+from .event import Event, stored_decoder
+from .journal import Journal
+from .plugin_api import PluginContext, Sink
+
+log = logging.getLogger("sidecar_agent.delivery")
+
+
+class DirectChain:
+    """The chain of a sink with no policies: call the sink directly."""
+
+    policies: list[Any] = []
+
+    async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        return await fn()
+
+
+@dataclass
+class SinkStats:
+    """Counters for /api/v1/sinks and /metrics."""
+
+    sent: int = 0
+    batches: int = 0
+    failed: int = 0
+    attempts: int = 0
+    dead_lettered: int = 0
+    replayed: int = 0
+    filtered: int = 0
+    last_error: str | None = None
+    last_success: float | None = None
+    state: str = "starting"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SinkWorker:
+    """Delivers the journal to one sink."""
+
+    def __init__(
+        self,
+        name: str,
+        sink: Sink,
+        chain: Any,
+        ctx: PluginContext,
+        journal: Journal,
+        dlq: DeadLetterQueue,
+        *,
+        batch_size: int = 500,
+        replay_per_s: float = 2.0,
+        enabled: Callable[[], bool] = lambda: True,
+        selected: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self.sink = sink
+        self.chain = chain
+        self.ctx = ctx
+        self.journal = journal
+        self.dlq = dlq
+        self.batch_size = batch_size
+        self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
+        self.enabled = enabled
+        self.selected = selected
+        self.stats = SinkStats(extra=ctx.stats)
+        self.healthy = False
+        self.started = False
+        self._next_replay = 0.0
+        self._replay_now = False
+        self._nudge = journal.waiter()  # set on every commit, flag change or replay request
+
+    def nudge(self) -> None:
+        """Wake the worker (a flag changed, or a replay was requested)."""
+        self._nudge.set()
+
+    def request_replay(self) -> None:
+        """Replay this sink's DLQ now, even before a live batch proves it healthy."""
+        self._replay_now = True
+        self.nudge()
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._start_sink()
+        while True:
+            if not self.enabled():
+                self.stats.state = "disabled"
+                self._nudge.clear()
+                await self._nudge.wait()
+                continue
+            self._nudge.clear()
+            cursor = self.journal.cursors.get(self.name, 0)
+            rows = await self.journal.read(cursor, self.batch_size)
+            if rows:
+                await self._deliver_rows(rows)
+                await self._maybe_replay()
+                continue
+            if self.stats.state not in ("open", "failing"):
+                self.stats.state = "idle"
+            if await self._maybe_replay():
+                continue
+            timeout = self.replay_interval if self.dlq.depth(self.name) and self.healthy else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudge.wait(), timeout)
+
+    async def _start_sink(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.sink.start()
+                self.started = True
+                return
+            except Exception as exc:
+                self.stats.state = "failed"
+                self.stats.last_error = f"start: {type(exc).__name__}: {exc}"
+                log.error("sink %s failed to start (retrying in %.0fs): %s", self.name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _deliver_rows(self, rows: list[tuple[int, bytes]]) -> None:
+        events = [stored_decoder.decode(body) for _, body in rows]
+        if self.selected is not None:
+            chosen = [e for e in events if self.selected(e.id)]
+            self.stats.filtered += len(events) - len(chosen)
+            events = chosen
+        if events:
+            self.stats.state = "sending"
+            await self._deliver(events)
+        self.journal.advance(self.name, rows[-1][0])
+
+    async def _send(self, events: list[Event]) -> None:
+        def attempt() -> Awaitable[None]:
+            self.stats.attempts += 1
+            return self.sink.send(events)
+
+        await self.chain.call(attempt)
+
+    async def _deliver(self, events: list[Event]) -> None:
+        """Send one live batch; on return it is delivered or in the DLQ."""
+        first_attempt = time.time()
+        while True:
+            before = self.stats.attempts
+            try:
+                await self._send(events)
+            except CircuitOpenError as exc:
+                # Wait for the breaker's probe slot; the batch stays ours (no DLQ).
+                self.healthy = False
+                self.stats.state = "open"
+                await asyncio.sleep(max(0.05, exc.retry_after or 1.0))
+                continue
+            except PermanentError as exc:
+                self._failed(exc)
+                await self._bisect(events, exc, first_attempt)
+                return
+            except Exception as exc:  # RetryableError past its budget, or a sink bug
+                self._failed(exc)
+                if not isinstance(exc, RetryableError):
+                    log.error("sink %s raised an unclassified error: %r", self.name, exc)
+                await self._dead_letter(events, exc, self.stats.attempts - before, first_attempt)
+                return
+            self._succeeded(events)
+            return
+
+    async def _bisect(self, events: list[Event], exc: BaseException, first_attempt: float) -> None:
+        """Split a permanently failing batch until only the offending events remain."""
+        if len(events) == 1:
+            await self._dead_letter(events, exc, 1, first_attempt)
+            return
+        mid = len(events) // 2
+        for half in (events[:mid], events[mid:]):
+            try:
+                await self._send(half)
+            except PermanentError as inner:
+                await self._bisect(half, inner, first_attempt)
+            except Exception as inner:
+                await self._dead_letter(half, inner, 1, first_attempt)
+            else:
+                self._succeeded(half)
+
+    async def _dead_letter(self, events: list[Event], exc: BaseException, attempts: int, first: float) -> None:
+        await self.dlq.put(self.name, events, exc, max(1, attempts), first)
+        self.stats.dead_lettered += len(events)
+
+    def _succeeded(self, events: list[Event]) -> None:
+        self.stats.sent += len(events)
+        self.stats.batches += 1
+        self.stats.last_success = time.time()
+        self.stats.state = "ok"
+        self.healthy = True
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.failed += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        self.stats.state = "failing"
+        self.healthy = False
+
+    async def _maybe_replay(self) -> bool:
+        """Replay one DLQ entry if the sink is healthy and the rate allows."""
+        if not self.dlq.depth(self.name) or not (self.healthy or self._replay_now):
+            return False
+        now = time.monotonic()
+        if now < self._next_replay and not self._replay_now:
+            return False
+        self._next_replay = now + self.replay_interval
+        claimed = await self.dlq.claim(self.name)
+        if claimed is None:
+            self._replay_now = False
+            return False
+        entry_id, _, events = claimed
+        try:
+            await self._send(events)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await asyncio.shield(self.dlq.settle(entry_id, self.name, len(events), RetryableError("cancelled")))
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            self._replay_now = False
+            await self.dlq.settle(entry_id, self.name, len(events), exc)
+            return False
+        self._succeeded(events)
+        self.stats.replayed += len(events)
+        await self.dlq.settle(entry_id, self.name, len(events), None)
+        if not self.dlq.depth(self.name):
+            self._replay_now = False
+        return True
+
+    async def close(self) -> None:
+        """Close the sink (after the worker task is done)."""
+        if self.started:
+            try:
+                await self.sink.close()
+            except Exception as exc:
+                log.error("sink %s failed to close: %s", self.name, exc)
+
+    def describe(self) -> dict[str, Any]:
+        """State, counters and lag for /api/v1/sinks."""
+        lag = self.journal.lag(self.name)
+        s = self.stats
+        return {
+            "name": self.name,
+            "state": s.state,
+            "enabled": self.enabled(),
+            "lag_events": lag,
+            "sent": s.sent,
+            "failed": s.failed,
+            "attempts": s.attempts,
+            "retried": max(0, s.attempts - s.batches - s.failed),
+            "dead_lettered": s.dead_lettered,
+            "replayed": s.replayed,
+            "filtered": s.filtered,
+            "dlq_pending": self.dlq.depth(self.name),
+            "last_error": s.last_error or self.dlq.last_error.get(self.name),
+            "last_success": s.last_success,
+            "policies": {k: _plain(v) for k, v in s.extra.items()},
+        }
+
+
+def _plain(v: Any) -> Any:
+    return v() if callable(v) else v

@@ -1,0 +1,86 @@
+"""The agent's own figures in Prometheus text format (version 0.0.4)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime import Agent
+
+PREFIX = "sidecar_agent_"
+BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, mtype: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        full = PREFIX + name
+        self.lines.append(f"# HELP {full} {help_}")
+        self.lines.append(f"# TYPE {full} {mtype}")
+        sample_name = full + "_total" if mtype == "counter" else full
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+            self.lines.append(f"{sample_name}{{{lab}}} {_fmt(value)}" if lab else f"{sample_name} {_fmt(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render(agent: Agent) -> str:
+    """Every counter and gauge the agent keeps, as Prometheus text."""
+    from . import __version__
+
+    w = _Writer()
+    w.metric("info", "gauge", "Agent identity.", [({"agent_id": agent.id, "version": __version__}, 1)])
+    w.metric("uptime_seconds", "gauge", "Seconds since the agent started.",
+             [({}, round(time.time() - agent.started_at, 3) if agent.started_at else 0.0)])
+    c = agent.committer
+    w.metric("events_committed", "counter", "Events committed to the journal.", [({}, c.committed if c else 0)])
+    w.metric("journal_commits", "counter", "Journal group commits.", [({}, c.commits if c else 0)])
+    w.metric("intake_queued", "gauge", "Events recorded but not yet committed.", [({}, len(agent._records))])
+    lost = [({"reason": r, "sink": s}, n) for (r, s), n in sorted(agent.ledger.snapshot().items())]
+    w.metric("events_lost", "counter", "Events dropped, by reason (the loss ledger).", lost)
+    j = agent.journal
+    if j is not None:
+        w.metric("journal_events", "gauge", "Events held in the journal.", [({}, j.rows)])
+        w.metric("journal_bytes", "gauge", "Approximate journal payload size.", [({}, j.bytes)])
+        w.metric("journal_max_bytes", "gauge", "Journal size cap.", [({}, j.max_bytes)])
+    sinks = [w_.describe() for w_ in agent.workers.values()]
+
+    def per_sink(key: str) -> list[tuple[dict[str, str], float]]:
+        return [({"sink": s["name"]}, s[key] or 0) for s in sinks]
+
+    w.metric("sink_sent_events", "counter", "Events confirmed by each sink.", per_sink("sent"))
+    w.metric("sink_failed_batches", "counter", "Batches that failed (after the policy chain).", per_sink("failed"))
+    w.metric("sink_attempts", "counter", "Send attempts, retries included.", per_sink("attempts"))
+    w.metric("sink_dead_lettered_events", "counter", "Events moved to the DLQ.", per_sink("dead_lettered"))
+    w.metric("sink_replayed_events", "counter", "Events delivered by DLQ replay.", per_sink("replayed"))
+    w.metric("sink_lag_events", "gauge", "Journaled events the sink has not confirmed.", per_sink("lag_events"))
+    w.metric("dlq_pending_events", "gauge", "Events waiting in the DLQ.", per_sink("dlq_pending"))
+    w.metric("sink_enabled", "gauge", "1 when the sink's kill switch is on.", per_sink("enabled"))
+    state, open_s = [], []
+    for s in sinks:
+        pol: dict[str, Any] = s["policies"]
+        if "breaker_state" in pol:
+            state.append(({"sink": s["name"]}, BREAKER_CODES.get(str(pol["breaker_state"]), 0)))
+            open_s.append(({"sink": s["name"]}, float(pol.get("breaker_open_seconds_total", 0.0))))
+    w.metric("breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", state)
+    w.metric("breaker_open_seconds", "counter", "Seconds each sink's breaker has spent open.", open_s)
+    w.metric("stream_dropped_messages", "counter", "Live-stream messages dropped for slow clients.",
+             [({}, agent.stream.dropped)])
+    return w.text()

@@ -1,0 +1,385 @@
+"""The Agent: owns plugins, journal, DLQ, delivery workers, sources and the HTTP server.
+
+Use `async with Agent(config)` in asyncio apps; sync apps use `agent.start()` (see
+agent.embed). `record()` and friends are safe from any thread and never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__, losses
+from .build import ComponentSpec, plan
+from .config import Config, resolve
+from .db import Database
+from .delivery import DirectChain, SinkWorker
+from .dlq import DeadLetterQueue
+from .event import Event
+from .intake import Committer
+from .journal import Journal
+from .losses import LossLedger
+from .plugin_api import PluginContext
+from .plugins import PluginHost
+from .resilience import build_chain
+from .stream import StreamHub
+
+log = logging.getLogger("sidecar_agent")
+_time = time.time
+
+
+class Agent:
+    """One monitoring agent. Construct, then `await start()` (or `async with`)."""
+
+    def __init__(self, config: Config | dict[str, Any] | str | Path | None = None, *, require_server: bool = False):
+        self.config = resolve(config)
+        self.id = self.config.agent_id()
+        self.require_server = require_server
+        self.ledger = LossLedger()
+        self.host = PluginHost(self.config.plugins)
+        self.stream = StreamHub()
+        self.state = "new"
+        self.started_at: float | None = None
+        self.server_error: str | None = None
+        self.server_url: str | None = None
+        self.components: dict[str, dict[str, Any]] = {}
+        self.workers: dict[str, SinkWorker] = {}
+        self.db: Database | None = None
+        self.journal: Journal | None = None
+        self.dlq: DeadLetterQueue | None = None
+        self.committer: Committer | None = None
+        self._records: deque[tuple[Any, ...]] = deque()
+        self._cap = self.config.agent.intake_capacity
+        self._accepting = True
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._runner: Any = None
+        self._stopped: asyncio.Event | None = None  # created in start(), on the agent's loop
+
+    # -- recording (any thread, never blocks) ------------------------------------------
+
+    def record(self, name: str, value: float | None = None, *, kind: str | None = None,
+               tags: dict[str, str] | None = None, ts: float | None = None,
+               data: dict[str, Any] | None = None, session_id: str | None = None) -> None:
+        """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full."""
+        q = self._records
+        if len(q) >= self._cap or not self._accepting:
+            self.ledger.add(losses.INTAKE_FULL if self._accepting else "stopped")
+            return
+        q.append((name, value, kind, tags, ts or _time(), data, session_id))
+        if len(q) == 1 and self.committer is not None:
+            self.committer.wake_threadsafe()
+
+    def counter(self, name: str, value: float = 1, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        """Record a counter increment."""
+        self.record(name, value, kind="counter", tags=tags, **kw)
+
+    def gauge(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        """Record a gauge reading."""
+        self.record(name, value, kind="gauge", tags=tags, **kw)
+
+    def histogram(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        """Record one observation of a distribution."""
+        self.record(name, value, kind="histogram", tags=tags, **kw)
+
+    def timer(self, name: str, *, tags: dict[str, str] | None = None) -> Timer:
+        """A context manager and decorator recording elapsed seconds as a histogram."""
+        return Timer(self, name, tags)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> Agent:
+        """Load plugins, open the journal, start sinks, sources and the HTTP server."""
+        if self.state != "new":
+            return self
+        self.state = "starting"
+        self._stopped = asyncio.Event()
+        cfg = self.config
+        self.host.load()
+        specs = plan(cfg, self.host)  # config errors surface before anything starts
+        data_dir = Path(cfg.agent.data_dir)
+        self.db = Database(data_dir, sync=cfg.agent.sync)
+        await self.db.open()
+        self.journal = Journal(
+            self.db, self.ledger, max_bytes=int(cfg.agent.max_journal_mb * 1024 * 1024), overflow=cfg.agent.overflow
+        )
+        await self.journal.open()
+        self.dlq = DeadLetterQueue(
+            self.db, self.ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events
+        )
+        await self.dlq.open()
+        self.committer = Committer(
+            self.journal, self.ledger, agent_id=self.id, capacity=cfg.agent.intake_capacity,
+            commit_batch=cfg.agent.commit_batch, commit_interval_s=cfg.agent.commit_interval_ms / 1000,
+            on_commit=self.stream.publish,
+        )
+        self.committer.records = self._records
+        for spec in specs:
+            if spec.kind == "sinks":
+                self._build_sink(spec, data_dir)
+        self.journal.attach(list(self.workers))
+        self._spawn("committer", self.committer.run())
+        self._spawn("housekeeping", self._housekeeping())
+        for name, worker in self.workers.items():
+            self._spawn(f"sink:{name}", worker.run())
+        for spec in specs:
+            if spec.kind == "sources":
+                self._start_source(spec, data_dir)
+        if self._records:
+            self.committer.wake_threadsafe()
+        if cfg.server.enabled:
+            await self._start_server()
+        self.started_at = time.time()
+        self.state = "running"
+        log.info("agent %s running (%d sources, %d sinks)", self.id,
+                 sum(1 for s in specs if s.kind == "sources"), len(self.workers))
+        return self
+
+    def _context(self, name: str, data_dir: Path) -> PluginContext:
+        return PluginContext(name=name, agent_id=self.id, data_dir=data_dir,
+                             log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit)
+
+    def _component(self, spec: ComponentSpec, state: str, error: str | None = None) -> None:
+        self.components[f"{spec.kind[:-1]}:{spec.name}"] = {
+            "kind": spec.kind[:-1], "name": spec.name, "type": spec.registration.type_name,
+            "plugin": spec.registration.plugin, "state": state, "error": error,
+        }
+
+    def _build_sink(self, spec: ComponentSpec, data_dir: Path) -> None:
+        ctx = self._context(spec.name, data_dir)
+        try:
+            sink = spec.registration.factory(spec.name, spec.options, ctx)
+            chain = build_chain(spec.policies, ctx) if spec.policies else DirectChain()
+        except Exception as exc:  # a broken plugin must not take the agent down
+            log.error("sink %s (%s) failed to build: %s", spec.name, spec.registration.plugin, exc, exc_info=True)
+            self.host.mark_failed(spec.registration.plugin, exc)
+            self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        assert self.journal is not None and self.dlq is not None
+        self.workers[spec.name] = SinkWorker(
+            spec.name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
+            replay_per_s=self.config.dlq.replay_per_s,
+        )
+        self._component(spec, "running")
+
+    def _start_source(self, spec: ComponentSpec, data_dir: Path) -> None:
+        ctx = self._context(spec.name, data_dir)
+        try:
+            source = spec.registration.factory(spec.name, spec.options, ctx)
+        except Exception as exc:
+            log.error("source %s (%s) failed to build: %s", spec.name, spec.registration.plugin, exc, exc_info=True)
+            self.host.mark_failed(spec.registration.plugin, exc)
+            self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        self._component(spec, "running")
+        self._spawn(f"source:{spec.name}", self._run_source(spec, source))
+
+    async def _run_source(self, spec: ComponentSpec, source: Any) -> None:
+        """Run a source; if it raises, record it and restart it with backoff."""
+        delay = 1.0
+        emit = functools.partial(self._emit_from, spec.name)
+        while True:
+            try:
+                await source.run(emit)
+                self._component(spec, "finished")
+                return
+            except Exception as exc:
+                log.error("source %s failed (restarting in %.0fs): %s", spec.name, delay, exc, exc_info=True)
+                self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                self._component(spec, "running")
+
+    def _emit_from(self, source: str, events: list[Event]) -> None:
+        for e in events:
+            if not e.source:
+                e.source = source
+        self.emit(events)
+
+    def emit(self, events: list[Event]) -> None:
+        """Hand events to the journal from the agent's loop thread (sources, plugins)."""
+        if self.committer is None:
+            self.ledger.add(losses.NOT_STARTED, len(events))
+            return
+        self.committer.emit(events)
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(functools.partial(self._task_done, name))
+
+    def _task_done(self, name: str, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s died: %r", name, task.exception(), exc_info=task.exception())
+
+    async def _housekeeping(self) -> None:
+        """Persist cursors and the ledger, compact, and expire the DLQ, on a timer."""
+        assert self.journal is not None and self.dlq is not None
+        last_expire = 0.0
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self.journal.checkpoint()
+                if time.monotonic() - last_expire > 60:
+                    last_expire = time.monotonic()
+                    await self.dlq.expire()
+            except Exception as exc:  # a full disk must not kill housekeeping; it retries
+                log.error("housekeeping failed: %s", exc)
+
+    async def _start_server(self) -> None:
+        from aiohttp import web
+
+        from .api import create_app
+
+        app = create_app(self)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            self.server_error = f"cannot listen on {self.config.server.host}:{self.config.server.port}: {exc.strerror}"
+            log.error("HTTP server not started: %s", self.server_error)
+            await self._runner.cleanup()
+            self._runner = None
+            if self.require_server:
+                await self.stop(timeout=1)
+                raise
+            return
+        port = self._runner.addresses[0][1] if self._runner.addresses else self.config.server.port
+        self.server_url = f"http://{self.config.server.host}:{port}"
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Commit everything recorded so far and wait until every sink has confirmed it."""
+        if self.committer is None or self.journal is None:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not await self.committer.drain(timeout):
+            return False
+        target = self.journal.last_seq
+        while loop.time() < deadline:
+            if all(self.journal.cursors.get(n, target) >= target or not w.enabled() for n, w in self.workers.items()):
+                return True
+            await asyncio.sleep(0.005)
+        return False
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Graceful stop: stop intake, commit what is in memory, give sinks a deadline,
+        persist cursors. Safe to call twice; undelivered events wait in the journal."""
+        if self.state in ("stopping", "stopped"):
+            if self._stopped is not None:
+                await self._stopped.wait()
+            return
+        if self.state == "new":
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        deadline = self.config.agent.shutdown_timeout_s if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        for name in [n for n in self._tasks if n.startswith("source:")]:
+            await _cancel(self._tasks.pop(name))
+        if self._runner is not None:
+            await self._runner.cleanup()  # no new ingest; open requests finish first
+            self._runner = None
+        assert self.committer is not None and self.journal is not None
+        self._accepting = False
+        self.committer.accepting = False
+        await self.committer.drain(max(0.1, end - loop.time()))
+        left = len(self._records)
+        if left:
+            self.ledger.add(losses.SHUTDOWN_TIMEOUT, left)
+        await self.flush(max(0.0, end - loop.time()))
+        for name in list(self._tasks):
+            await _cancel(self._tasks.pop(name))
+        for worker in self.workers.values():
+            await worker.close()
+        with contextlib.suppress(Exception):
+            await self.journal.checkpoint()
+        assert self.db is not None
+        await self.db.close()
+        self.state = "stopped"
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("agent %s stopped", self.id)
+
+    async def wait_stopped(self) -> None:
+        """Wait until stop() has finished."""
+        if self._stopped is not None:
+            await self._stopped.wait()
+
+    # -- reporting -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What /api/v1/status serves."""
+        j = self.journal
+        return {
+            "agent_id": self.id,
+            "version": __version__,
+            "state": self.state,
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            "server": {"url": self.server_url, "error": self.server_error},
+            "plugins": self.host.describe(),
+            "components": list(self.components.values()),
+            "sinks": [w.describe() for w in self.workers.values()],
+            "intake": {
+                "queued": len(self._records),
+                "capacity": self._cap,
+                "committed": self.committer.committed if self.committer else 0,
+                "commits": self.committer.commits if self.committer else 0,
+            },
+            "journal": j.stats() if j else None,
+            "database": {"path": str(self.db.path) if self.db else None,
+                         "recovered_from": self.db.recovered_from if self.db else None},
+            "dlq": {"pending_events": self.dlq.depth() if self.dlq else 0},
+            "losses": self.ledger.by_reason(),
+        }
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+class Timer:
+    """Times a block or a function; records seconds as a histogram."""
+
+    def __init__(self, agent: Agent, name: str, tags: dict[str, str] | None) -> None:
+        self.agent, self.name, self.tags = agent, name, tags
+        self._t0 = 0.0
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.agent.record(self.name, time.perf_counter() - self._t0, kind="histogram", tags=self.tags)
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if asyncio.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def awrapper(*a: Any, **kw: Any) -> Any:
+                with Timer(self.agent, self.name, self.tags):
+                    return await fn(*a, **kw)
+            return awrapper
+
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            with Timer(self.agent, self.name, self.tags):
+                return fn(*a, **kw)
+        return wrapper
