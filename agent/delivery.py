@@ -122,7 +122,8 @@ class SinkWorker:
                 continue
             timeout = self.replay_interval if self.dlq.depth(self.name) and self.healthy else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nudge.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._nudge.wait()
 
     async def _start_sink(self) -> None:
         delay = 1.0

@@ -11,6 +11,7 @@ only after that commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -127,11 +128,11 @@ class Committer:
             if not self.records and not self.batches:
                 self._idle.set()
                 self._wake.clear()
-                try:
-                    # The timeout is a safety net for a wake-up lost to a race in record().
-                    await asyncio.wait_for(self._wake.wait(), 0.25)
-                except TimeoutError:
-                    pass
+                # The timeout is a safety net for a wake-up lost to a race in record().
+                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25):
+                        await self._wake.wait()
                 continue
             if len(self.records) + self.pending_events < self.commit_batch:
                 await asyncio.sleep(self.commit_interval_s)  # gather a group
