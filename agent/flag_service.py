@@ -248,7 +248,7 @@ class FlagService:
                     f"override {name}={_show(value)} in {self._file.path} is kept but not applied: {reason} "
                     f"(remove it with: sidecar-agent flags clear {name})"
                 )
-            out += self._runtime.values()
+            out += list(self._runtime.values())
             checks = list(self._checks)
         for check in checks:
             try:
@@ -350,10 +350,11 @@ class FlagService:
         }
         try:
             self._audit.append(entry)
-            self._runtime.pop("audit", None)
         except OSError as exc:
             log.error("cannot append to %s: %s", self._audit.path, exc)
-            self._runtime["audit"] = f"audit file {self._audit.path} cannot be written ({exc}); changes are audited in memory only"
+            self._problem("audit", f"audit file {self._audit.path} cannot be written ({exc}); changes are audited in memory only")
+        else:
+            self._problem("audit", None)
         return entry
 
     def _after_change(self, entry: dict[str, Any]) -> None:
@@ -368,10 +369,11 @@ class FlagService:
             )
             try:
                 self._emit([event])
-                self._runtime.pop("emit", None)
             except Exception as exc:  # the change stands; the audit file has it
                 log.error("cannot emit %s: %s", CHANGED_EVENT, exc, exc_info=True)
-                self._runtime["emit"] = f"flag change events cannot be emitted ({exc!r}); see flags-audit.jsonl"
+                self._problem("emit", f"flag change events cannot be emitted ({exc!r}); see flags-audit.jsonl")
+            else:
+                self._problem("emit", None)
         if entry["old"] == entry["new"] or entry["layer"] is None:
             return
         with self._lock:
@@ -381,5 +383,13 @@ class FlagService:
                 cb(entry["flag"], entry["old"], entry["new"])
             except Exception as exc:
                 log.error("flag subscriber %r failed on %s", cb, entry["flag"], exc_info=True)
-                key = f"subscriber:{getattr(cb, '__qualname__', repr(cb))}"
-                self._runtime[key] = f"flag subscriber {key[11:]} failed on {entry['flag']}: {exc!r}"
+                who = getattr(cb, "__qualname__", repr(cb))
+                self._problem(f"subscriber:{who}", f"flag subscriber {who} failed on {entry['flag']}: {exc!r}")
+
+    def _problem(self, key: str, message: str | None) -> None:
+        """Set (or with None, clear) a problem that lasts until the next attempt succeeds."""
+        with self._lock:
+            if message is None:
+                self._runtime.pop(key, None)
+            else:
+                self._runtime[key] = message

@@ -486,3 +486,21 @@ def test_rollout_edges_and_monotonicity():
     assert all(0 <= rollout_bucket(i) < 10000 for i in ids)
     # A known value pins the hash function itself (blake2b, 8 bytes, big-endian, mod 10000).
     assert rollout_bucket("00000000-0000-0000-0000-000000000000") == 8970
+
+
+def test_custom_validator(tmp_path):
+    def even(v):
+        return None if v % 2 == 0 else "expected an even number"
+
+    def broken(v):
+        raise ZeroDivisionError("oops")
+
+    defs = [Flag.int("x.even", 2, "even only", validate=even), Flag.int("x.broken", 0, validate=lambda v: None)]
+    svc = service(tmp_path, defs=defs)
+    with pytest.raises(FlagError, match=r"^flag x.even \(override\): expected an even number, got 3$"):
+        svc.set("x.even", 3, "a")
+    with pytest.raises(ConfigError, match=r"flag x.even \(environment SIDECAR_AGENT_FLAG_X__EVEN\): expected an even"):
+        service(tmp_path, environ={"SIDECAR_AGENT_FLAG_X__EVEN": "5"}, defs=defs)
+    assert svc.set("x.even", 4, "a")["value"] == 4
+    with pytest.raises(FlagError, match="validator failed: ZeroDivisionError: oops"):
+        Flag.int("x.bad", 0, validate=broken)
