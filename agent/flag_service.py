@@ -352,7 +352,8 @@ class FlagService:
             self._audit.append(entry)
         except OSError as exc:
             log.error("cannot append to %s: %s", self._audit.path, exc)
-            self._problem("audit", f"audit file {self._audit.path} cannot be written ({exc}); changes are audited in memory only")
+            msg = f"audit file {self._audit.path} cannot be written ({exc}); changes are audited in memory only"
+            self._problem("audit", msg)
         else:
             self._problem("audit", None)
         return entry

@@ -114,7 +114,11 @@ def test_env_bool_words(tmp_path, text, value):
 
 def test_env_numbers_and_enums_parse_per_type(tmp_path):
     flags = [*core_flags(["jsonl"]), LEVEL]
-    environ = {PCT_ENV: "12.5", "SIDECAR_AGENT_FLAG_TEST__LEVEL": "7", "SIDECAR_AGENT_FLAG_DASHBOARD__DATA_SOURCE": "dual"}
+    environ = {
+        PCT_ENV: "12.5",
+        "SIDECAR_AGENT_FLAG_TEST__LEVEL": "7",
+        "SIDECAR_AGENT_FLAG_DASHBOARD__DATA_SOURCE": "dual",
+    }
     svc = service(tmp_path, environ=environ, defs=flags)
     assert svc.get(PCT) == 12.5
     assert svc.get("test.level") == 7 and type(svc.get("test.level")) is int
@@ -394,7 +398,9 @@ def test_override_no_longer_valid_is_not_applied(tmp_path):
     assert svc.health() == [] and service(tmp_path).get("test.level") == 2
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"version": 1}', b'{"version": 9, "overrides": {}}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[]", b'{"version": 1}', b'{"version": 9, "overrides": {}}', b"\xff\xfe"]
+)
 def test_corrupt_override_file_is_moved_aside_and_reported(tmp_path, content):
     (tmp_path / "flags.json").write_bytes(content)
     svc = service(tmp_path)
