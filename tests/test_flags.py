@@ -7,10 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.errors import ConfigError, FlagError
 from agent.event import Event
@@ -510,3 +513,17 @@ def test_custom_validator(tmp_path):
     assert svc.set("x.even", 4, "a")["value"] == 4
     with pytest.raises(FlagError, match="validator failed: ZeroDivisionError: oops"):
         Flag.int("x.bad", 0, validate=broken)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    value=st.floats(min_value=0, max_value=100, allow_nan=False),
+    level=st.integers(min_value=0, max_value=10),
+)
+def test_any_valid_value_survives_a_restart_exactly(value, level):
+    with tempfile.TemporaryDirectory() as d:
+        svc = FlagService([*core_flags(["jsonl"]), LEVEL], {}, {}, d, None)
+        svc.set(PCT, value, "prop")
+        svc.set("test.level", str(level), "prop")  # a string parses like an env value
+        again = FlagService([*core_flags(["jsonl"]), LEVEL], {}, {}, d, None)
+        assert again.get(PCT) == value and again.get("test.level") == level
