@@ -237,7 +237,9 @@ class FlagService:
         """The last changes, oldest first, across restarts: {flag, old, new, layer, actor, time, action}."""
         with self._lock:
             entries = list(self._audit.entries)
-        return entries[-limit:] if limit else entries
+        if limit is None:
+            return entries
+        return entries[-limit:] if limit > 0 else []
 
     def health(self) -> list[str]:
         """Problems worth an operator's attention; an empty list when all is well."""
@@ -310,8 +312,10 @@ class FlagService:
         return True
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call `callback(name, old, new)` after each set/clear that changes a flag's value
-        (in the thread that made the change). Returns a function that unsubscribes."""
+        """Call `callback(name, old, new)` after each set/clear that changes a flag's value,
+        in the thread that made the change and after the lock is released (so a callback
+        may call get/set; concurrent changes may arrive out of order, so re-read get()
+        when order matters). Returns a function that unsubscribes."""
         with self._lock:
             self._subscribers.append(callback)
 

@@ -320,7 +320,7 @@ def test_changes_emit_audit_events_and_persist_the_trail(tmp_path):
 
     again = service(tmp_path, environ={PCT_ENV: "50"})
     assert again.audit() == [first, second]
-    assert again.audit(limit=1) == [second]
+    assert again.audit(limit=1) == [second] and again.audit(limit=0) == []
     lines = (tmp_path / "flags-audit.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [first, second]
 
