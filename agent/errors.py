@@ -40,3 +40,7 @@ class CircuitOpenError(RetryableError):
 
 class JournalFullError(AgentError):
     """The journal is at its size cap and the overflow policy is `reject`."""
+
+
+class FlagError(AgentError):
+    """A feature flag is unknown, badly defined, or given a bad value; the message names the flag and layer."""
