@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextvars
 import datetime as _dt
 import email.utils
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import msgspec
-from postgrest.exceptions import APIError
 
 from agent.errors import PermanentError, PluginError, RetryableError
 from agent.event import Event
@@ -24,6 +22,10 @@ from agent.hookspecs import hookimpl
 from agent.migrations import check_identifier
 from agent.plugin_api import BaseSink, PluginContext
 from agent.rows import sqlstate_retryable, to_rest_row
+
+if TYPE_CHECKING:  # httpx and supabase-py are imported on first use: they take ~0.3 s to import
+    import httpx
+    from postgrest.exceptions import APIError
 
 
 class SupabaseOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -117,6 +119,7 @@ class SupabaseSink(BaseSink):
     async def start(self) -> None:
         if self._client is not None:
             return
+        import httpx
         from supabase import AsyncClientOptions, acreate_client
 
         o = self.options
@@ -139,6 +142,9 @@ class SupabaseSink(BaseSink):
     async def send(self, events: list[Event]) -> None:
         if not events:
             return
+        import httpx
+        from postgrest.exceptions import APIError
+
         if self._client is None:
             await self.start()
         rows = [to_rest_row(e, self.ctx.stats) for e in events]

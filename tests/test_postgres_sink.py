@@ -177,3 +177,17 @@ def _pg_error(cls: type, sqlstate: str) -> Exception:
 )
 def test_error_mapping(exc, expected):
     assert type(map_pg_error(exc)) is expected
+
+
+def test_both_sinks_register_as_builtin_plugins():
+    import msgspec
+
+    from agent.plugins import PluginHost
+
+    host = PluginHost().load()
+    pg, sb = host.get("sinks", "postgres"), host.get("sinks", "supabase")
+    assert pg.factory is PostgresSink and sb.factory.__name__ == "SupabaseSink"
+    opts = msgspec.convert({"url": "https://x.supabase.co", "key": "k"}, sb.options)
+    assert (opts.schema, opts.table, opts.timeout_s) == ("public", "monitoring_events", 10.0)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"dsn": "postgresql://x", "bogus": 1}, pg.options)
