@@ -5,4 +5,6 @@ BUILTIN: tuple[str, ...] = (
     "plugins.system",
     "plugins.process",
     "plugins.jsonl",
+    "plugins.postgres",
+    "plugins.supabase",
 )

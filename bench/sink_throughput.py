@@ -1,0 +1,132 @@
+"""Rows/s into PostgreSQL: postgres sink (COPY + ON CONFLICT), supabase sink through the
+emulator, and a plain asyncpg executemany INSERT baseline, at batch sizes 500 and 1000.
+
+    PYTHONPATH=. python bench/sink_throughput.py [--rows 20000] [--dsn postgresql://postgres@127.0.0.1:5432/postgres]
+
+Each method writes into its own fresh table in a throwaway database (dropped at the
+end). The emulator runs without its Realtime trigger so every method pays the same
+per-row cost. Target: postgres sink >= 3x executemany.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent import migrations  # noqa: E402
+from agent.event import Event, new_ids  # noqa: E402
+from agent.plugin_api import PluginContext  # noqa: E402
+from agent.rows import COLUMNS, to_record  # noqa: E402
+from plugins.postgres import PostgresOptions, PostgresSink  # noqa: E402
+from plugins.supabase import SupabaseOptions, SupabaseSink  # noqa: E402
+from tests.supabase_emulator import SupabaseEmulator  # noqa: E402
+
+
+def ctx() -> PluginContext:
+    return PluginContext("bench", "bench", Path("."), logging.getLogger("bench"), lambda e: None)
+
+
+def events(n: int) -> list[Event]:
+    now = time.time()
+    return [
+        Event(id=i, name=f"metric.{k % 20}", kind="gauge", value=k * 0.5, ts=now + k * 1e-4,
+              tags={"host": "web-1", "region": "eu"}, source="bench", agent_id="bench-1", data={"k": k})
+        for k, i in enumerate(new_ids(n))
+    ]
+
+
+def batches(evs: list[Event], size: int) -> list[list[Event]]:
+    return [evs[i : i + size] for i in range(0, len(evs), size)]
+
+
+async def run_sink(sink, evs: list[Event], size: int) -> float:
+    await sink.start()
+    try:
+        t0 = time.perf_counter()
+        for b in batches(evs, size):
+            await sink.send(b)
+        return len(evs) / (time.perf_counter() - t0)
+    finally:
+        await sink.close()
+
+
+async def run_executemany(dsn: str, table: str, evs: list[Event], size: int) -> float:
+    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    ph = ", ".join(f"${i + 1}" for i in range(len(COLUMNS)))
+    sql = f'INSERT INTO "public"."{table}" ({cols}) VALUES ({ph}) ON CONFLICT ("id") DO NOTHING'
+    con = await asyncpg.connect(dsn)
+    try:
+        t0 = time.perf_counter()
+        for b in batches(evs, size):
+            await con.executemany(sql, [to_record(e) for e in b])
+        return len(evs) / (time.perf_counter() - t0)
+    finally:
+        await con.close()
+
+
+async def one_run(method: str, dsn: str, emu: SupabaseEmulator, rows: int, size: int) -> float:
+    """Write `rows` fresh events into a fresh table with one method; check they all landed."""
+    table = f"b_{uuid.uuid4().hex[:10]}"
+    await migrations.apply(dsn, "public", table)
+    evs = events(rows)
+    if method == "executemany":
+        rate = await run_executemany(dsn, table, evs, size)
+    elif method == "postgres sink":
+        rate = await run_sink(PostgresSink("pg", PostgresOptions(dsn=dsn, table=table), ctx()), evs, size)
+    else:
+        rate = await run_sink(SupabaseSink("sb", SupabaseOptions(url=emu.url, key=emu.key, table=table), ctx()), evs, size)
+    con = await asyncpg.connect(dsn)
+    try:
+        n = await con.fetchval(f'SELECT count(*) FROM "{table}"')
+    finally:
+        await con.close()
+    assert n == rows, (method, n)
+    return rate
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=20000, help="rows per method and batch size")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per cell; the best rate is reported")
+    ap.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin DSN")
+    args = ap.parse_args()
+    dbname = f"sidecar_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(args.dsn)
+    server = await admin.fetchval("SHOW server_version")
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    dsn = args.dsn.rsplit("/", 1)[0] + "/" + dbname
+    results: list[tuple[str, int, float]] = []
+    try:
+        emu = SupabaseEmulator(dsn, realtime=False)
+        await emu.start()
+        try:
+            for size in (500, 1000):
+                for method in ("executemany", "postgres sink", "supabase sink"):
+                    rates = [await one_run(method, dsn, emu, args.rows, size) for _ in range(args.repeat)]
+                    results.append((method, size, max(rates)))
+        finally:
+            await emu.stop()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        await admin.close()
+
+    print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print(f"rows per run: {args.rows}; best of {args.repeat}; PostgreSQL {server}; asyncpg {asyncpg.__version__}")
+    print(f"{'method':<16}{'batch':>7}{'rows/s':>12}{'vs executemany':>16}")
+    base = {size: rate for m, size, rate in results if m == "executemany"}
+    for method, size, rate in results:
+        print(f"{method:<16}{size:>7}{rate:>12,.0f}{rate / base[size]:>15.2f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
