@@ -46,8 +46,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .build import plan
     from .plugins import PluginHost
 
+    from .runtime import build_flags
+
     cfg = load(args.file)
-    specs = plan(cfg, PluginHost(cfg.plugins).load())
+    host = PluginHost(cfg.plugins).load()
+    specs = plan(cfg, host)
+    build_flags(cfg, host, specs)  # bad [flags] values and SIDECAR_AGENT_FLAG_* fail here too
     print(f"{args.file}: ok ({sum(s.kind == 'sources' for s in specs)} sources, "
           f"{sum(s.kind == 'sinks' for s in specs)} sinks)")
     return 0
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=50)
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dlq)
+    from .cli_more import add_parsers
+
+    add_parsers(sub, _config)
     return p
 
 

@@ -6,33 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from . import client
 from .config import Config
-
-
-def _http(cfg: Config, method: str, path: str, query: dict[str, Any]) -> dict[str, Any] | None:
-    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    req = urllib.request.Request(f"http://{host}:{cfg.server.port}{path}?{q}", method=method)
-    token = cfg.server.token or os.environ.get("SIDECAR_AGENT_TOKEN")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise SystemExit(f"error: {method} {path}: {exc.code} {exc.read().decode(errors='replace')}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
 
 
 async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
@@ -74,8 +55,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     query = {"sink": args.sink, "status": args.status}
     if args.action == "list":
         query["limit"] = args.limit
-    result = _http(cfg, method, path, query)
-    if result is None:
+    try:
+        result = client.call(cfg, method, path, query)
+    except client.AgentUnreachable:
         result = asyncio.run(_offline(cfg, args))
     if args.json or args.action != "list":
         print(json.dumps(result, indent=2))

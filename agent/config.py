@@ -69,6 +69,17 @@ class DlqSection(_Section):
     replay_per_s: PositiveFloat = 2.0
 
 
+class DashboardSection(_Section):
+    """`[dashboard]`: the local history store and the browser's Supabase settings.
+
+    Only the anon (public) key belongs here: it is served to the browser.
+    """
+
+    store: bool = True
+    supabase_url: str | None = None
+    supabase_anon_key: str | None = None
+
+
 class Config(_Section):
     """The whole config file."""
 
@@ -76,6 +87,7 @@ class Config(_Section):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     plugins: PluginsSection = msgspec.field(default_factory=PluginsSection)
     dlq: DlqSection = msgspec.field(default_factory=DlqSection)
+    dashboard: DashboardSection = msgspec.field(default_factory=DashboardSection)
     sources: dict[str, dict[str, Any]] = {}
     sinks: dict[str, dict[str, Any]] = {}
     flags: dict[str, Any] = {}

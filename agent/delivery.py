@@ -24,6 +24,7 @@ from typing import Any
 from .dlq import DeadLetterQueue
 from .errors import CircuitOpenError, PermanentError, RetryableError
 from .event import Event, stored_decoder
+from .flags import in_rollout
 from .journal import Journal
 from .plugin_api import PluginContext, Sink
 
@@ -71,7 +72,7 @@ class SinkWorker:
         batch_size: int = 500,
         replay_per_s: float = 2.0,
         enabled: Callable[[], bool] = lambda: True,
-        selected: Callable[[str], bool] | None = None,
+        rollout: Callable[[], float] = lambda: 100.0,
     ) -> None:
         self.name = name
         self.sink = sink
@@ -82,7 +83,7 @@ class SinkWorker:
         self.batch_size = batch_size
         self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
         self.enabled = enabled
-        self.selected = selected
+        self.rollout = rollout
         self.stats = SinkStats(extra=ctx.stats)
         self.healthy = False
         self.started = False
@@ -141,8 +142,10 @@ class SinkWorker:
 
     async def _deliver_rows(self, rows: list[tuple[int, bytes]]) -> None:
         events = [stored_decoder.decode(body) for _, body in rows]
-        if self.selected is not None:
-            chosen = [e for e in events if self.selected(e.id)]
+        percent = self.rollout()
+        if percent < 100.0:
+            # A stable hash of the id decides, so an event is always in or always out.
+            chosen = [e for e in events if in_rollout(e.id, percent)]
             self.stats.filtered += len(events) - len(chosen)
             events = chosen
         if events:
@@ -262,6 +265,7 @@ class SinkWorker:
             "name": self.name,
             "state": s.state,
             "enabled": self.enabled(),
+            "rollout_percent": self.rollout(),
             "lag_events": lag,
             "sent": s.sent,
             "failed": s.failed,

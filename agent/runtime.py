@@ -23,6 +23,7 @@ from .db import Database
 from .delivery import DirectChain, SinkWorker
 from .dlq import DeadLetterQueue
 from .event import Event
+from .flags import FlagService, core_flags, data_source_check, in_rollout
 from .intake import Committer
 from .journal import Journal
 from .losses import LossLedger
@@ -55,6 +56,7 @@ class Agent:
         self.journal: Journal | None = None
         self.dlq: DeadLetterQueue | None = None
         self.committer: Committer | None = None
+        self.flags: FlagService | None = None
         self._records: deque[tuple[Any, ...]] = deque()
         self._cap = self.config.agent.intake_capacity
         self._accepting = True
@@ -111,6 +113,7 @@ class Agent:
         self.host.load()
         specs = plan(cfg, self.host)  # config errors surface before anything starts
         data_dir = Path(cfg.agent.data_dir)
+        self.flags = build_flags(cfg, self.host, specs, emit=self.emit)
         self.db = Database(data_dir, sync=cfg.agent.sync)
         await self.db.open()
         self.journal = Journal(
@@ -168,11 +171,17 @@ class Agent:
             self.host.mark_failed(spec.registration.plugin, exc)
             self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
             return
-        assert self.journal is not None and self.dlq is not None
-        self.workers[spec.name] = SinkWorker(
-            spec.name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
+        assert self.journal is not None and self.dlq is not None and self.flags is not None
+        flags, name = self.flags, spec.name
+        worker = SinkWorker(
+            name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
             replay_per_s=self.config.dlq.replay_per_s,
+            enabled=lambda: flags.get(f"sinks.{name}.enabled"),
+            rollout=lambda: flags.get(f"sinks.{name}.rollout_percent"),
         )
+        self.workers[name] = worker
+        watched = (f"sinks.{name}.enabled", f"sinks.{name}.rollout_percent")
+        flags.subscribe(lambda flag, old, new: worker.nudge() if flag in watched else None)
         self._component(spec, "running")
 
     def _start_source(self, spec: ComponentSpec, data_dir: Path) -> None:
@@ -347,7 +356,21 @@ class Agent:
                          "recovered_from": self.db.recovered_from if self.db else None},
             "dlq": {"pending_events": self.dlq.depth() if self.dlq else 0},
             "losses": self.ledger.by_reason(),
+            "flags": {"problems": self.flags.health() if self.flags else []},
         }
+
+
+def build_flags(config: Config, host: PluginHost, specs: list[ComponentSpec],
+                emit: Callable[[list[Event]], None] | None = None) -> FlagService:
+    """The flag service: core flags for the configured sinks plus plugin flags."""
+    import os
+
+    sinks = {s.name: s.registration.type_name for s in specs if s.kind == "sinks"}
+    defs: list[Any] = [("core", f) for f in core_flags(list(sinks))] + list(host.flags)
+    service = FlagService(defs, config.flags, os.environ, Path(config.agent.data_dir), emit=emit,
+                          config_origin=config.origin)
+    service.add_check(data_source_check(service, sinks))
+    return service
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -24,6 +24,8 @@ async def readyz(request: web.Request) -> web.Response:
     for comp in agent.components.values():
         if comp["state"] == "failed":
             problems.append(f"{comp['kind']} {comp['name']} failed: {comp['error']}")
+    if agent.flags is not None:
+        problems.extend(f"flags: {p}" for p in agent.flags.health())
     ready = agent.state == "running" and not (agent.journal and agent.journal.disk_error)
     return web.json_response({"ready": ready, "problems": problems}, status=200 if ready else 503)
 

@@ -1,0 +1,100 @@
+"""CLI commands for flags and the Postgres/Supabase migration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from . import client
+from .config import Config
+
+
+def _offline_flags(cfg: Config):
+    from .build import plan
+    from .flags import FlagService, core_flags
+    from .plugins import PluginHost
+
+    host = PluginHost(cfg.plugins).load()
+    sinks = [s.name for s in plan(cfg, host) if s.kind == "sinks"]
+    defs = [("core", f) for f in core_flags(sinks)] + list(host.flags)
+    return FlagService.offline(defs, Path(cfg.agent.data_dir), cfg.flags, config_origin=cfg.origin)
+
+
+def flags(args: argparse.Namespace, cfg: Config) -> int:
+    """`flags list|set NAME VALUE|clear NAME`: via the running agent, else the data dir."""
+    if args.action in ("set", "clear") and not args.name:
+        raise SystemExit(f"error: flags {args.action} needs a flag name")
+    if args.action == "set" and args.value is None:
+        raise SystemExit("error: flags set needs a value")
+    value = None
+    if args.value is not None:
+        try:
+            value = json.loads(args.value)
+        except ValueError:
+            value = args.value  # a bare word like `supabase` or `off`
+    try:
+        if args.action == "list":
+            result = client.call(cfg, "GET", "/api/v1/flags")
+        elif args.action == "set":
+            result = client.call(cfg, "PUT", f"/api/v1/flags/{args.name}", body=value)
+        else:
+            result = client.call(cfg, "DELETE", f"/api/v1/flags/{args.name}")
+    except client.AgentUnreachable:
+        from .flags import FlagError
+
+        service = _offline_flags(cfg)
+        try:
+            if args.action == "list":
+                result = {"flags": service.describe(), "offline": True}
+            elif args.action == "set":
+                result = service.set(args.name, value, "cli (offline)")
+            else:
+                result = {"cleared": service.clear(args.name, "cli (offline)")}
+        except FlagError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    if args.action == "list" and not args.json:
+        for f in result["flags"]:
+            print(f"{f['name']:<40} {json.dumps(f['value']):<12} ({f['layer']})  {f['description']}")
+        return 0
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def supabase_sql(args: argparse.Namespace) -> int:
+    """Print the migration SQL for Supabase's SQL editor."""
+    from .migrations import migration_sql
+
+    print(migration_sql(schema=args.schema, table=args.table))
+    return 0
+
+
+def postgres_migrate(args: argparse.Namespace) -> int:
+    """Apply the migration to a Postgres database (idempotent)."""
+    from .migrations import apply
+
+    asyncio.run(apply(args.dsn, args.schema, args.table))
+    print(f"migrated {args.schema}.{args.table}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, config_fn) -> None:
+    f = sub.add_parser("flags", help="list, set or clear feature flags")
+    f.add_argument("action", choices=["list", "set", "clear"])
+    f.add_argument("name", nargs="?")
+    f.add_argument("value", nargs="?", help="a JSON value (true, 25, \"dual\") or a bare word")
+    f.add_argument("--config", "-c")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=lambda a: flags(a, config_fn(a.config)))
+    s = sub.add_parser("supabase", help="Supabase helpers")
+    s.add_argument("action", choices=["sql"])
+    s.add_argument("--schema", default="public")
+    s.add_argument("--table", default="monitoring_events")
+    s.set_defaults(fn=supabase_sql)
+    p = sub.add_parser("postgres", help="Postgres helpers")
+    p.add_argument("action", choices=["migrate"])
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--schema", default="public")
+    p.add_argument("--table", default="monitoring_events")
+    p.set_defaults(fn=postgres_migrate)
