@@ -333,6 +333,12 @@ class Agent:
 
     # -- reporting -------------------------------------------------------------------
 
+    def _component_view(self, comp: dict[str, Any]) -> dict[str, Any]:
+        worker = self.workers.get(comp["name"]) if comp["kind"] == "sink" else None
+        if worker is not None and worker.stats.state == "failed":
+            return {**comp, "state": "failed", "error": worker.stats.last_error}
+        return comp
+
     def status(self) -> dict[str, Any]:
         """What /api/v1/status serves."""
         j = self.journal
@@ -343,7 +349,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             "server": {"url": self.server_url, "error": self.server_error},
             "plugins": self.host.describe(),
-            "components": list(self.components.values()),
+            "components": [self._component_view(c) for c in self.components.values()],
             "sinks": [w.describe() for w in self.workers.values()],
             "intake": {
                 "queued": len(self._records),
