@@ -88,6 +88,7 @@ class SinkWorker:
         self.started = False
         self._next_replay = 0.0
         self._replay_now = False
+        self._probe = False  # see run()
         self._nudge = journal.waiter()  # set on every commit, flag change or replay request
 
     def nudge(self) -> None:
@@ -103,6 +104,9 @@ class SinkWorker:
 
     async def run(self) -> None:
         await self._start_sink()
+        # Entries left pending by an earlier run get one replay attempt even without live
+        # traffic: it is the health probe (success replays the rest at the rate, failure waits).
+        self._probe = self.dlq.depth(self.name) > 0
         while True:
             if not self.enabled():
                 self.stats.state = "disabled"
@@ -218,11 +222,12 @@ class SinkWorker:
 
     async def _maybe_replay(self) -> bool:
         """Replay one DLQ entry if the sink is healthy and the rate allows."""
-        if not self.dlq.depth(self.name) or not (self.healthy or self._replay_now):
+        if not self.dlq.depth(self.name) or not (self.healthy or self._replay_now or self._probe):
             return False
         now = time.monotonic()
         if now < self._next_replay and not self._replay_now:
             return False
+        self._probe = False
         self._next_replay = now + self.replay_interval
         claimed = await self.dlq.claim(self.name)
         if claimed is None:
