@@ -127,6 +127,8 @@ _json_one = msgspec.json.Decoder(EventIn)
 _json_many = msgspec.json.Decoder(list[EventIn])
 _json_any = msgspec.json.Decoder()
 _msgpack_any = msgspec.msgpack.Decoder()
+_msgpack_many = msgspec.msgpack.Decoder(list[EventIn])
+_msgpack_one = msgspec.msgpack.Decoder(EventIn)
 stored_decoder = msgspec.msgpack.Decoder(Event)
 stored_batch_decoder = msgspec.msgpack.Decoder(list[Event])
 
@@ -165,10 +167,16 @@ def decode_input(body: bytes, content_type: str) -> tuple[list[EventIn], list[In
     """
     ctype = content_type.split(";")[0].strip().lower()
     if ctype in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+        # The typed fast path first (as for JSON); per-item errors only when it fails.
         try:
-            raw = _msgpack_any.decode(body)
+            if body[:1] and (0x90 <= body[0] <= 0x9F or body[0] in (0xDC, 0xDD)):  # an array
+                return _msgpack_many.decode(body), []
+            return [_msgpack_one.decode(body)], []
+        except msgspec.ValidationError:
+            pass
         except msgspec.DecodeError as exc:
             raise InvalidEvent(-1, f"body is not valid msgpack: {exc}") from None
+        raw = _msgpack_any.decode(body)
         return _validate_items(raw if isinstance(raw, list) else [raw])
     if ctype in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
         raw = []

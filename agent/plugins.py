@@ -63,8 +63,9 @@ def _builtin_modules() -> list[str]:
 class PluginHost:
     """Loads plugins and holds what they registered."""
 
-    def __init__(self, settings: PluginsSection | None = None) -> None:
+    def __init__(self, settings: PluginsSection | None = None, extra: list[Any] | None = None) -> None:
         self.settings = settings or PluginsSection()
+        self.extra = list(extra or [])  # plugin modules/objects given in code (tests, embedders)
         self.pm = pluggy.PluginManager("sidecar_agent")
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
@@ -93,7 +94,7 @@ class PluginHost:
         self.info[name] = PluginInfo(name, package, version)
 
     def load(self) -> PluginHost:
-        """Import built-in and entry-point plugins, then collect their registrations."""
+        """Import built-in, in-process (`extra`) and entry-point plugins, then collect their registrations."""
         if self._loaded:
             return self
         self._loaded = True
@@ -102,6 +103,9 @@ class PluginHost:
         for modname in _builtin_modules():
             short = modname.rsplit(".", 1)[-1]
             self._add(short, "sidecar-agent", __version__, lambda m=modname: importlib.import_module(m))
+        for obj in self.extra:  # registered like built-ins, named by __name__
+            name = getattr(obj, "__name__", None) or type(obj).__name__
+            self._add(name, "<in-process>", __version__, lambda o=obj: o)
         if self.settings.entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = ep.dist

@@ -39,12 +39,14 @@ _time = time.time
 class Agent:
     """One monitoring agent. Construct, then `await start()` (or `async with`)."""
 
-    def __init__(self, config: Config | dict[str, Any] | str | Path | None = None, *, require_server: bool = False):
+    def __init__(self, config: Config | dict[str, Any] | str | Path | None = None, *, require_server: bool = False,
+                 plugins: list[Any] | None = None):
         self.config = resolve(config)
         self.id = self.config.agent_id()
         self.require_server = require_server
         self.ledger = LossLedger()
-        self.host = PluginHost(self.config.plugins)
+        # `plugins`: extra plugin modules/objects (tests, embedders), loaded like built-ins.
+        self.host = PluginHost(self.config.plugins, extra=plugins)
         self.stream = StreamHub()
         self.state = "new"
         self.started_at: float | None = None

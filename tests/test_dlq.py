@@ -1,0 +1,206 @@
+"""The dead-letter queue end to end: bisection of poison batches, retryable failures
+parked and replayed exactly once, manual replay (HTTP and CLI, live and offline),
+purge and TTL expiry counted in the ledger, pagination."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent import losses
+from tests.durability_helpers import WORKTREE, free_port, make_agent, wait_for
+from tests.plugins_for_tests import STATE
+
+FAST = {"commit_interval_ms": 2, "shutdown_timeout_s": 1}
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    STATE.reset()
+    yield
+    STATE.reset()
+
+
+async def post(agent, items) -> list[str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(agent.server_url + "/api/v1/events", json=items) as r:
+            assert r.status == 202, await r.text()
+            return (await r.json())["ids"]
+
+
+async def cli(tmp_path: Path, port: int, *args: str) -> dict:
+    """Run `sidecar-agent dlq ...` as a subprocess against the same data dir."""
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'[agent]\ndata_dir = "{tmp_path / "data"}"\n[server]\nport = {port}\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "dlq", *args, "--config", str(cfg), "--json",
+        env={**os.environ, "PYTHONPATH": str(WORKTREE)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+async def test_poison_events_are_bisected_only_offenders_reach_the_dlq(tmp_path):
+    agent = make_agent(tmp_path / "data", {"pg": {"type": "poison", "batch_size": 64}}, agent=FAST)
+    async with agent:
+        items = [{"name": "poison" if i in (3, 17, 18, 40) else "ok", "value": i} for i in range(50)]
+        ids = await post(agent, items)
+        assert await agent.flush(5)
+        bad = {ids[i] for i in (3, 17, 18, 40)}
+        assert sorted(STATE.ids("pg")) == sorted(set(ids) - bad)  # the rest delivered, once each
+        entries = await agent.dlq.list(sink="pg")
+        assert len(entries) == 4 and all(e.count == 1 and e.error_class == "PermanentError" for e in entries)
+        parked = {ev.id for e in entries for ev in await agent.dlq.events(e.id)}
+        assert parked == bad
+        assert agent.dlq.depth("pg") == 4
+        assert agent.journal.cursors["pg"] == agent.journal.last_seq  # the cursor moved on
+        assert agent.ledger.total() == 0  # parked, not lost
+
+
+async def test_retryable_failure_parks_then_auto_replays_exactly_once(tmp_path):
+    agent = make_agent(tmp_path / "data", {"api": {"type": "flaky", "batch_size": 10}}, agent=FAST,
+                       dlq={"replay_per_s": 100})
+    STATE.down.add("api")
+    async with agent:
+        ids = []
+        for k in range(3):
+            ids += await post(agent, [{"name": "m", "value": k * 10 + i} for i in range(10)])
+        await wait_for(lambda: agent.journal.cursors["api"] == agent.journal.last_seq, what="cursor to move on")
+        assert STATE.ids("api") == []
+        assert agent.dlq.depth("api") == 30
+        entries = await agent.dlq.list(sink="api", status="pending")
+        assert entries and all(e.error_class == "RetryableError" for e in entries)
+        STATE.down.clear()  # the sink recovers; the next live batch proves it healthy
+        ids += await post(agent, [{"name": "after", "value": 1}])
+        await wait_for(lambda: agent.dlq.depth("api") == 0 and len(STATE.ids("api")) == 31, what="replay")
+        counts = collections.Counter(STATE.ids("api"))
+        assert set(counts) == set(ids) and max(counts.values()) == 1  # everything, exactly once
+        assert all(e.status == "delivered" for e in await agent.dlq.list(sink="api"))
+        assert agent.ledger.total() == 0
+
+
+async def test_manual_replay_over_http(tmp_path):
+    agent = make_agent(tmp_path / "data", {"api": {"type": "flaky"}, "mem": {"type": "memory"}}, agent=FAST,
+                       dlq={"replay_per_s": 100})
+    STATE.down.add("api")
+    async with agent:
+        ids = await post(agent, [{"name": "m", "value": i} for i in range(20)])
+        await wait_for(lambda: agent.dlq.depth("api") == 20, what="the DLQ")
+        assert sorted(STATE.ids("mem")) == sorted(ids)  # the other sink is not held up
+        STATE.down.clear()
+        await asyncio.sleep(0.1)
+        assert agent.dlq.depth("api") == 20  # no live traffic: nothing proves the sink healthy
+        async with aiohttp.ClientSession() as http:
+            async with http.post(agent.server_url + "/api/v1/dlq/replay?sink=api") as r:
+                assert r.status == 202 and (await r.json())["replaying"] == ["api"]
+            async with http.post(agent.server_url + "/api/v1/dlq/replay?sink=nope") as r:
+                assert r.status == 404
+        await wait_for(lambda: agent.dlq.depth("api") == 0, what="manual replay")
+        assert sorted(STATE.ids("api")) == sorted(ids)
+
+
+async def test_cli_against_a_running_agent(tmp_path):
+    port = free_port()
+    agent = make_agent(tmp_path / "data", {"api": {"type": "flaky"}}, agent=FAST, server={"port": port},
+                       dlq={"replay_per_s": 100})
+    STATE.down.add("api")
+    async with agent:
+        ids = await post(agent, [{"name": "m", "value": i} for i in range(5)])
+        await wait_for(lambda: agent.dlq.depth("api") == 5, what="the DLQ")
+        listed = await cli(tmp_path, port, "list")
+        assert "offline" not in listed and listed["pending_events"] == 5
+        assert {e["sink"] for e in listed["entries"]} == {"api"}
+        STATE.down.clear()
+        out = await cli(tmp_path, port, "replay", "--sink", "api")
+        assert out["replaying"] == ["api"]
+        await wait_for(lambda: agent.dlq.depth("api") == 0, what="replay requested by the CLI")
+        assert sorted(STATE.ids("api")) == sorted(ids)
+        STATE.down.add("api")
+        await post(agent, [{"name": "m", "value": i} for i in range(3)])
+        await wait_for(lambda: agent.dlq.depth("api") == 3, what="the DLQ")
+        out = await cli(tmp_path, port, "purge", "--sink", "api")
+        assert out == {"purged_events": 3}
+        assert agent.ledger.snapshot() == {(losses.DLQ_PURGED, "api"): 3}
+
+
+async def test_cli_offline_against_the_data_dir(tmp_path):
+    data = tmp_path / "data"
+    agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST, dlq={"replay_per_s": 100})
+    STATE.down.add("api")
+    async with agent:
+        ids = await post(agent, [{"name": "m", "value": i} for i in range(6)])
+        await wait_for(lambda: agent.dlq.depth("api") == 6, what="the DLQ")
+    port = free_port()  # nothing listens there: the CLI works on the data dir
+    listed = await cli(tmp_path, port, "list")
+    assert listed["offline"] is True and sum(e["count"] for e in listed["entries"]) == 6
+    out = await cli(tmp_path, port, "replay")
+    assert out["offline"] is True and out["pending_events"] == 6
+    # Restarted with the sink healthy and no new traffic, the agent replays what is pending.
+    STATE.down.clear()
+    agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST, dlq={"replay_per_s": 100})
+    async with agent:
+        await wait_for(lambda: agent.dlq.depth("api") == 0, what="replay after restart")
+        assert sorted(STATE.ids("api")) == sorted(ids)
+        STATE.down.add("api")
+        await post(agent, [{"name": "m", "value": i} for i in range(4)])
+        await wait_for(lambda: agent.dlq.depth("api") == 4, what="the DLQ")
+    out = await cli(tmp_path, port, "purge")
+    assert out == {"purged_events": 4, "offline": True}
+    agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST)
+    async with agent:
+        assert agent.ledger.snapshot() == {(losses.DLQ_PURGED, "api"): 4}  # persisted by the CLI
+        assert agent.dlq.depth() == 0
+
+
+async def test_ttl_expiry_counts_dlq_expired(tmp_path):
+    agent = make_agent(tmp_path / "data", {"api": {"type": "flaky"}}, agent=FAST, dlq={"ttl_hours": 0.1 / 3600})
+    STATE.down.add("api")
+    async with agent:
+        await post(agent, [{"name": "m", "value": i} for i in range(7)])
+        await wait_for(lambda: agent.dlq.depth("api") == 7, what="the DLQ")
+        await asyncio.sleep(0.15)
+        assert await agent.dlq.expire() == 7
+        assert agent.ledger.snapshot() == {(losses.DLQ_EXPIRED, "api"): 7}
+        assert agent.dlq.depth() == 0
+        entries = await agent.dlq.list(sink="api")
+        assert {e.status for e in entries} == {"expired"}
+        for e in entries:
+            assert await agent.dlq.events(e.id) == []  # bodies dropped, metadata kept
+
+
+async def test_http_list_pagination_and_purge(tmp_path):
+    agent = make_agent(tmp_path / "data", {"pg": {"type": "poison"}}, agent=FAST)
+    async with agent:
+        await post(agent, [{"name": "poison", "value": i} for i in range(7)] + [{"name": "ok"}])
+        assert await agent.flush(5)
+        seen, before, pages = [], None, 0
+        async with aiohttp.ClientSession() as http:
+            while True:
+                q = "?limit=3" + (f"&before={before}" if before else "")
+                async with http.get(agent.server_url + "/api/v1/dlq" + q) as r:
+                    page = await r.json()
+                pages += 1
+                seen += [e["id"] for e in page["entries"]]
+                assert page["pending_events"] == 7
+                before = page["next"]
+                if before is None:
+                    break
+            assert pages == 3 and len(seen) == 7 and seen == sorted(seen, reverse=True)
+            async with http.get(agent.server_url + "/api/v1/dlq?status=bogus") as r:
+                assert r.status == 400
+            async with http.delete(agent.server_url + "/api/v1/dlq?sink=pg") as r:
+                assert (await r.json()) == {"purged_events": 7}
+            async with http.get(agent.server_url + "/api/v1/losses") as r:
+                assert (await r.json())["by_reason"] == {losses.DLQ_PURGED: 7}
+            async with http.get(agent.server_url + "/api/v1/dlq?status=purged&limit=100") as r:
+                assert len((await r.json())["entries"]) == 7
