@@ -25,8 +25,12 @@ log = logging.getLogger("sidecar_agent.db")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
-    seq  INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: seqs are never reused, cursors stay valid
-    body BLOB NOT NULL                       -- msgpack-encoded Event
+    -- One row per group commit (a segment): events first_seq..seq, in order.
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,  -- the segment's last event seq; AUTOINCREMENT
+                                                  -- keeps the high-water mark after compaction
+    first_seq INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    body      BLOB NOT NULL                       -- msgpack array of Events
 );
 CREATE TABLE IF NOT EXISTS cursors (
     sink TEXT PRIMARY KEY,

@@ -23,7 +23,7 @@ from typing import Any
 
 from .dlq import DeadLetterQueue
 from .errors import CircuitOpenError, PermanentError, RetryableError
-from .event import Event, stored_batch_decoder
+from .event import Event
 from .flags import in_rollout
 from .journal import Journal
 from .plugin_api import PluginContext, Sink
@@ -144,10 +144,9 @@ class SinkWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
-    async def _deliver_rows(self, rows: list[tuple[int, bytes]]) -> None:
-        # One decode call for the whole batch: the rows are msgpack Events, so prefixing
-        # an array header (0xdd + uint32 count) makes them one msgpack array.
-        events = stored_batch_decoder.decode(b"\xdd" + len(rows).to_bytes(4, "big") + b"".join(b for _, b in rows))
+    async def _deliver_rows(self, rows: list[tuple[int, Event]]) -> None:
+        # Events may be shared with other sinks and the live stream: sinks must not mutate them.
+        events = [e for _, e in rows]
         percent = self.rollout()
         if percent < 100.0:
             # A stable hash of the id decides, so an event is always in or always out.

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import losses
 from .errors import JournalFullError
-from .event import KINDS, Event, assign_ids, default_kind, msgpack_encoder
+from .event import KINDS, Event, assign_ids, default_kind
 from .journal import Journal
 from .losses import LossLedger
 
@@ -171,9 +171,8 @@ class Committer:
         if not events:
             return 0
         assign_ids(events)
-        encode = msgpack_encoder.encode
         try:
-            await self._append([encode(e) for e in events])
+            await self._append(events)
         except Exception as exc:
             reason = losses.JOURNAL_FULL if isinstance(exc, JournalFullError) else losses.DISK_ERROR
             self.ledger.add(reason, unacked)
@@ -189,16 +188,16 @@ class Committer:
         self.on_commit(events)
         return len(events)
 
-    async def _append(self, bodies: list[bytes]) -> None:
+    async def _append(self, events: list[Event]) -> None:
         try:
-            await self.journal.append(bodies)
+            await self.journal.append(events)
         except sqlite3.Error as exc:
             # Disk full or an I/O error: fall back to the overflow policy, never crash.
             self.journal.disk_error = f"{type(exc).__name__}: {exc}"
             log.error("journal write failed: %s", exc)
             if self.journal.overflow == "drop_oldest" and self.journal.rows:
                 await self.journal.free_space()
-                await self.journal.append(bodies)
+                await self.journal.append(events)
             else:
                 raise
 

@@ -1,27 +1,38 @@
 """The journal: every accepted event, durably, until every sink has confirmed it.
 
-Rows are (seq, msgpack body). Each sink has a cursor (the last seq it confirmed);
-rows at or below every active sink's cursor are compacted. The payload size is capped
-by `max_bytes`: `drop_oldest` deletes the oldest rows (counted as `journal_full`),
-`reject` refuses new batches with JournalFullError.
+Each group commit is one row, a *segment*: a msgpack array of events numbered
+first_seq..seq. Event seqs are never reused. Each sink has a cursor (the last event
+seq it confirmed); segments at or below every active sink's cursor are compacted.
+The payload size is capped by `max_bytes`: `drop_oldest` deletes the oldest segments
+(their events counted as `journal_full`), `reject` refuses new batches with
+JournalFullError.
+
+Recent segments are also kept decoded in memory (the tail), so sinks that keep up
+never read back from SQLite; a sink catching up after an outage or a restart reads
+segments from the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
+from collections import OrderedDict, deque
 
 from . import losses
 from .db import Database
 from .errors import JournalFullError
+from .event import Event, msgpack_encoder, stored_batch_decoder
 from .losses import LossLedger
 
 log = logging.getLogger("sidecar_agent.journal")
 
-ROW_OVERHEAD = 16  # approximate bytes per row beyond its body (rowid, record header, cell pointer)
-COMPACT_CHUNK = 20_000
+SEGMENT_OVERHEAD = 40  # approximate bytes per segment row beyond its body
+TAIL_EVENTS = 50_000  # decoded events kept in memory for sinks that keep up
+DECODED_CACHE = 8  # segments read back from SQLite, kept decoded for sequential readers
+COMPACT_CHUNK = 500  # segments deleted per transaction
+
+Segment = tuple[int, int, list[Event]]  # (first_seq, last_seq, events)
 
 
 class Journal:
@@ -35,12 +46,16 @@ class Journal:
         self.max_bytes = max_bytes
         self.overflow = overflow
         self.last_seq = 0
-        self.first_seq = 1  # lowest seq that may still be stored
-        self.rows = 0
+        self.first_seq = 1  # lowest event seq that may still be stored
+        self.rows = 0  # events stored
+        self.segments = 0
         self.bytes = 0
         self.cursors: dict[str, int] = {}
         self._dirty_cursors: set[str] = set()
         self._waiters: set[asyncio.Event] = set()
+        self._tail: deque[Segment] = deque()
+        self._tail_events = 0
+        self._decoded: OrderedDict[int, Segment] = OrderedDict()
         self.disk_error: str | None = None
         self._append_lock = asyncio.Lock()  # seqs are assigned in memory: one append at a time
 
@@ -48,10 +63,11 @@ class Journal:
         """Read sequence, size, cursors and the persisted loss ledger."""
         rows = await self.db.fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'journal'")
         self.last_seq = rows[0][0] if rows else 0
-        (count, size, low), = await self.db.fetchall(
-            "SELECT count(*), coalesce(sum(length(body)), 0), min(seq) FROM journal"
+        (segments, count, size, low), = await self.db.fetchall(
+            "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(length(body)), 0), min(first_seq) FROM journal"
         )
-        self.rows, self.bytes = count, size + count * ROW_OVERHEAD
+        self.segments, self.rows = segments, count
+        self.bytes = size + segments * SEGMENT_OVERHEAD
         self.first_seq = low if low is not None else self.last_seq + 1
         self.cursors = {s: q for s, q in await self.db.fetchall("SELECT sink, seq FROM cursors")}
         self.ledger.load([(r, s, n) for r, s, n in await self.db.fetchall("SELECT reason, sink, count FROM losses")])
@@ -82,64 +98,80 @@ class Journal:
         return max(0, self.last_seq - cursor)
 
     def waiter(self) -> asyncio.Event:
-        """An Event set whenever new rows are committed."""
+        """An Event set whenever new events are committed."""
         ev = asyncio.Event()
         self._waiters.add(ev)
         return ev
 
     # -- writing -------------------------------------------------------------------
 
-    async def append(self, bodies: list[bytes]) -> tuple[int, int]:
-        """Commit bodies in one transaction; return their (first, last) seq.
+    async def append(self, events: list[Event]) -> tuple[int, int]:
+        """Commit events as one segment; return their (first, last) seq.
 
         This commit is the acknowledgement point. Raises JournalFullError under the
         `reject` policy, sqlite3.Error on disk failure (nothing is committed then).
         """
         async with self._append_lock:
-            return await self._append(bodies)
+            return await self._append(events)
 
-    async def _append(self, bodies: list[bytes]) -> tuple[int, int]:
-        size = sum(map(len, bodies)) + ROW_OVERHEAD * len(bodies)
+    async def _append(self, events: list[Event]) -> tuple[int, int]:
+        body = msgpack_encoder.encode(events)
+        size = len(body) + SEGMENT_OVERHEAD
         if self.bytes + size > self.max_bytes:
             if self.overflow == "reject":
                 raise JournalFullError(f"journal is full ({self.bytes} of {self.max_bytes} bytes)")
             await self._drop_oldest(self.bytes + size - int(self.max_bytes * 0.9))
-        first = self.last_seq + 1
-        rows = list(zip(range(first, first + len(bodies)), bodies))
+        first, last = self.last_seq + 1, self.last_seq + len(events)
         async with self.db.tx() as conn:
-            await conn.executemany("INSERT INTO journal (seq, body) VALUES (?, ?)", rows)
-        self.last_seq = first + len(bodies) - 1
-        self.rows += len(bodies)
+            await conn.execute(
+                "INSERT INTO journal (seq, first_seq, count, body) VALUES (?, ?, ?, ?)", (last, first, len(events), body)
+            )
+        self.last_seq = last
+        self.rows += len(events)
+        self.segments += 1
         self.bytes += size
         self.disk_error = None
+        self._tail.append((first, last, events))
+        self._tail_events += len(events)
+        while self._tail_events > TAIL_EVENTS and len(self._tail) > 1:
+            self._tail_events -= len(self._tail.popleft()[2])
         for ev in self._waiters:
             ev.set()
-        return first, self.last_seq
+        return first, last
 
     async def _drop_oldest(self, need: int) -> int:
-        """Delete the oldest rows until `need` bytes are free; count them as lost."""
-        if self.rows == 0 or need <= 0:
+        """Delete the oldest segments until `need` bytes are free; count their events as lost."""
+        if self.segments == 0 or need <= 0:
             return 0
-        avg = max(1, self.bytes // self.rows)
-        n = min(self.rows, need // avg + 1)
+        avg = max(1, self.bytes // self.segments)
+        n = min(self.segments, need // avg + 1)
         async with self.db.tx() as conn:
             cur = await conn.execute(
                 "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal ORDER BY seq LIMIT ?)"
-                " RETURNING seq, length(body)",
+                " RETURNING seq, count, length(body)",
                 (n,),
             )
             deleted = await cur.fetchall()
-        self._forget(deleted)
-        log.warning("journal over its cap: dropped the %d oldest events", len(deleted))
-        self.ledger.add(losses.JOURNAL_FULL, len(deleted))
-        return len(deleted)
+        dropped = self._forget(deleted)
+        log.warning("journal over its cap: dropped the %d oldest events", dropped)
+        self.ledger.add(losses.JOURNAL_FULL, dropped)
+        return dropped
 
-    def _forget(self, deleted: list[tuple[int, int]]) -> None:
+    def _forget(self, deleted: list[tuple[int, int, int]]) -> int:
+        """Account for deleted segments (seq, count, body length); returns their events."""
         if not deleted:
-            return
-        self.rows -= len(deleted)
-        self.bytes -= sum(n for _, n in deleted) + ROW_OVERHEAD * len(deleted)
-        self.first_seq = max(self.first_seq, max(s for s, _ in deleted) + 1)
+            return 0
+        events = sum(c for _, c, _ in deleted)
+        self.rows -= events
+        self.segments -= len(deleted)
+        self.bytes -= sum(n for _, _, n in deleted) + SEGMENT_OVERHEAD * len(deleted)
+        upto = max(s for s, _, _ in deleted)
+        self.first_seq = max(self.first_seq, upto + 1)
+        while self._tail and self._tail[0][1] <= upto:
+            self._tail_events -= len(self._tail.popleft()[2])
+        for seq in [s for s in self._decoded if s <= upto]:
+            del self._decoded[seq]
+        return events
 
     async def free_space(self) -> int:
         """After a disk-full error: drop the oldest tenth (counted) so writes can go on."""
@@ -148,11 +180,50 @@ class Journal:
 
     # -- reading -------------------------------------------------------------------
 
-    async def read(self, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """Rows with seq > after, oldest first."""
-        return await self.db.fetchall(
-            "SELECT seq, body FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-        )
+    async def read(self, after: int, limit: int) -> list[tuple[int, Event]]:
+        """Up to `limit` (seq, event) pairs with seq > after, oldest first."""
+        after = max(after, self.first_seq - 1)
+        if after >= self.last_seq:
+            return []
+        if self._tail and self._tail[0][0] <= after + 1:
+            segments: list[Segment] = [s for s in self._tail if s[1] > after]
+        else:
+            segments = await self._read_segments(after, limit)
+        out: list[tuple[int, Event]] = []
+        for first, last, events in segments:
+            start = max(0, after + 1 - first)
+            for i in range(start, len(events)):
+                out.append((first + i, events[i]))
+                if len(out) >= limit:
+                    return out
+        return out
+
+    async def _read_segments(self, after: int, limit: int) -> list[Segment]:
+        found: list[Segment] = []
+        need, cursor = limit, after
+        while need > 0:
+            rows = await self.db.fetchall(
+                "SELECT seq FROM journal WHERE seq > ? ORDER BY seq LIMIT 16", (cursor,)
+            )
+            if not rows:
+                break
+            for (seq,) in rows:
+                seg = self._decoded.get(seq)
+                if seg is None:
+                    got = await self.db.fetchall("SELECT first_seq, seq, body FROM journal WHERE seq = ?", (seq,))
+                    if not got:
+                        continue  # compacted meanwhile
+                    first, last, body = got[0]
+                    seg = (first, last, stored_batch_decoder.decode(body))
+                    self._decoded[seq] = seg
+                    while len(self._decoded) > DECODED_CACHE:
+                        self._decoded.popitem(last=False)
+                found.append(seg)
+                need -= seg[1] - max(seg[0] - 1, after)
+                cursor = seq
+                if need <= 0:
+                    break
+        return found
 
     # -- housekeeping --------------------------------------------------------------
 
@@ -178,7 +249,7 @@ class Journal:
                         " ON CONFLICT (reason, sink) DO UPDATE SET count = excluded.count",
                         counts,
                     )
-            except sqlite3.Error:
+            except Exception:
                 # Keep them dirty so the next checkpoint retries.
                 self._dirty_cursors.update(s for s, _ in dirty)
                 self.ledger.mark_dirty([(r, s) for r, s, _ in counts])
@@ -186,19 +257,20 @@ class Journal:
         await self.compact()
 
     async def compact(self) -> int:
-        """Delete rows every active sink has confirmed. Returns how many were deleted."""
+        """Delete segments every active sink has confirmed. Returns how many events went."""
         upto = min(self.cursors.values()) if self.cursors else self.last_seq
         total = 0
-        while self.first_seq <= upto:
+        while self.segments and self.first_seq <= upto:
             async with self.db.tx() as conn:
                 cur = await conn.execute(
-                    "DELETE FROM journal WHERE seq >= ? AND seq <= ? RETURNING seq, length(body)",
-                    (self.first_seq, min(upto, self.first_seq + COMPACT_CHUNK - 1)),
+                    "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq <= ? ORDER BY seq LIMIT ?)"
+                    " RETURNING seq, count, length(body)",
+                    (upto, COMPACT_CHUNK),
                 )
                 deleted = await cur.fetchall()
-            self._forget(deleted)
-            self.first_seq = max(self.first_seq, min(upto, self.first_seq + COMPACT_CHUNK - 1) + 1)
-            total += len(deleted)
+            if not deleted:
+                break  # the rest of the oldest segment is still needed by some sink
+            total += self._forget(deleted)
             await asyncio.sleep(0)  # let intake commit between chunks
         return total
 
@@ -206,6 +278,7 @@ class Journal:
         """Figures for status and /metrics."""
         return {
             "rows": self.rows,
+            "segments": self.segments,
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
             "last_seq": self.last_seq,

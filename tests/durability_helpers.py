@@ -52,9 +52,18 @@ def journal_ids(db_path: Path) -> list[str]:
 
     from agent.event import Event
 
-    dec = msgspec.msgpack.Decoder(Event)
+    return [e.id for e in journal_events(db_path)]
+
+
+def journal_events(db_path: Path) -> list:
+    """Events stored in the journal's segments, read through a separate sqlite3 connection."""
+    import msgspec
+
+    from agent.event import Event
+
+    dec = msgspec.msgpack.Decoder(list[Event])
     with sqlite3.connect(db_path) as conn:
-        return [dec.decode(b).id for (b,) in conn.execute("SELECT body FROM journal ORDER BY seq")]
+        return [e for (b,) in conn.execute("SELECT body FROM journal ORDER BY seq") for e in dec.decode(b)]
 
 
 def losses_in_db(db_path: Path) -> dict[tuple[str, str], int]:

@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from tests.durability_helpers import journal_ids, make_agent
+from tests.durability_helpers import journal_events, journal_ids, make_agent
 
 
 @pytest.fixture
@@ -63,10 +63,9 @@ async def test_formats_202_only_after_commit(agent, http, fmt):
     assert out["accepted"] == len(items) and len(out["ids"]) == len(items)
     # The 202 means committed: a separate connection sees the rows right now.
     assert journal_ids(agent.db.path) == out["ids"]
-    stored = await agent.journal.read(0, 100)
-    decoded = [msgspec.msgpack.decode(b) for _, b in stored]
-    assert [d["name"] for d in decoded] == [i["name"] for i in items]
-    assert all(d["source"] == "http" and d["agent_id"] == agent.id for d in decoded)
+    decoded = journal_events(agent.db.path)
+    assert [d.name for d in decoded] == [i["name"] for i in items]
+    assert all(d.source == "http" and d.agent_id == agent.id for d in decoded)
 
 
 async def test_bad_items_are_named_and_nothing_is_accepted(agent, http):
@@ -139,9 +138,9 @@ async def test_rfc3339_ts_accepted(agent, http):
              ev(2, ts=1714564800.5), ev(3)]
     status, out, _ = await post(http, agent, json.dumps(items).encode(), "application/json")
     assert status == 202, out
-    stored = [msgspec.msgpack.decode(b) for _, b in await agent.journal.read(0, 10)]
+    stored = journal_events(agent.db.path)
     want = dt.datetime(2024, 5, 1, 12, tzinfo=dt.timezone.utc).timestamp()
-    assert stored[0]["ts"] == want
-    assert stored[1]["ts"] == want + 0.25
-    assert stored[2]["ts"] == want + 0.5
-    assert stored[3]["ts"] > want  # filled with the arrival time
+    assert stored[0].ts == want
+    assert stored[1].ts == want + 0.25
+    assert stored[2].ts == want + 0.5
+    assert stored[3].ts > want  # filled with the arrival time

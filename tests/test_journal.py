@@ -11,7 +11,8 @@ import pytest
 from agent import losses
 from agent.db import Database
 from agent.errors import JournalFullError
-from agent.journal import ROW_OVERHEAD, Journal
+from agent.event import Event
+from agent.journal import Journal
 from agent.losses import LossLedger
 from tests.durability_helpers import make_agent, wait_for
 
@@ -25,14 +26,25 @@ async def open_journal(tmp_path, **kw):
     return db, ledger, j
 
 
-def bodies(n: int, size: int = 100, tag: bytes = b"x") -> list[bytes]:
-    return [tag * size for _ in range(n)]
+def bodies(n: int, size: int = 100, tag: bytes = b"x") -> list[Event]:
+    """n events; the journal stores each append as one segment."""
+    return [Event(name="e", value=1.0, data={"pad": (tag * size).decode()}) for _ in range(n)]
+
+
+async def segment_bytes(tmp_path, n: int, size: int) -> int:
+    """What one appended segment of n events costs against the cap."""
+    db, _, j = await open_journal(tmp_path / "measure")
+    await j.append(bodies(n, size))
+    size_of = j.bytes
+    await db.close()
+    return size_of
 
 
 async def test_append_read_cursor_compaction(tmp_path):
     db, _, j = await open_journal(tmp_path)
     j.attach(["a", "b"])
-    assert await j.append(bodies(10)) == (1, 10)
+    assert await j.append(bodies(6)) == (1, 6)
+    assert await j.append(bodies(4)) == (7, 10)
     assert await j.append(bodies(5)) == (11, 15)
     rows = await j.read(0, 100)
     assert [s for s, _ in rows] == list(range(1, 16))
@@ -42,8 +54,8 @@ async def test_append_read_cursor_compaction(tmp_path):
     j.advance("b", 6)
     j.advance("b", 3)  # cursors never move back
     assert j.cursors["b"] == 6
-    await j.checkpoint()  # compacts up to the slowest sink
-    assert j.rows == 9
+    await j.checkpoint()  # compacts whole segments up to the slowest sink
+    assert j.rows == 9 and j.segments == 2
     assert [s for s, _ in await j.read(0, 100)] == list(range(7, 16))
     assert j.lag("a") == 0 and j.lag("b") == 9
     await db.close()
@@ -73,7 +85,7 @@ async def test_seqs_never_reused_after_full_compaction(tmp_path):
 
 async def test_drop_oldest_counts_every_dropped_event_exactly(tmp_path):
     size = 200
-    cap = 50 * (size + ROW_OVERHEAD)
+    cap = 5 * await segment_bytes(tmp_path, 7, size) + 100
     db, ledger, j = await open_journal(tmp_path, max_bytes=cap, overflow="drop_oldest")
     j.attach(["slow"])  # never advances: nothing is compacted, only the cap drops rows
     appended = 0
@@ -82,7 +94,7 @@ async def test_drop_oldest_counts_every_dropped_event_exactly(tmp_path):
         appended += 7
         assert j.bytes <= cap
     with sqlite3.connect(tmp_path / "agent.db") as conn:
-        stored, low = conn.execute("SELECT count(*), min(seq) FROM journal").fetchone()
+        stored, low = conn.execute("SELECT sum(count), min(first_seq) FROM journal").fetchone()
     dropped = ledger.by_reason()[losses.JOURNAL_FULL]
     assert stored == j.rows
     assert dropped == appended - stored  # every event is either stored or counted
@@ -92,7 +104,7 @@ async def test_drop_oldest_counts_every_dropped_event_exactly(tmp_path):
 
 
 async def test_reject_raises_and_leaves_the_journal_unchanged(tmp_path):
-    cap = 10 * (100 + ROW_OVERHEAD)
+    cap = await segment_bytes(tmp_path, 10, 100) + 50
     db, ledger, j = await open_journal(tmp_path, max_bytes=cap, overflow="reject")
     j.attach(["slow"])
     await j.append(bodies(10))
@@ -158,7 +170,7 @@ async def test_cursor_persisted_at_checkpoint_only(tmp_path):
     assert j.cursors == {"a": 4, "b": 9}
     j.attach(["a"])  # "b" is no longer configured: forgotten, so it cannot block compaction
     await j.checkpoint()
-    assert [s for s, _ in await j.read(0, 100)] == [5, 6, 7, 8, 9, 10]
+    assert [s for s, _ in await j.read(j.cursors["a"], 100)] == [5, 6, 7, 8, 9, 10]
     await db.close()
     db, _, j = await open_journal(tmp_path)
     assert j.cursors == {"a": 4}

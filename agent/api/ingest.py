@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from ..errors import JournalFullError
-from ..event import InvalidEvent, decode_input, from_input
+from ..event import InvalidEvent, decode_input, json_encoder, normalize
 from .keys import AGENT
 
 MAX_ERRORS_SHOWN = 100
@@ -42,7 +42,7 @@ async def post_events(request: web.Request) -> web.Response:
     events = []
     for i, item in enumerate(items):
         try:
-            events.append(from_input(item, source="http", agent_id=agent.id, now=now))
+            events.append(normalize(item, source="http", agent_id=agent.id, now=now))
         except ValueError as exc:
             bad.append(InvalidEvent(i, str(exc)))
     if bad:
@@ -55,7 +55,8 @@ async def post_events(request: web.Request) -> web.Response:
         await agent.committer.submit(events)
     except JournalFullError as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "1"})
-    return web.json_response({"accepted": len(events), "ids": [e.id for e in events]}, status=202)
+    body = json_encoder.encode({"accepted": len(events), "ids": [e.id for e in events]})
+    return web.Response(body=body, status=202, content_type="application/json")
 
 
 def _too_large(limit: int) -> web.Response:
