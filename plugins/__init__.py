@@ -5,4 +5,8 @@ BUILTIN: tuple[str, ...] = (
     "plugins.system",
     "plugins.process",
     "plugins.jsonl",
+    "plugins.timeout",
+    "plugins.retry",
+    "plugins.circuit_breaker",
+    "plugins.concurrency",
 )
