@@ -513,3 +513,94 @@ async def test_breaker_state_is_shared_through_redis() -> None:
         await a._store.repo.redis.delete(f"cbr::{circuit}", f"cbr::{circuit}::failure_count", f"cbr::{circuit}::probe")
         await a.aclose()
         await b.aclose()
+
+
+# -- end to end: a scripted outage against a fault-injecting HTTP server -------------------
+
+from functools import partial  # noqa: E402
+
+from tests.faultserver import FaultServer, Phase  # noqa: E402
+from tests.http_sink import HttpSink, parse_retry_after  # noqa: E402
+
+# Short phases so the test is quick: 0.5 s healthy, then a 3 s outage (503, hang, 429).
+# Each fault phase is longer than a probe cycle (reset + per-attempt timeout), so probes meet all three.
+RESET_S = 0.5
+THRESHOLD = 3
+ATTEMPTS = 3
+OUTAGE_S = 3.0
+SCRIPT = [
+    Phase("healthy", 0.5),
+    Phase("error", 1.5, status=503),
+    Phase("hang", 0.5),
+    Phase("throttle", 1.0, retry_after=0.2),
+    Phase("healthy"),
+]
+# While closed the breaker sees one failure per batch, after that batch's retries, so at
+# most THRESHOLD * ATTEMPTS requests reach the server before it opens. From then on every
+# request is a half-open probe (a single attempt: retry does not retry a probe), and a
+# probe is admitted only RESET_S after the previous one failed: at most OUTAGE_S / RESET_S + 1.
+OUTAGE_REQUEST_BOUND = THRESHOLD * ATTEMPTS + int(OUTAGE_S / RESET_S) + 1  # = 16
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("2") == 2.0 and parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+
+
+async def test_scripted_outage_bounds_requests_and_delivers_every_id(resilience_host: PluginHost) -> None:
+    loop = asyncio.get_running_loop()
+    transitions: list[tuple[float, str]] = []
+
+    def emit(events: list[Event]) -> None:
+        transitions.extend((loop.time(), e.data["to_state"]) for e in events if e.name == "sidecar_agent.breaker")
+
+    ctx = PluginContext("http", "test-agent", Path("."), logging.getLogger("test"), emit)
+    tables = {
+        "timeout": {"timeout_s": 0.2},
+        "retry": {"max_attempts": ATTEMPTS, "initial_backoff_ms": 20, "max_backoff_ms": 100, "max_elapsed_s": 2},
+        "circuit_breaker": {"failure_threshold": THRESHOLD, "reset_timeout_s": RESET_S},
+    }
+    chain = build_chain(["timeout", "retry", "circuit_breaker"], tables, resilience_host, ctx)
+    batches = [[Event(id=str(uuid.uuid4()), name="m", value=float(i)) for i in range(5)] for _ in range(30)]
+    all_ids = {e.id for b in batches for e in b}
+
+    async with FaultServer(SCRIPT) as server:
+        sink = HttpSink(server.url)
+        await sink.start()
+        try:
+            # What the core's delivery loop does: the cursor advances only on success; a
+            # batch whose retries ran out is sent again (as from the DLQ/cursor) later.
+            cursor, deadline = 0, loop.time() + 15
+            while cursor < len(batches) and loop.time() < deadline:
+                try:
+                    await chain.call(partial(sink.send, batches[cursor]))
+                except CircuitOpenError as exc:
+                    await asyncio.sleep(exc.retry_after or RESET_S)
+                except RetryableError as exc:
+                    await asyncio.sleep(exc.retry_after or 0.05)
+                else:
+                    cursor += 1
+                    await asyncio.sleep(0.05)
+        finally:
+            await sink.close()
+
+    out_start, out_end = server.window()
+    assert out_end - out_start == pytest.approx(OUTAGE_S)
+    during = server.between(out_start, out_end)
+    assert THRESHOLD <= len(during) <= OUTAGE_REQUEST_BOUND, [(round(r.t - out_start, 3), r.phase) for r in during]
+
+    # While the breaker was open (from its first opening to the end of the outage) the
+    # server saw at most one probe per reset timeout.
+    first_open = next(t for t, to in transitions if to == "open")
+    probes = [r.t for r in server.between(first_open, out_end)]
+    assert all(b - a >= RESET_S * 0.95 for a, b in zip(probes, probes[1:])), probes
+    assert len(probes) <= sum(1 for _, to in transitions if to == "half_open")
+
+    # Recovery: every id delivered, breaker closed again.
+    assert cursor == len(batches)
+    assert server.delivered_ids() == all_ids
+    assert ctx.stats["breaker_state"] == "closed" and ctx.stats["breaker_transitions"] >= 3
+    assert {r.phase for r in during} == {"error", "hang", "throttle"}
+    print(f"\noutage requests: {len(during)} (bound {OUTAGE_REQUEST_BOUND}); probes while open: {len(probes)}; "
+          f"transitions: {ctx.stats['breaker_transitions']}; retries: {ctx.stats['retries']}")
