@@ -52,6 +52,8 @@ def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: Plu
         names = table.pop("policies", DEFAULT_POLICIES)
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ConfigError(f"{origin}: {path}.policies: expected a list of policy names")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{origin}: {path}.policies: a policy is listed twice: {names}")
         batch = table.pop("batch_size", 500)
         if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
             raise ConfigError(f"{origin}: {path}.batch_size: expected a positive integer")

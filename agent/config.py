@@ -17,7 +17,7 @@ import msgspec
 
 from .errors import ConfigError
 
-DEFAULT_POLICIES: list[str] = []  # becomes timeout, retry, circuit_breaker once those policies land
+DEFAULT_POLICIES = ["timeout", "retry", "circuit_breaker"]
 
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]

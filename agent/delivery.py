@@ -31,15 +31,6 @@ from .plugin_api import PluginContext, Sink
 log = logging.getLogger("sidecar_agent.delivery")
 
 
-class DirectChain:
-    """The chain of a sink with no policies: call the sink directly."""
-
-    policies: list[Any] = []
-
-    async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
-        return await fn()
-
-
 @dataclass
 class SinkStats:
     """Counters for /api/v1/sinks and /metrics."""
@@ -266,6 +257,9 @@ class SinkWorker:
     def describe(self) -> dict[str, Any]:
         """State, counters and lag for /api/v1/sinks."""
         lag = self.journal.lag(self.name)
+        breaker = self.chain.get("circuit_breaker") if hasattr(self.chain, "get") else None
+        if breaker is not None and hasattr(breaker, "snapshot"):
+            breaker.snapshot()  # refresh time-spent-open to include the current open period
         s = self.stats
         return {
             "name": self.name,

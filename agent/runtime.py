@@ -20,7 +20,7 @@ from . import __version__, losses
 from .build import ComponentSpec, plan
 from .config import Config, resolve
 from .db import Database
-from .delivery import DirectChain, SinkWorker
+from .delivery import SinkWorker
 from .dlq import DeadLetterQueue
 from .event import Event
 from .flags import FlagService, core_flags, data_source_check, in_rollout
@@ -29,7 +29,7 @@ from .journal import Journal
 from .losses import LossLedger
 from .plugin_api import PluginContext
 from .plugins import PluginHost
-from .resilience import build_chain
+from .resilience import chain_from_specs
 from .stream import StreamHub
 
 log = logging.getLogger("sidecar_agent")
@@ -167,7 +167,7 @@ class Agent:
         ctx = self._context(spec.name, data_dir)
         try:
             sink = spec.registration.factory(spec.name, spec.options, ctx)
-            chain = build_chain(spec.policies, ctx) if spec.policies else DirectChain()
+            chain = chain_from_specs(spec.policies, ctx)
         except Exception as exc:  # a broken plugin must not take the agent down
             log.error("sink %s (%s) failed to build: %s", spec.name, spec.registration.plugin, exc, exc_info=True)
             self.host.mark_failed(spec.registration.plugin, exc)

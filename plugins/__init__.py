@@ -7,4 +7,8 @@ BUILTIN: tuple[str, ...] = (
     "plugins.jsonl",
     "plugins.postgres",
     "plugins.supabase",
+    "plugins.timeout",
+    "plugins.retry",
+    "plugins.circuit_breaker",
+    "plugins.concurrency",
 )
