@@ -69,6 +69,19 @@ class DlqSection(_Section):
     replay_per_s: PositiveFloat = 2.0
 
 
+class DashboardSection(_Section):
+    """`[dashboard]`: the local history store and the dashboard's Supabase connection.
+
+    `supabase_anon_key` is the public anon key the browser uses (row-level security
+    limits it to reading); never put the service-role key here.
+    """
+
+    store: bool = True
+    store_retention_h: PositiveFloat = 24.0
+    supabase_url: str | None = None
+    supabase_anon_key: str | None = None
+
+
 class Config(_Section):
     """The whole config file."""
 
@@ -76,6 +89,7 @@ class Config(_Section):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     plugins: PluginsSection = msgspec.field(default_factory=PluginsSection)
     dlq: DlqSection = msgspec.field(default_factory=DlqSection)
+    dashboard: DashboardSection = msgspec.field(default_factory=DashboardSection)
     sources: dict[str, dict[str, Any]] = {}
     sinks: dict[str, dict[str, Any]] = {}
     flags: dict[str, Any] = {}

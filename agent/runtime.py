@@ -109,6 +109,7 @@ class Agent:
         self._stopped = asyncio.Event()
         cfg = self.config
         self.host.load()
+        _implicit_store_sink(cfg)
         specs = plan(cfg, self.host)  # config errors surface before anything starts
         data_dir = Path(cfg.agent.data_dir)
         self.db = Database(data_dir, sync=cfg.agent.sync)
@@ -348,6 +349,12 @@ class Agent:
             "dlq": {"pending_events": self.dlq.depth() if self.dlq else 0},
             "losses": self.ledger.by_reason(),
         }
+
+
+def _implicit_store_sink(cfg: Config) -> None:
+    from plugins.store import implicit_sink
+
+    implicit_sink(cfg)
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -7,4 +7,5 @@ BUILTIN: tuple[str, ...] = (
     "plugins.jsonl",
     "plugins.postgres",
     "plugins.supabase",
+    "plugins.store",
 )
