@@ -8,6 +8,7 @@ GET /api/v1/ui-config  data source (flag) and the public Supabase settings, neve
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -22,13 +23,19 @@ MAX_LIMIT = 1000
 DATA_SOURCE_FLAG = "dashboard.data_source"
 
 
-def _store(request: web.Request) -> HistoryStore:
+async def _store(request: web.Request) -> HistoryStore:
+    """The running store; waits a moment for one that is still opening (agent start-up)."""
     from plugins.store import find_store
 
-    store = find_store(request.app[AGENT])
-    if store is None:
-        raise web.HTTPServiceUnavailable(reason="the history store is not running (is [dashboard] store = false?)")
-    return store
+    agent = request.app[AGENT]
+    for _ in range(50):
+        store = find_store(agent)
+        if store is not None:
+            return store
+        if not any(w.sink.__class__.__name__ == "StoreSink" for w in agent.workers.values()):
+            break
+        await asyncio.sleep(0.05)
+    raise web.HTTPServiceUnavailable(reason="the history store is not running (is [dashboard] store = false?)")
 
 
 def _num(request: web.Request, key: str, default: float | None = None) -> float | None:
@@ -46,7 +53,7 @@ def _num(request: web.Request, key: str, default: float | None = None) -> float 
 
 async def list_events(request: web.Request) -> web.Response:
     """GET /api/v1/events?name=&source=&agent=&session=&from=&to=&cursor=&limit= (limit <= 1000)."""
-    store = _store(request)
+    store = await _store(request)
     q = request.query
     limit = int(_num(request, "limit", 100) or 100)
     if limit < 1:
@@ -68,7 +75,7 @@ async def list_events(request: web.Request) -> web.Response:
 
 async def series(request: web.Request) -> web.Response:
     """GET /api/v1/series?name=&from=&to=&step=&agg=&tag.k=v"""
-    store = _store(request)
+    store = await _store(request)
     q = request.query
     name = q.get("name")
     if not name:
@@ -91,7 +98,7 @@ async def series(request: web.Request) -> web.Response:
 
 async def names(request: web.Request) -> web.Response:
     """GET /api/v1/names: every name seen, with kind, tag keys and last value."""
-    return web.json_response({"names": _store(request).names()})
+    return web.json_response({"names": (await _store(request)).names()})
 
 
 def ui_config(agent: Any) -> dict[str, Any]:
