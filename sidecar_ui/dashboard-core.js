@@ -44,6 +44,7 @@ export class Dashboard {
       this.uiConfig = { data_source: "websocket", supabase: null, store: false };
     }
     this.$("agent-id").textContent = this.uiConfig.agent_id || "";
+    this.refreshTab();
     await this.connect(this.uiConfig);
     this.loadNames();
     this.every(1000, () => this.tick());
@@ -140,7 +141,10 @@ export class Dashboard {
     for (const e of events) {
       this.second.n++;
       if (isError(e)) this.second.errors++;
-      if (e.name === FLAG_EVENT && e.data?.flag === DATA_SOURCE_FLAG) this.pollUiConfig();
+      if (e.name === FLAG_EVENT) {
+        if (e.data?.flag === DATA_SOURCE_FLAG) this.pollUiConfig();
+        this.win.setTimeout(() => this.loadAudit(), 300); // once the store has it
+      }
       if (e.name === this.metric && this.range === 300 && e.value != null) this.charts.push("metric", e.ts, e.value);
     }
     this.tracker.ingest(events);
@@ -357,7 +361,7 @@ export class Dashboard {
   }
 
   async loadAudit() {
-    if (!this.uiConfig.store) return;
+    if (!this.uiConfig?.store) return;
     try {
       const { events } = await this.api.get(`/api/v1/events?name=${FLAG_EVENT}&limit=50`);
       P.fill(this.$("flag-audit"), events.map((e) => P.row([P.time(e.ts), e.data?.flag, e.data?.old, e.data?.new, e.data?.actor])), "no changes yet");
