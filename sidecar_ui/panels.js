@@ -47,7 +47,8 @@ export function setStatus(el, text, kind = "") {
 
 export function eventRow(e) {
   const tags = Object.entries(e.tags || {}).map(([k, v]) => `${k}=${v}`).join(" ");
-  return row([time(e.ts), e.name, e.kind, e.value == null ? "" : String(e.value), e.source, tags], { id: e.id });
+  // The stream omits defaults (msgspec omit_defaults): a missing kind is "gauge".
+  return row([time(e.ts), e.name, e.kind ?? "gauge", e.value == null ? "" : String(e.value), e.source, tags], { id: e.id });
 }
 
 export function sinkRow(s) {
