@@ -32,9 +32,22 @@ def plan(config: Config, host: PluginHost) -> list[ComponentSpec]:
     """Validate every component table against the loaded plugins."""
     specs: list[ComponentSpec] = []
     for kind in ("sources", "sinks"):
-        for name, table in getattr(config, kind).items():
+        tables = dict(getattr(config, kind))
+        if kind == "sinks":
+            tables.update(_implicit_store(config, host))
+        for name, table in tables.items():
             specs.append(_spec(kind, name, dict(table), config, host))
     return specs
+
+
+def _implicit_store(config: Config, host: PluginHost) -> dict[str, dict[str, Any]]:
+    """The dashboard's local history store is a sink like any other, added unless
+    `[dashboard] store = false`, a store sink is configured, or the plugin is blocked."""
+    if not config.dashboard.store or "store" in config.sinks or "store" not in host.registry["sinks"]:
+        return {}
+    if any(t.get("type", n) == "store" for n, t in config.sinks.items()):
+        return {}
+    return {"store": {"type": "store", "policies": [], "retention_h": config.dashboard.store_retention_h}}
 
 
 def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: PluginHost) -> ComponentSpec:

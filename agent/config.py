@@ -70,12 +70,14 @@ class DlqSection(_Section):
 
 
 class DashboardSection(_Section):
-    """`[dashboard]`: the local history store and the browser's Supabase settings.
+    """`[dashboard]`: the local history store and the dashboard's Supabase connection.
 
-    Only the anon (public) key belongs here: it is served to the browser.
+    `supabase_anon_key` is the public anon key the browser uses (row-level security
+    limits it to reading); never put the service-role key here.
     """
 
     store: bool = True
+    store_retention_h: PositiveFloat = 24.0
     supabase_url: str | None = None
     supabase_anon_key: str | None = None
 

@@ -30,6 +30,8 @@ from .plugin_api import PluginContext, Sink
 
 log = logging.getLogger("sidecar_agent.delivery")
 
+OWN_PREFIX = "sidecar_agent."  # names of the agent's own events
+
 
 @dataclass
 class SinkStats:
@@ -78,6 +80,7 @@ class SinkWorker:
         self.stats = SinkStats(extra=ctx.stats)
         self.healthy = False
         self.started = False
+        self._starting: asyncio.Future[None] | None = None
         self._next_replay = 0.0
         self._replay_now = False
         self._probe = False  # see run()
@@ -125,7 +128,10 @@ class SinkWorker:
         delay = 1.0
         while True:
             try:
-                await self.sink.start()
+                # Shielded: a stop that lands mid-start must not leave half-opened resources
+                # (connections, threads) behind; close() waits for the start to finish.
+                self._starting = asyncio.ensure_future(self.sink.start())
+                await asyncio.shield(self._starting)
                 self.started = True
                 return
             except Exception as exc:
@@ -141,7 +147,8 @@ class SinkWorker:
         percent = self.rollout()
         if percent < 100.0:
             # A stable hash of the id decides, so an event is always in or always out.
-            chosen = [e for e in events if in_rollout(e.id, percent)]
+            # The agent's own events (flag audit, breaker changes) are never sampled out.
+            chosen = [e for e in events if e.name.startswith(OWN_PREFIX) or in_rollout(e.id, percent)]
             self.stats.filtered += len(events) - len(chosen)
             events = chosen
         if events:
@@ -247,8 +254,13 @@ class SinkWorker:
         return True
 
     async def close(self) -> None:
-        """Close the sink (after the worker task is done)."""
-        if self.started:
+        """Close the sink (after the worker task is done), also when a stop interrupted its start."""
+        starting = self._starting
+        if starting is not None and not starting.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(starting, 10)
+        if self.started or (starting is not None and starting.done() and not starting.cancelled()
+                            and starting.exception() is None):
             try:
                 await self.sink.close()
             except Exception as exc:

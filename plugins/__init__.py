@@ -11,4 +11,5 @@ BUILTIN: tuple[str, ...] = (
     "plugins.retry",
     "plugins.circuit_breaker",
     "plugins.concurrency",
+    "plugins.store",
 )

@@ -1,4 +1,4 @@
-pytest_plugins = ["tests.conftest_supabase"]
+pytest_plugins = ["tests.conftest_supabase", "tests.conftest_leak"]
 
 
 

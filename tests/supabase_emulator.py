@@ -160,7 +160,7 @@ class SupabaseEmulator:
     # -- lifecycle --------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[_cors])
         app.router.add_route("*", "/rest/v1/{table}", self._rest)
         app.router.add_get("/realtime/v1/websocket", self._websocket)
         return app
@@ -500,6 +500,24 @@ class SupabaseEmulator:
                 if ids and not ws.closed:
                     await ws.send_json({"topic": topic, "event": "postgres_changes", "ref": None, "payload": {"ids": ids, "data": data}})
                     self.realtime_sent += 1
+
+
+@web.middleware
+async def _cors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """CORS as Supabase answers it, so a browser page on another origin can use PostgREST."""
+    headers = {
+        "Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
+        "Access-Control-Expose-Headers": "Content-Range",
+        "Access-Control-Max-Age": "600",
+    }
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers=headers)
+    resp = await handler(request)
+    if not resp.prepared:
+        resp.headers.update({k: v for k, v in headers.items() if k != "Access-Control-Max-Age"})
+    return resp
 
 
 def _filter_ok(flt: str | None, record: dict[str, Any] | None) -> bool:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
-from . import dlq, flags, health, ingest, stream, ui
+from . import dlq, flags, health, history, ingest, stream, ui
 from .keys import AGENT, WEBSOCKETS
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def create_app(agent: Agent) -> web.Application:
     stream.add_routes(app)
     dlq.add_routes(app)
     flags.add_routes(app)
+    history.add_routes(app)
     for method, path, handler, _mutating, _plugin in agent.host.routes:
         app.router.add_route(method, path, handler)
     ui.add_routes(app)

@@ -36,9 +36,16 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def sinks(request: web.Request) -> web.Response:
-    """Per-sink state, lag, counters, breaker and DLQ depth."""
+    """Per-sink state, lag (events and seconds), counters, breaker and DLQ depth."""
+    from .history import lag_seconds
+
     agent = request.app[AGENT]
-    return web.json_response({"sinks": [w.describe() for w in agent.workers.values()]})
+    out = []
+    for name, worker in agent.workers.items():
+        d = worker.describe()
+        d["lag_s"] = await lag_seconds(agent, name)
+        out.append(d)
+    return web.json_response({"sinks": out})
 
 
 async def losses(request: web.Request) -> web.Response:

@@ -1,0 +1,146 @@
+"""History over HTTP (from the local store) and the dashboard's own configuration.
+
+GET /api/v1/events   raw events, newest first, cursor-paginated (POST is ingest)
+GET /api/v1/series   one name aggregated per step, from the level that fits the range
+GET /api/v1/names    the catalogue: kind, tag keys, last value
+GET /api/v1/ui-config  data source (flag) and the public Supabase settings, never a secret
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ..history_store import AGGS, HistoryStore, decode_cursor
+from .keys import AGENT
+
+MAX_LIMIT = 1000
+DATA_SOURCE_FLAG = "dashboard.data_source"
+
+
+async def _store(request: web.Request) -> HistoryStore:
+    """The running store; waits a moment for one that is still opening (agent start-up)."""
+    from plugins.store import find_store
+
+    agent = request.app[AGENT]
+    for _ in range(50):
+        store = find_store(agent)
+        if store is not None:
+            return store
+        if not any(w.sink.__class__.__name__ == "StoreSink" for w in agent.workers.values()):
+            break
+        await asyncio.sleep(0.05)
+    raise web.HTTPServiceUnavailable(reason="the history store is not running (is [dashboard] store = false?)")
+
+
+def _num(request: web.Request, key: str, default: float | None = None) -> float | None:
+    raw = request.query.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{key} must be a number (epoch seconds for from/to)") from None
+    if not math.isfinite(value):
+        raise web.HTTPBadRequest(reason=f"{key} must be finite")
+    return value
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """GET /api/v1/events?name=&source=&agent=&session=&from=&to=&cursor=&limit= (limit <= 1000)."""
+    store = await _store(request)
+    q = request.query
+    limit = int(_num(request, "limit", 100) or 100)
+    if limit < 1:
+        raise web.HTTPBadRequest(reason="limit must be at least 1")
+    limit = min(limit, MAX_LIMIT)
+    cursor = q.get("cursor") or None
+    if cursor is not None:
+        try:
+            decode_cursor(cursor)
+        except ValueError:
+            raise web.HTTPBadRequest(reason="cursor is malformed (pass back the `next` value)") from None
+    events, nxt = await store.events(
+        name=q.get("name") or None, source=q.get("source") or None, agent=q.get("agent") or None,
+        session=q.get("session") or None, start=_num(request, "from"), end=_num(request, "to"),
+        cursor=cursor, limit=limit,
+    )
+    return web.json_response({"events": events, "next": nxt})
+
+
+async def series(request: web.Request) -> web.Response:
+    """GET /api/v1/series?name=&from=&to=&step=&agg=&tag.k=v"""
+    store = await _store(request)
+    q = request.query
+    name = q.get("name")
+    if not name:
+        raise web.HTTPBadRequest(reason="name is required")
+    agg = q.get("agg", "avg")
+    if agg not in AGGS:
+        raise web.HTTPBadRequest(reason=f"agg must be one of {', '.join(AGGS)}")
+    now = time.time()
+    end = _num(request, "to", now)
+    start = _num(request, "from", (end or now) - 3600)
+    step = _num(request, "step")
+    assert start is not None and end is not None
+    if end <= start:
+        raise web.HTTPBadRequest(reason="to must be after from")
+    if step is not None and step <= 0:
+        raise web.HTTPBadRequest(reason="step must be positive")
+    tags = {k[4:]: v for k, v in q.items() if k.startswith("tag.") and len(k) > 4}
+    return web.json_response(await store.series(name, start, end, step, agg, tags, now=now))
+
+
+async def names(request: web.Request) -> web.Response:
+    """GET /api/v1/names: every name seen, with kind, tag keys and last value."""
+    return web.json_response({"names": (await _store(request)).names()})
+
+
+def ui_config(agent: Any) -> dict[str, Any]:
+    """What the page needs to choose and build its data source. Only public values:
+    the Supabase URL, the anon key and the table; never the service key or the token."""
+    flags = getattr(agent, "flags", None)
+    source = flags.get(DATA_SOURCE_FLAG) if flags is not None else "websocket"
+    dash = getattr(agent.config, "dashboard", None)
+    supabase = None
+    if dash is not None and dash.supabase_url and dash.supabase_anon_key:
+        table, schema = "monitoring_events", "public"
+        for sink_name, t in agent.config.sinks.items():
+            if (t.get("type") or sink_name) == "supabase":
+                table, schema = t.get("table", table), t.get("schema", schema)
+                break
+        supabase = {"url": dash.supabase_url, "anon_key": dash.supabase_anon_key, "table": table, "schema": schema}
+    return {
+        "agent_id": agent.id,
+        "data_source": source,
+        "supabase": supabase,
+        "token_required": bool(agent.config.server.token),
+        "store": any(w.sink.__class__.__name__ == "StoreSink" for w in agent.workers.values()),
+    }
+
+
+async def get_ui_config(request: web.Request) -> web.Response:
+    """GET /api/v1/ui-config"""
+    return web.json_response(ui_config(request.app[AGENT]), headers={"Cache-Control": "no-store"})
+
+
+async def lag_seconds(agent: Any, sink: str) -> float | None:
+    """Age in seconds of the oldest journaled event `sink` has not confirmed (None: none)."""
+    journal = agent.journal
+    if journal is None or journal.lag(sink) == 0:
+        return None
+    rows = await journal.read(journal.cursors.get(sink, journal.last_seq), 1)
+    if not rows:
+        return None
+    return max(0.0, round(time.time() - rows[0][1].ts, 3))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/events", list_events)
+    app.router.add_get("/api/v1/series", series)
+    app.router.add_get("/api/v1/names", names)
+    app.router.add_get("/api/v1/ui-config", get_ui_config)

@@ -1,0 +1,116 @@
+"""A small mergeable quantile sketch (DDSketch-style log buckets) for history roll-ups.
+
+Each value v != 0 falls in bucket ceil(log_gamma(|v|)), gamma = (1 + a) / (1 - a), so a
+quantile estimate is within a relative error `a` (1 %) of a true sample value. Sketches
+merge exactly (add bucket counts), so per-minute sketches merge into per-hour ones and
+into any query step without re-reading raw events. The bucket count is capped
+(MAX_BINS): beyond it the buckets nearest zero are collapsed, which only coarsens the
+smallest magnitudes. A sketch serializes to a few hundred bytes of msgpack.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+ACCURACY = 0.01
+GAMMA = (1 + ACCURACY) / (1 - ACCURACY)
+_LOG_GAMMA = math.log(GAMMA)
+MIN_MAGNITUDE = 1e-9  # |v| below this counts as zero
+MAX_BINS = 1024
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(tuple[int, list[int], list[int]])
+
+
+def _key(mag: float) -> int:
+    return math.ceil(math.log(mag) / _LOG_GAMMA)
+
+
+def _value(key: int) -> float:
+    return 2 * GAMMA**key / (GAMMA + 1)
+
+
+class Sketch:
+    """Counts per log bucket for positive and negative values, plus zeros."""
+
+    __slots__ = ("pos", "neg", "zero", "n")
+
+    def __init__(self) -> None:
+        self.pos: dict[int, int] = {}
+        self.neg: dict[int, int] = {}
+        self.zero = 0
+        self.n = 0
+
+    def add(self, v: float) -> None:
+        """Add one finite value (NaN and infinities are ignored)."""
+        if not math.isfinite(v):
+            return
+        self.n += 1
+        if abs(v) < MIN_MAGNITUDE:
+            self.zero += 1
+            return
+        bins = self.pos if v > 0 else self.neg
+        k = _key(abs(v))
+        bins[k] = bins.get(k, 0) + 1
+        if len(bins) > MAX_BINS:
+            _collapse(bins)
+
+    def merge(self, other: Sketch) -> Sketch:
+        """Add `other`'s counts into this sketch; returns self."""
+        self.n += other.n
+        self.zero += other.zero
+        for mine, theirs in ((self.pos, other.pos), (self.neg, other.neg)):
+            for k, c in theirs.items():
+                mine[k] = mine.get(k, 0) + c
+            if len(mine) > MAX_BINS:
+                _collapse(mine)
+        return self
+
+    def quantile(self, q: float) -> float | None:
+        """The estimated q-quantile (0 <= q <= 1), or None when empty."""
+        if self.n == 0:
+            return None
+        rank = q * (self.n - 1)
+        seen = 0
+        for k in sorted(self.neg, reverse=True):  # most negative first
+            seen += self.neg[k]
+            if seen > rank:
+                return -_value(k)
+        seen += self.zero
+        if seen > rank:
+            return 0.0
+        for k in sorted(self.pos):
+            seen += self.pos[k]
+            if seen > rank:
+                return _value(k)
+        return _value(max(self.pos)) if self.pos else 0.0
+
+    def to_bytes(self) -> bytes:
+        flat_pos = [x for kv in self.pos.items() for x in kv]
+        flat_neg = [x for kv in self.neg.items() for x in kv]
+        return _enc.encode((self.zero, flat_pos, flat_neg))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | None) -> Sketch:
+        s = cls()
+        if not blob:
+            return s
+        zero, pos, neg = _dec.decode(blob)
+        s.zero = zero
+        s.pos = dict(zip(pos[::2], pos[1::2]))
+        s.neg = dict(zip(neg[::2], neg[1::2]))
+        s.n = zero + sum(s.pos.values()) + sum(s.neg.values())
+        return s
+
+
+def _collapse(bins: dict[int, int]) -> None:
+    """Fold the lowest-magnitude buckets into the next one until MAX_BINS remain."""
+    keys = sorted(bins)
+    extra = len(keys) - MAX_BINS
+    if extra <= 0:
+        return
+    target = keys[extra]
+    for k in keys[:extra]:
+        bins[target] += bins.pop(k)

@@ -1,0 +1,158 @@
+"""Dashboard latency in a real Chromium: record() -> row visible in the DOM (p50/p99) at
+100 and 1000 events/s over the agent's WebSocket and through the Supabase emulator
+(supabase sink -> PostgreSQL -> Realtime); navigation to the first painted chart with
+1 h of history for 20 metrics at 1 event/s; the page's transfer size with and without
+supabase-js.
+
+    PYTHONPATH=. .venv/bin/python bench/dashboard_latency.py [--seconds 5] [--no-supabase]
+
+Needs Playwright for Python and Chromium (/usr/bin/chromium or SIDECAR_CHROMIUM); the
+Supabase part needs PostgreSQL (SIDECAR_TEST_PG_DSN, default postgres@127.0.0.1:5432).
+Figures depend on the machine; nothing here asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.event import Event  # noqa: E402
+from tests.dashboard_support import start_agent  # noqa: E402
+
+CHROMIUM = os.environ.get("SIDECAR_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+OBSERVE = """() => {
+  window.__seen = {};
+  const body = document.querySelector('#events tbody');
+  new MutationObserver((muts) => {
+    const t = performance.timeOrigin + performance.now();
+    for (const m of muts) for (const n of m.addedNodes) {
+      const rows = n.nodeType === 1 && n.tagName === 'TR' ? [n] : (n.querySelectorAll ? n.querySelectorAll('tr') : []);
+      for (const r of rows) { const k = /(?:^|\\s)b=(\\d+)/.exec(r.lastElementChild ? r.lastElementChild.textContent : ''); if (k && !(k[1] in window.__seen)) window.__seen[k[1]] = t; }
+    }
+  }).observe(body, { childList: true, subtree: true });
+}"""
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
+
+
+async def latency(page, agent, rate: int, seconds: float) -> tuple[float, float, int, int]:
+    await page.evaluate(OBSERVE)
+    sent: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+    per_tick = max(1, rate // 100)
+    start = loop.time()
+    n = 0
+    while loop.time() - start < seconds:
+        for _ in range(per_tick):
+            sent[str(n)] = time.time() * 1000
+            agent.record("bench.latency", float(n), tags={"b": str(n)})
+            n += 1
+        await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
+    await asyncio.sleep(2.0)
+    seen = await page.evaluate("() => window.__seen")
+    lat = [seen[k] - t for k, t in sent.items() if k in seen]
+    if not lat:
+        return float("nan"), float("nan"), 0, len(sent)
+    return statistics.median(lat), pct(lat, 0.99), len(lat), len(sent)
+
+
+async def transfer_size(page) -> int:
+    return await page.evaluate(
+        "() => performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource'))"
+        ".filter((e) => !e.name.includes('/api/')).reduce((a, e) => a + (e.encodedBodySize || 0), 0)")
+
+
+async def run(args: argparse.Namespace) -> None:
+    from playwright.async_api import async_playwright
+
+    print("$ PYTHONPATH=. python bench/dashboard_latency.py " + " ".join(sys.argv[1:]))
+    tmp = Path(tempfile.mkdtemp(prefix="dash-bench-"))
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        agent = await start_agent(tmp / "ws")
+        try:
+            page = await browser.new_page()
+            await page.goto(agent.server_url)
+            await page.wait_for_selector("#conn.live")
+            print(f"page transfer size, websocket mode (no supabase-js): {await transfer_size(page) / 1024:.1f} KiB")
+            for rate in (100, 1000):
+                p50, p99, got, n = await latency(page, agent, rate, args.seconds)
+                print(f"websocket  {rate:5d} ev/s: record() -> DOM p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({got}/{n} seen)")
+            await page.close()
+            # 1 h of history for 20 metrics at 1 event/s
+            now = time.time()
+            for m in range(20):
+                agent.emit([Event(id=str(uuid.uuid4()), name=f"bench.metric{m:02d}", kind="gauge", value=float(i % 97),
+                                  ts=now - 3600 + i) for i in range(3600)])
+            await agent.flush(60)
+            times = []
+            for _ in range(3):
+                page = await browser.new_page()
+                await page.goto(agent.server_url + "/#metrics")
+                await page.wait_for_selector("#metric-chart[data-loaded] canvas", timeout=30_000)
+                times.append(await page.evaluate("() => performance.now()"))
+                await page.close()
+            print(f"navigation -> first painted chart (1 h x 20 metrics @ 1 ev/s = 72k events): "
+                  f"median {statistics.median(times):.0f} ms (runs: {', '.join(f'{t:.0f}' for t in times)})")
+        finally:
+            await agent.stop(timeout=5)
+        if not args.no_supabase:
+            await supabase_part(browser, tmp, args)
+        await browser.close()
+
+
+async def supabase_part(browser, tmp: Path, args: argparse.Namespace) -> None:
+    from agent import migrations
+    from tests.conftest_supabase import _create_database, _drop_database, dsn_for
+    from tests.supabase_emulator import SupabaseEmulator
+
+    name = f"sidecar_bench_{uuid.uuid4().hex[:10]}"
+    await _create_database(name)
+    try:
+        dsn = dsn_for(name)
+        await migrations.apply(dsn, "public", "monitoring_events")
+        async with SupabaseEmulator(dsn) as emu:
+            agent = await start_agent(
+                tmp / "sb", sinks={"supabase": {"url": emu.url, "key": emu.key, "policies": [], "batch_size": 500}},
+                dashboard={"supabase_url": emu.url, "supabase_anon_key": emu.anon_key},
+                flags={"dashboard": {"data_source": "supabase"}})
+            try:
+                page = await browser.new_page()
+                await page.goto(agent.server_url)
+                await page.wait_for_selector("#conn.live")
+                await asyncio.sleep(0.5)
+                print(f"page transfer size, supabase mode (with supabase-js): {await transfer_size(page) / 1024:.1f} KiB")
+                for rate in (100, 1000):
+                    p50, p99, got, n = await latency(page, agent, rate, args.seconds)
+                    print(f"supabase   {rate:5d} ev/s: record() -> DOM p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({got}/{n} seen)")
+                await page.close()
+            finally:
+                await agent.stop(timeout=5)
+    finally:
+        await _drop_database(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per rate")
+    ap.add_argument("--no-supabase", action="store_true", help="skip the Supabase emulator path")
+    asyncio.run(run(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

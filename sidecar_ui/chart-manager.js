@@ -1,0 +1,93 @@
+// Time-series charts: points are appended as they arrive and drawn at most once per
+// animation frame per chart, whatever the event rate. The plotting library is injected
+// (`createPlot(target, series, data) -> {setData(data), destroy()}`), so this module
+// runs under `node --test`; the page passes a uPlot factory.
+
+export class ChartManager {
+  constructor({ createPlot, requestFrame, windowSec = 300, maxPoints = 3000, now = () => Date.now() / 1000 } = {}) {
+    this.createPlot = createPlot;
+    this.requestFrame = requestFrame || ((cb) => setTimeout(cb, 16));
+    this.windowSec = windowSec;
+    this.maxPoints = maxPoints;
+    this.now = now;
+    this.charts = new Map(); // key -> {plot, t: [], v: [], dirty}
+    this.frameRequested = false;
+    this.frames = 0;
+    this.draws = 0;
+  }
+
+  // Create (or replace) the chart `key` in `target` with optional history.
+  add(key, target, { label = key, t = [], v = [] } = {}) {
+    this.remove(key);
+    const chart = { t: t.slice(), v: v.slice(), dirty: false, plot: null };
+    chart.plot = this.createPlot(target, { label }, [chart.t, chart.v]);
+    this.charts.set(key, chart);
+    this.draws++;
+    return chart;
+  }
+
+  has(key) { return this.charts.has(key); }
+
+  remove(key) {
+    const c = this.charts.get(key);
+    if (c) { c.plot.destroy(); this.charts.delete(key); }
+  }
+
+  // Append one point; the chart redraws on the next frame. Out-of-order points are
+  // inserted in place so the x axis stays sorted (uPlot requires it).
+  push(key, ts, value) {
+    const c = this.charts.get(key);
+    if (!c) return false;
+    const n = c.t.length;
+    if (n === 0 || ts >= c.t[n - 1]) {
+      c.t.push(ts); c.v.push(value);
+    } else {
+      let i = n - 1;
+      while (i > 0 && c.t[i - 1] > ts) i--;
+      c.t.splice(i, 0, ts); c.v.splice(i, 0, value);
+    }
+    c.dirty = true;
+    this._schedule();
+    return true;
+  }
+
+  _schedule() {
+    if (this.frameRequested) return;
+    this.frameRequested = true;
+    this.requestFrame(() => this.flush());
+  }
+
+  // Trim to the window and the point cap, then hand each changed chart its data once.
+  flush() {
+    this.frameRequested = false;
+    this.frames++;
+    const cutoff = this.now() - this.windowSec;
+    for (const c of this.charts.values()) {
+      if (!c.dirty) continue;
+      let drop = 0;
+      while (drop < c.t.length && c.t[drop] < cutoff) drop++;
+      drop = Math.max(drop, c.t.length - this.maxPoints);
+      if (drop > 0) { c.t.splice(0, drop); c.v.splice(0, drop); }
+      c.plot.setData([c.t, c.v]);
+      c.dirty = false;
+      this.draws++;
+    }
+  }
+
+  destroy() { for (const k of [...this.charts.keys()]) this.remove(k); }
+}
+
+// A uPlot factory for the page: sized to its container, colours from CSS variables.
+export function uplotFactory(uPlot, { height = 180 } = {}) {
+  return (target, { label }, data) => {
+    const css = getComputedStyle(target);
+    const stroke = css.getPropertyValue("--accent").trim() || "#3b82f6";
+    const axis = { stroke: css.getPropertyValue("--muted").trim() || "#888", grid: { stroke: css.getPropertyValue("--grid").trim() || "#8883" } };
+    const plot = new uPlot({
+      width: Math.max(200, target.clientWidth || 600), height,
+      series: [{}, { label, stroke, width: 1.5, spanGaps: false, points: { show: false } }],
+      axes: [axis, axis], legend: { show: false }, cursor: { drag: { x: false, y: false } },
+    }, data, target);
+    return { setData: (d) => plot.setData(d), destroy: () => plot.destroy(), plot };
+  };
+}

@@ -1,0 +1,209 @@
+"""The dashboard in a real Chromium (Playwright for Python, Debian's /usr/bin/chromium).
+
+Without Chromium or Playwright these tests skip locally and FAIL when the CI variable is
+set. Screenshots go to test-artifacts/. Every test also fails on a console error or an
+uncaught page error (a CSP violation shows as one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.dashboard_support import start_agent
+
+CHROMIUM = os.environ.get("SIDECAR_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TIMEOUT_MS = 15_000
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"browser tests need {reason} (CI is set, so this is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def agents(tmp_path):
+    """Start agents with `await agents(**config)`; stopped after the pages are closed."""
+    started = []
+
+    async def factory(**extra):
+        a = await start_agent(tmp_path / f"agent{len(started)}", **extra)
+        started.append(a)
+        return a
+
+    yield factory
+    for a in started:
+        await a.stop(timeout=2)
+
+
+@pytest.fixture
+async def browser():
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        _unavailable("Playwright for Python (pip install playwright)")
+    if not os.path.exists(CHROMIUM):
+        _unavailable(f"Chromium at {CHROMIUM} (apt-get install chromium)")
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def open_page(browser, request):
+    pages, problems = [], []
+
+    async def opener(url: str):
+        ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await ctx.new_page()
+        page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+        await page.goto(url)
+        pages.append(page)
+        return page
+
+    opener.allow = []  # substrings of console errors a test expects
+    yield opener
+    ARTIFACTS.mkdir(exist_ok=True)
+    for i, page in enumerate(pages):
+        await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{i}.png"), full_page=True)
+        await page.context.close()
+    problems = [p for p in problems if not any(a in p for a in opener.allow)]
+    assert not problems, problems
+
+
+async def post(agent, events):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(agent.server_url + "/api/v1/events", json=events) as r:
+            assert r.status == 202, await r.text()
+            return (await r.json())["ids"]
+
+
+def row(event_id: str) -> str:
+    return f'#events tbody tr[data-id="{event_id}"]'
+
+
+async def test_history_then_live_event_over_websocket(agents, open_page):
+    agent = await agents()
+    now = time.time()
+    old = await post(agent, [{"name": "cpu", "value": 10 + i, "ts": now - 60 + i, "session_id": "s-1"}
+                             for i in range(5)])
+    assert await agent.flush(5)
+    page = await open_page(agent.server_url)
+    for i in old:
+        await page.wait_for_selector(row(i), timeout=TIMEOUT_MS)
+    await page.wait_for_selector("#conn.live", timeout=TIMEOUT_MS)
+    (live,) = await post(agent, {"name": "checkout.error", "kind": "event", "session_id": "s-1",
+                                 "tags": {"level": "error"}})
+    await page.wait_for_selector(row(live), timeout=TIMEOUT_MS)
+    assert await page.locator(row(live)).count() == 1
+    assert await page.text_content("#data-source") == "websocket"
+    # the metric explorer drew the history of the first metric
+    await page.click("a[data-tab=metrics]")
+    await page.wait_for_selector("#metric-chart[data-loaded=cpu] canvas", timeout=TIMEOUT_MS)
+    # sessions: one active session with one error
+    await page.click("a[data-tab=sessions]")
+    await page.wait_for_selector('#sessions tr[data-session="s-1"]', timeout=TIMEOUT_MS)
+    cells = await page.locator('#sessions tr[data-session="s-1"] td').all_text_contents()
+    assert cells[1] == "6" and cells[2] == "1"
+    csp = (await page.request.get(agent.server_url + "/")).headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+async def test_bad_flag_value_shows_the_servers_message(agents, open_page):
+    agent = await agents()
+    open_page.allow.append("status of 400 (Bad Request)")  # the browser logs the refused PUT
+    page = await open_page(agent.server_url + "/#flags")
+    sel = 'tr[data-flag="sinks.store.rollout_percent"]'
+    await page.wait_for_selector(sel, timeout=TIMEOUT_MS)
+    await page.fill(f"{sel} input", "250")
+    await page.click(f"{sel} button:text('Set')")
+    await page.wait_for_selector("#flag-error:not([hidden])", timeout=TIMEOUT_MS)
+    message = await page.text_content("#flag-error")
+    async with aiohttp.ClientSession() as s:
+        async with s.put(agent.server_url + "/api/v1/flags/sinks.store.rollout_percent", json="250") as r:
+            assert r.status == 400
+            assert message == (await r.json())["error"]
+    # a good value goes through and shows up in the table and the audit trail
+    await page.fill(f"{sel} input", "50")
+    await page.click(f"{sel} button:text('Set')")
+    await page.wait_for_function(
+        "() => document.querySelector('tr[data-flag=\"sinks.store.rollout_percent\"] td:nth-child(3)').textContent"
+        " === 'override'", timeout=TIMEOUT_MS)
+    assert await page.is_hidden("#flag-error")
+    await page.wait_for_selector("#flag-audit td:text('sinks.store.rollout_percent')", timeout=TIMEOUT_MS)
+
+
+async def _sb_agent(agents, emu, table, mode, **extra):
+    return await agents(
+        sinks={"supabase": {"url": emu.url, "key": emu.key, "table": table.table, "policies": [], "batch_size": 50}},
+        dashboard={"supabase_url": emu.url, "supabase_anon_key": emu.anon_key},
+        flags={"dashboard": {"data_source": mode}},
+        **extra,
+    )
+
+
+async def test_dlq_replay_from_the_page(agents, open_page, supabase_emulator, pg_table):
+    agent = await _sb_agent(agents, supabase_emulator, pg_table, "websocket")
+    supabase_emulator.fail_next(1, status=503)
+    ids = await post(agent, [{"name": "dlq.test", "value": i} for i in range(3)])
+    for _ in range(200):
+        if agent.dlq.depth("supabase") == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert agent.dlq.depth("supabase") == 3
+    page = await open_page(agent.server_url + "/#dlq")
+    await page.wait_for_selector("#dlq[data-pending='3']", timeout=TIMEOUT_MS)
+    await page.select_option("#dlq-sink", "supabase")
+    await page.click("#dlq-replay")
+    await page.wait_for_selector("#dlq[data-pending='0']", timeout=TIMEOUT_MS)
+    assert set((await pg_table.count_ids(ids)).values()) == {1}
+
+
+async def test_supabase_realtime_source(agents, open_page, supabase_emulator, pg_table):
+    agent = await _sb_agent(agents, supabase_emulator, pg_table, "supabase")
+    page = await open_page(agent.server_url)
+    await page.wait_for_selector("#conn.live", timeout=TIMEOUT_MS)
+    assert await page.text_content("#data-source") == "supabase"
+    ids = await post(agent, [{"name": "sb.event", "value": i, "session_id": "sb"} for i in range(5)])
+    for i in ids:
+        await page.wait_for_selector(row(i), timeout=TIMEOUT_MS)
+    stats = await page.evaluate("window.sidecarDashboard.adapter.stats")
+    assert stats["firstBy"]["websocket"] == 0 and stats["firstBy"]["supabase"] >= 5
+
+
+async def test_dual_shows_each_event_once_and_switches_live(agents, open_page, supabase_emulator, pg_table):
+    agent = await _sb_agent(agents, supabase_emulator, pg_table, "dual")
+    page = await open_page(agent.server_url)
+    await page.wait_for_function("() => document.querySelector('#conn').textContent.split('live').length === 3",
+                                 timeout=TIMEOUT_MS)
+    ids = await post(agent, [{"name": "dual.event", "value": i, "id": str(uuid.uuid4())} for i in range(20)])
+    for i in ids:
+        await page.wait_for_selector(row(i), timeout=TIMEOUT_MS)
+    # wait until the second copy of every event has arrived (and was dropped)
+    await page.wait_for_function("() => window.sidecarDashboard.adapter.stats.duplicates >= 20", timeout=TIMEOUT_MS)
+    for i in ids:
+        assert await page.locator(row(i)).count() == 1
+    stats = await page.evaluate("window.sidecarDashboard.adapter.stats")
+    assert stats["firstBy"]["websocket"] + stats["firstBy"]["supabase"] == stats["delivered"]
+    # the flag changes: the page follows without a reload
+    async with aiohttp.ClientSession() as s:
+        async with s.put(agent.server_url + "/api/v1/flags/dashboard.data_source", json="websocket") as r:
+            assert r.status == 200
+    await page.wait_for_function("() => document.querySelector('#data-source').textContent === 'websocket'",
+                                 timeout=TIMEOUT_MS)
+    (after,) = await post(agent, {"name": "after.switch", "value": 1})
+    await page.wait_for_selector(row(after), timeout=TIMEOUT_MS)

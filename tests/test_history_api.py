@@ -1,0 +1,95 @@
+"""History endpoints, the implicit store sink, ui-config and sink lag, on a running agent."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+from tests.dashboard_support import start_agent
+
+
+@pytest.fixture
+async def agent(tmp_path):
+    a = await start_agent(tmp_path, dashboard={"supabase_url": "http://sb.example", "supabase_anon_key": "anon-k"},
+                          sinks={"supabase": {"url": "http://sb.example", "key": "service-secret-key",
+                                              "table": "events_x", "policies": []}},
+                          flags={"sinks": {"supabase": {"enabled": False}}})
+    yield a
+    await a.stop(timeout=2)
+
+
+async def _post(session, agent, events):
+    async with session.post(agent.server_url + "/api/v1/events", json=events) as r:
+        assert r.status == 202, await r.text()
+        return (await r.json())["ids"]
+
+
+async def test_ingested_events_are_queryable(agent):
+    now = time.time()
+    async with aiohttp.ClientSession() as s:
+        ids = await _post(s, agent, [{"name": "req.latency", "kind": "histogram", "value": v / 10, "ts": now - 30 + v,
+                                      "tags": {"route": "/a" if v % 2 else "/b"}, "session_id": "sess-1"}
+                                     for v in range(20)])
+        await _post(s, agent, [{"id": ids[0], "name": "req.latency", "kind": "histogram", "value": 99}])  # a repeat
+        assert await agent.flush(5)
+        async with s.get(agent.server_url + "/api/v1/events", params={"name": "req.latency", "limit": "8"}) as r:
+            page = await r.json()
+        assert len(page["events"]) == 8 and page["next"]
+        async with s.get(agent.server_url + "/api/v1/events",
+                         params={"name": "req.latency", "limit": "100", "cursor": page["next"]}) as r:
+            rest = await r.json()
+        assert len(rest["events"]) == 12 and rest["next"] is None
+        async with s.get(agent.server_url + "/api/v1/events", params={"session": "sess-1", "limit": "5000"}) as r:
+            assert len((await r.json())["events"]) == 20
+        async with s.get(agent.server_url + "/api/v1/series",
+                         params={"name": "req.latency", "from": str(now - 120), "to": str(now + 60),
+                                 "step": "60", "agg": "count", "tag.route": "/a"}) as r:
+            body = await r.json()
+        assert r.status == 200 and body["level"] == "minute"
+        assert sum(v for v in body["v"] if v) == 10
+        async with s.get(agent.server_url + "/api/v1/names") as r:
+            names = {n["name"]: n for n in (await r.json())["names"]}
+        assert names["req.latency"]["kind"] == "histogram" and names["req.latency"]["tag_keys"] == ["route"]
+        assert names["req.latency"]["count"] == 20
+
+
+async def test_bad_queries_name_the_problem(agent):
+    async with aiohttp.ClientSession() as s:
+        for path, params, needle in [
+            ("/api/v1/series", {}, "name is required"),
+            ("/api/v1/series", {"name": "x", "agg": "median"}, "agg must be one of"),
+            ("/api/v1/series", {"name": "x", "from": "10", "to": "5"}, "to must be after from"),
+            ("/api/v1/events", {"from": "yesterday"}, "from must be a number"),
+            ("/api/v1/events", {"cursor": "nope"}, "cursor is malformed"),
+        ]:
+            async with s.get(agent.server_url + path, params=params) as r:
+                assert r.status == 400
+                assert needle in (await r.json())["error"]
+
+
+async def test_ui_config_has_public_values_only(agent):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(agent.server_url + "/api/v1/ui-config") as r:
+            text = await r.text()
+            cfg = await r.json()
+    assert cfg["data_source"] == "websocket"
+    assert cfg["supabase"] == {"url": "http://sb.example", "anon_key": "anon-k", "table": "events_x", "schema": "public"}
+    assert "service-secret-key" not in text
+    agent.flags.set("dashboard.data_source", "dual", actor="test")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(agent.server_url + "/api/v1/ui-config") as r:
+            assert (await r.json())["data_source"] == "dual"
+
+
+async def test_sinks_report_lag_seconds(agent):
+    async with aiohttp.ClientSession() as s:
+        await _post(s, agent, [{"name": "x", "value": 1, "ts": time.time() - 5, "id": str(uuid.uuid4())}])
+        await agent.flush(1)  # the supabase sink is switched off, so its cursor waits
+        async with s.get(agent.server_url + "/api/v1/sinks") as r:
+            sinks = {k["name"]: k for k in (await r.json())["sinks"]}
+    assert sinks["store"]["lag_s"] is None and sinks["store"]["lag_events"] == 0
+    if not sinks["supabase"]["enabled"]:
+        assert sinks["supabase"]["lag_s"] >= 4
