@@ -67,6 +67,7 @@ class DlqSection(_Section):
     ttl_hours: PositiveFloat = 168.0
     max_events: PositiveInt = 1_000_000
     replay_per_s: PositiveFloat = 2.0
+    auto_replay: bool = True  # false: entries wait for `dlq replay` (CLI, HTTP or the dashboard)
 
 
 class DashboardSection(_Section):

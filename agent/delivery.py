@@ -64,6 +64,7 @@ class SinkWorker:
         *,
         batch_size: int = 500,
         replay_per_s: float = 2.0,
+        auto_replay: bool = True,
         enabled: Callable[[], bool] = lambda: True,
         rollout: Callable[[], float] = lambda: 100.0,
     ) -> None:
@@ -76,14 +77,16 @@ class SinkWorker:
         self.batch_size = batch_size
         self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
         self.enabled = enabled
+        self.auto_replay = auto_replay
         self.rollout = rollout
         self.stats = SinkStats(extra=ctx.stats)
         self.healthy = False
         self.started = False
         self._starting: asyncio.Future[None] | None = None
         self._next_replay = 0.0
+        self._probe_at = 0.0  # when an unhealthy sink may next try one DLQ entry
+        self._probe_delay = 1.0
         self._replay_now = False
-        self._probe = False  # see run()
         self._nudge = journal.waiter()  # set on every commit, flag change or replay request
 
     def nudge(self) -> None:
@@ -99,9 +102,10 @@ class SinkWorker:
 
     async def run(self) -> None:
         await self._start_sink()
-        # Entries left pending by an earlier run get one replay attempt even without live
-        # traffic: it is the health probe (success replays the rest at the rate, failure waits).
-        self._probe = self.dlq.depth(self.name) > 0
+        # Pending DLQ entries (from an earlier run, or parked while the sink was sick) are
+        # retried even without live traffic: one replay is the health probe, at a backoff
+        # while it keeps failing; once one succeeds the rest replay at the configured rate.
+        self._probe_at = time.monotonic()
         while True:
             if not self.enabled():
                 self.stats.state = "disabled"
@@ -119,7 +123,9 @@ class SinkWorker:
                 self.stats.state = "idle"
             if await self._maybe_replay():
                 continue
-            timeout = self.replay_interval if self.dlq.depth(self.name) and self.healthy else None
+            timeout = None
+            if self.dlq.depth(self.name) and self.auto_replay:
+                timeout = self.replay_interval if self.healthy else max(0.05, self._probe_at - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._nudge.wait()
@@ -207,6 +213,7 @@ class SinkWorker:
 
     async def _dead_letter(self, events: list[Event], exc: BaseException, attempts: int, first: float) -> None:
         await self.dlq.put(self.name, events, exc, max(1, attempts), first)
+        self._probe_at = time.monotonic() + self._probe_delay  # the sink just failed: no instant replay
         self.stats.dead_lettered += len(events)
 
     def _succeeded(self, events: list[Event]) -> None:
@@ -224,12 +231,13 @@ class SinkWorker:
 
     async def _maybe_replay(self) -> bool:
         """Replay one DLQ entry if the sink is healthy and the rate allows."""
-        if not self.dlq.depth(self.name) or not (self.healthy or self._replay_now or self._probe):
-            return False
         now = time.monotonic()
+        if not self.dlq.depth(self.name):
+            return False
+        if not self._replay_now and not (self.auto_replay and (self.healthy or now >= self._probe_at)):
+            return False
         if now < self._next_replay and not self._replay_now:
             return False
-        self._probe = False
         self._next_replay = now + self.replay_interval
         claimed = await self.dlq.claim(self.name)
         if claimed is None:
@@ -244,8 +252,12 @@ class SinkWorker:
         except Exception as exc:
             self._failed(exc)
             self._replay_now = False
+            wait = exc.retry_after if isinstance(exc, RetryableError) and exc.retry_after else self._probe_delay
+            self._probe_at = time.monotonic() + wait
+            self._probe_delay = min(self._probe_delay * 2, 60.0)
             await self.dlq.settle(entry_id, self.name, len(events), exc)
             return False
+        self._probe_delay = 1.0
         self._succeeded(events)
         self.stats.replayed += len(events)
         await self.dlq.settle(entry_id, self.name, len(events), None)

@@ -177,7 +177,7 @@ class Agent:
         flags, name = self.flags, spec.name
         worker = SinkWorker(
             name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
-            replay_per_s=self.config.dlq.replay_per_s,
+            replay_per_s=self.config.dlq.replay_per_s, auto_replay=self.config.dlq.auto_replay,
             enabled=lambda: flags.get(f"sinks.{name}.enabled"),
             rollout=lambda: flags.get(f"sinks.{name}.rollout_percent"),
         )

@@ -66,6 +66,8 @@ export class Dashboard {
   // -- data source ----------------------------------------------------------------
 
   async connect(cfg) {
+    // A live switch: the new source backfills from the moment the old one stopped.
+    const resumeTs = this.adapter ? Date.now() / 1000 - 1 : null;
     if (this.adapter) this.adapter.stop();
     this.adapter = null;
     const mode = cfg.data_source;
@@ -88,6 +90,7 @@ export class Dashboard {
       });
       this.banner("");
       await this.loadRecent();
+      if (resumeTs != null) this.adapter.resumeFrom(resumeTs);
       this.adapter.start();
     } catch (err) {
       this.banner(`live data unavailable (${mode}): ${err.message}`);

@@ -65,7 +65,8 @@ export class WebSocketSource {
     const ws = new this.WebSocketImpl(this.url);
     this.ws = ws;
     ws.onopen = () => {
-      const reconnect = this.connects++ > 0;
+      const reconnect = this.connects++ > 0 || this.resuming;
+      this.resuming = false;
       this.attempt = 0;
       this.onStatus?.(this.name, "live");
       if (reconnect && this.lastTs != null) this.backfill(this.lastTs).catch((err) => this.onStatus?.(this.name, "live", `backfill failed: ${err}`));
@@ -133,7 +134,8 @@ export class SupabaseSource {
         (payload) => this._deliver([rowToEvent(payload.new)]))
       .subscribe((status, err) => {
         if (status === "SUBSCRIBED") {
-          const again = this.subscribes++ > 0;
+          const again = this.subscribes++ > 0 || this.resuming;
+          this.resuming = false;
           this.onStatus?.(this.name, "live");
           if (again && this.lastTs != null) this.backfill(this.lastTs).catch((e) => this.onStatus?.(this.name, "live", `backfill failed: ${e.message || e}`));
         } else if (status === "CHANNEL_ERROR" || status === "TIMED_OUT" || status === "CLOSED") {
@@ -207,6 +209,13 @@ export class RealtimeAdapter {
 
   // Mark ids already shown (e.g. from the initial history load) so live copies are dropped.
   markSeen(events) { for (const e of events) this.seen.add(e.id); }
+
+  // After a live switch of data source: once connected, backfill everything since `ts`
+  // (the moment the previous source stopped), so no event falls into the gap.
+  resumeFrom(ts) {
+    for (const s of this.sources) { s.lastTs = ts; s.resuming = true; }
+    return this;
+  }
 
   start() { for (const s of this.sources) s.start(); return this; }
   stop() { for (const s of this.sources) s.stop(); }

@@ -157,7 +157,8 @@ async def _sb_agent(agents, emu, table, mode, **extra):
 
 
 async def test_dlq_replay_from_the_page(agents, open_page, supabase_emulator, pg_table):
-    agent = await _sb_agent(agents, supabase_emulator, pg_table, "websocket")
+    # auto_replay off: the entries wait for the click instead of the sink's own probe.
+    agent = await _sb_agent(agents, supabase_emulator, pg_table, "websocket", dlq={"auto_replay": False})
     supabase_emulator.fail_next(1, status=503)
     ids = await post(agent, [{"name": "dlq.test", "value": i} for i in range(3)])
     for _ in range(200):

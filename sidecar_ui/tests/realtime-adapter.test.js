@@ -127,3 +127,30 @@ test("a Supabase mode without a client is refused with a clear message", () => {
   assert.throws(() => new RealtimeAdapter({ mode: "supabase" }), /needs a Supabase client/);
   assert.throws(() => new RealtimeAdapter({ mode: "carrier-pigeon" }), /unknown data source/);
 });
+
+test("after a live switch the new source backfills the gap on its first connect", async () => {
+  FakeWS.all = [];
+  const urls = [];
+  const fetchImpl = async (url) => { urls.push(url); return { ok: true, json: async () => ({ events: [ev("gap", 500)], next: null }) }; };
+  const got = [];
+  const a = new RealtimeAdapter({ mode: "websocket", wsUrl: "ws://x/api/v1/stream", WebSocketImpl: FakeWS, fetchImpl,
+    timers: fakeTimers(), onEvents: (events) => got.push(...events.map((e) => e.id)) });
+  a.resumeFrom(499).start();
+  FakeWS.all[0].open();
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(urls.length, 1);
+  assert.match(urls[0], /from=498/);
+  assert.deepEqual(got, ["gap"]);
+});
+
+test("a first connect without a switch does not backfill", async () => {
+  FakeWS.all = [];
+  const urls = [];
+  const a = new RealtimeAdapter({ mode: "websocket", wsUrl: "ws://x", WebSocketImpl: FakeWS,
+    fetchImpl: async (u) => { urls.push(u); return { ok: true, json: async () => ({ events: [] }) }; },
+    timers: fakeTimers(), onEvents: () => {} });
+  a.start();
+  FakeWS.all[0].open();
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(urls.length, 0);
+});
