@@ -77,6 +77,13 @@ export class ChartManager {
   destroy() { for (const k of [...this.charts.keys()]) this.remove(k); }
 }
 
+// The x range uPlot should show: the data's, but never less than the last minute (with no
+// points or only one, uPlot would otherwise stretch the time axis over years).
+export function minuteAtLeast(u, min, max, now = Date.now() / 1000) {
+  if (min == null || max == null || !Number.isFinite(min) || !Number.isFinite(max)) return [now - 60, now];
+  return max - min < 60 ? [max - 60, max + 1] : [min, max];
+}
+
 // A uPlot factory for the page: sized to its container, colours from CSS variables.
 export function uplotFactory(uPlot, { height = 180 } = {}) {
   return (target, { label }, data) => {
@@ -86,6 +93,8 @@ export function uplotFactory(uPlot, { height = 180 } = {}) {
     const plot = new uPlot({
       width: Math.max(200, target.clientWidth || 600), height,
       series: [{}, { label, stroke, width: 1.5, spanGaps: false, points: { show: false } }],
+      // With only a point or two, uPlot would stretch the time axis over years: show at least a minute.
+      scales: { x: { time: true, range: minuteAtLeast } },
       axes: [axis, axis], legend: { show: false }, cursor: { drag: { x: false, y: false } },
     }, data, target);
     return { setData: (d) => plot.setData(d), destroy: () => plot.destroy(), plot };

@@ -2,6 +2,9 @@
 
 const fmt = new Intl.NumberFormat();
 export const num = (n) => (n == null ? "–" : fmt.format(n));
+const valueFmt = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 6 });
+// An event's value, readable: 0.041218119 -> 0.0412181.
+export const value = (v) => (v == null ? "" : valueFmt.format(v));
 export const time = (ts) => (ts ? new Date(ts * 1000).toLocaleTimeString() : "–");
 const show = (v) => (v == null ? "" : typeof v === "object" ? JSON.stringify(v) : String(v));
 
@@ -48,7 +51,7 @@ export function setStatus(el, text, kind = "") {
 export function eventRow(e) {
   const tags = Object.entries(e.tags || {}).map(([k, v]) => `${k}=${v}`).join(" ");
   // The stream omits defaults (msgspec omit_defaults): a missing kind is "gauge".
-  return row([time(e.ts), e.name, e.kind ?? "gauge", e.value == null ? "" : String(e.value), e.source, tags], { id: e.id });
+  return row([time(e.ts), e.name, e.kind ?? "gauge", value(e.value), e.source, tags], { id: e.id });
 }
 
 export function sinkRow(s) {

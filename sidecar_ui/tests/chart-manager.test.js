@@ -48,3 +48,10 @@ test("out-of-order points are inserted in order; unknown charts are ignored", ()
   cm.remove("a");
   assert.equal(plots[0].gone, true);
 });
+
+test("the time axis shows at least a minute, also with no or one point", async () => {
+  const { minuteAtLeast } = await import("../chart-manager.js");
+  assert.deepEqual(minuteAtLeast(null, null, null, 1000), [940, 1000]);
+  assert.deepEqual(minuteAtLeast(null, 500, 500, 1000), [440, 501]);
+  assert.deepEqual(minuteAtLeast(null, 100, 900, 1000), [100, 900]);
+});
