@@ -1,1 +1,37 @@
 pytest_plugins = ["tests.conftest_supabase"]
+
+
+# -- fixtures for the core tests (appended; keep the line above) ---------------------------
+
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def jsonl_config(tmp_path: Path) -> dict:
+    """An agent config: no sources, one jsonl sink in tmp_path, no server, no policies."""
+    return {
+        "agent": {"data_dir": str(tmp_path / "data"), "id": "test-agent"},
+        "server": {"enabled": False},
+        "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": []}},
+    }
+
+
+@pytest.fixture
+def embedded():
+    """The process-wide agent module; whatever a test started is stopped afterwards."""
+    import agent
+
+    agent.stop()
+    yield agent
+    agent.stop()
