@@ -73,7 +73,7 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent:
         _agent, _thread = agent, thread
         if not _hooks_installed:
             _hooks_installed = True
-            atexit.register(_stop_at_exit)
+            _register_exit_hook()
             if hasattr(os, "register_at_fork"):
                 os.register_at_fork(after_in_child=_after_fork_in_child)
         return agent
@@ -108,6 +108,23 @@ def stop(timeout: float | None = None) -> None:
     if thread is not None:
         thread.join(t + 5.0)
     _agent = _thread = None
+
+
+def _register_exit_hook() -> None:
+    # Stop before concurrent.futures shuts its thread pools down at exit: once it has,
+    # asyncio.to_thread (used by sinks, and by aiohttp for DNS) raises RuntimeError and
+    # the final flush would dead-letter every batch instead of delivering it. Plain atexit
+    # handlers run too late for that; threading's exit hooks run first, newest first, so
+    # ours (registered after concurrent.futures.thread's) runs before the pools close.
+    import concurrent.futures.thread  # noqa: F401  (registers its own exit hook now)
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_stop_at_exit)
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(_stop_at_exit)  # fallback; a no-op once the agent is stopped
 
 
 def _stop_at_exit() -> None:
