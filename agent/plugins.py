@@ -112,9 +112,24 @@ class PluginHost:
                     dist.version if dist else "?",
                     ep.load,
                 )
-        self.pm.check_pending()
+        self._check_pending()
         self._collect()
         return self
+
+    def _check_pending(self) -> None:
+        """pm.check_pending(), but a plugin with a misspelled hook is unregistered and
+        marked failed (named, with the hook) instead of taking the agent down."""
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+                self.pm.unregister(exc.plugin)
+                log.error("plugin %s failed validation: %s", name, exc)
+                info = self.info.get(name)
+                if info is not None:
+                    info.state, info.error = "failed", f"PluginValidationError: {exc}"
 
     def _collect(self) -> None:
         for kind in KINDS:
