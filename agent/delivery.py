@@ -72,8 +72,10 @@ class SinkWorker:
         replay_per_s: float = 2.0,
         enabled: Callable[[], bool] = lambda: True,
         selected: Callable[[str], bool] | None = None,
+        plugin: str = "",
     ) -> None:
         self.name = name
+        self.plugin = plugin
         self.sink = sink
         self.chain = chain
         self.ctx = ctx
@@ -135,7 +137,8 @@ class SinkWorker:
             except Exception as exc:
                 self.stats.state = "failed"
                 self.stats.last_error = f"start: {type(exc).__name__}: {exc}"
-                log.error("sink %s failed to start (retrying in %.0fs): %s", self.name, delay, exc)
+                log.error("sink %s (plugin %s) failed to start (retrying in %.0fs): %s", self.name,
+                          self.plugin or "?", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
@@ -260,6 +263,7 @@ class SinkWorker:
         s = self.stats
         return {
             "name": self.name,
+            "plugin": self.plugin,
             "state": s.state,
             "enabled": self.enabled(),
             "lag_events": lag,

@@ -171,7 +171,7 @@ class Agent:
         assert self.journal is not None and self.dlq is not None
         self.workers[spec.name] = SinkWorker(
             spec.name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
-            replay_per_s=self.config.dlq.replay_per_s,
+            replay_per_s=self.config.dlq.replay_per_s, plugin=spec.registration.plugin,
         )
         self._component(spec, "running")
 
@@ -197,7 +197,8 @@ class Agent:
                 self._component(spec, "finished")
                 return
             except Exception as exc:
-                log.error("source %s failed (restarting in %.0fs): %s", spec.name, delay, exc, exc_info=True)
+                log.error("source %s (plugin %s) failed (restarting in %.0fs): %s", spec.name,
+                          spec.registration.plugin, delay, exc, exc_info=True)
                 self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -324,6 +325,13 @@ class Agent:
 
     # -- reporting -------------------------------------------------------------------
 
+    def _component_now(self, comp: dict[str, Any]) -> dict[str, Any]:
+        """A component's entry, with a sink that cannot start shown as failed."""
+        w = self.workers.get(comp["name"]) if comp["kind"] == "sink" else None
+        if w is not None and not w.started and w.stats.state == "failed":
+            return {**comp, "state": "failed", "error": w.stats.last_error}
+        return comp
+
     def status(self) -> dict[str, Any]:
         """What /api/v1/status serves."""
         j = self.journal
@@ -334,7 +342,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             "server": {"url": self.server_url, "error": self.server_error},
             "plugins": self.host.describe(),
-            "components": list(self.components.values()),
+            "components": [self._component_now(c) for c in self.components.values()],
             "sinks": [w.describe() for w in self.workers.values()],
             "intake": {
                 "queued": len(self._records),
