@@ -4,6 +4,7 @@ venv) and discovered through its entry point by a real `sidecar-agent` process."
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +27,12 @@ def _can_build_offline() -> bool:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(EXAMPLE)]
+    src = tmp_path_factory.mktemp("build") / "custom_plugin"  # pip builds in place: keep the tree clean
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(src)]
     if _can_build_offline():
         cmd.insert(5, "--no-build-isolation")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path_factory.mktemp("build"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=src)
     assert r.returncode == 0, r.stderr
     assert (target / "sidecar_example_plugin" / "__init__.py").exists()
     return str(target)
