@@ -91,6 +91,35 @@ MODULES = {
         def register_sink(register):  # should be register_sinks
             register("never", object)
     """,
+    "sc_extras": """
+        from aiohttp import web
+        from agent.hookspecs import hookimpl
+        from agent.flags import Flag
+
+        CALLS = []
+
+        class Counting:
+            def __init__(self, name, options, ctx):
+                self.name = name
+            async def call(self, fn):
+                CALLS.append(self.name)
+                return await fn()
+
+        async def hello(request):
+            return web.json_response({"hello": "world"})
+
+        @hookimpl
+        def register_policies(register):
+            register("counting", Counting)
+
+        @hookimpl
+        def register_flags(register):
+            register(Flag("example.enabled", "bool", True, "Turns the example on."))
+
+        @hookimpl
+        def register_routes(register):
+            register("GET", "/api/v1/example/hello", hello)
+    """,
 }
 
 
@@ -240,3 +269,40 @@ def test_plugins_command_shows_failed_plugin(third_party, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("sc_import_fails"))
     assert "failed" in line and "frobnicate" in line
+
+
+async def test_register_policies_flags_and_routes(third_party, tmp_path, aiohttp_client):
+    third_party("sc_extras")
+    cfg = {
+        "agent": {"data_dir": str(tmp_path / "data")},
+        "server": {"enabled": False},
+        "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": ["counting"]}},
+    }
+    async with Agent(cfg) as a:
+        host = a.host
+        assert host.get("policies", "counting").plugin == "sc_extras"
+        assert "policy:counting" in host.info["sc_extras"].provides
+        ((plugin, flag),) = host.flags
+        assert plugin == "sc_extras" and flag.name == "example.enabled"
+        assert [(m, p, pl) for m, p, _, _, pl in host.routes] == [("GET", "/api/v1/example/hello", "sc_extras")]
+        client = await aiohttp_client(create_app(a))
+        r = await client.get("/api/v1/example/hello")
+        assert r.status == 200 and await r.json() == {"hello": "world"}
+        a.record("through.policy", 1)
+        assert await a.flush(10)
+    assert sys.modules["sc_extras"].CALLS == ["out"]
+
+
+def test_route_path_must_start_with_slash(third_party, tmp_path):
+    (tmp_path / "plugins_src" / "sc_badroute.py").write_text(textwrap.dedent("""
+        from agent.hookspecs import hookimpl
+
+        @hookimpl
+        def register_routes(register):
+            register("GET", "no-slash", lambda request: None)
+    """))
+    third_party("sc_badroute")
+    host = _host()
+    sys.modules.pop("sc_badroute", None)
+    assert host.info["sc_badroute"].state == "failed" and "must start with /" in host.info["sc_badroute"].error
+    assert host.routes == []
