@@ -167,6 +167,12 @@ def from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:
     raw = _expand(raw, "", origin)
     if "origin" in raw:
         raise ConfigError(f"{origin}: origin: unknown key")
+    for section in ("sources", "sinks"):  # msgspec would say `sinks[...]`, not which table
+        tables = raw.get(section)
+        if isinstance(tables, dict):
+            for name, table in tables.items():
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{origin}: {section}.{name}: expected a table, got {type(table).__name__}")
     try:
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:

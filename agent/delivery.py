@@ -67,8 +67,10 @@ class SinkWorker:
         auto_replay: bool = True,
         enabled: Callable[[], bool] = lambda: True,
         rollout: Callable[[], float] = lambda: 100.0,
+        plugin: str = "",
     ) -> None:
         self.name = name
+        self.plugin = plugin
         self.sink = sink
         self.chain = chain
         self.ctx = ctx
@@ -143,7 +145,8 @@ class SinkWorker:
             except Exception as exc:
                 self.stats.state = "failed"
                 self.stats.last_error = f"start: {type(exc).__name__}: {exc}"
-                log.error("sink %s failed to start (retrying in %.0fs): %s", self.name, delay, exc)
+                log.error("sink %s (plugin %s) failed to start (retrying in %.0fs): %s", self.name,
+                          self.plugin or "?", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
@@ -287,6 +290,7 @@ class SinkWorker:
         s = self.stats
         return {
             "name": self.name,
+            "plugin": self.plugin,
             "state": s.state,
             "enabled": self.enabled(),
             "rollout_percent": self.rollout(),

@@ -73,7 +73,7 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent:
         _agent, _thread = agent, thread
         if not _hooks_installed:
             _hooks_installed = True
-            atexit.register(_stop_at_exit)
+            _register_exit_hook()
             if hasattr(os, "register_at_fork"):
                 os.register_at_fork(after_in_child=_after_fork_in_child)
         return agent
@@ -110,18 +110,38 @@ def stop(timeout: float | None = None) -> None:
     _agent = _thread = None
 
 
+def _register_exit_hook() -> None:
+    # Stop before concurrent.futures shuts its thread pools down at exit: once it has,
+    # asyncio.to_thread (used by sinks, and by aiohttp for DNS) raises RuntimeError and
+    # the final flush would dead-letter every batch instead of delivering it. Plain atexit
+    # handlers run too late for that; threading's exit hooks run first, newest first, so
+    # ours (registered after concurrent.futures.thread's) runs before the pools close.
+    import concurrent.futures.thread  # noqa: F401  (registers its own exit hook now)
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_stop_at_exit)
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(_stop_at_exit)  # fallback; a no-op once the agent is stopped
+
+
 def _stop_at_exit() -> None:
     if _agent is not None:
         stop()
 
 
-def record(name: str, value: float | None = None, **kw: Any) -> None:
+def record(name: str, value: float | None = None, *, kind: str | None = None, tags: dict[str, str] | None = None,
+           ts: float | None = None, data: dict[str, Any] | None = None, session_id: str | None = None) -> None:
     """Record an event on the process-wide agent; before start() it is counted as lost."""
     agent = _agent
     if agent is None:
         _early.add(losses.NOT_STARTED)
         return
-    agent.record(name, value, **kw)
+    # Explicit keywords, not **kw: this is the hot path, and packing a dict per call
+    # cost about half again as much as Agent.record itself (bench/record_overhead.py).
+    agent.record(name, value, kind=kind, tags=tags, ts=ts, data=data, session_id=session_id)
 
 
 def counter(name: str, value: float = 1, **kw: Any) -> None:

@@ -24,7 +24,7 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 MAX_TAGS = 64
 
 
-class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Event(msgspec.Struct, kw_only=True):
     """One metric sample or event. `id` is the idempotency key end to end."""
 
     id: str = ""
@@ -39,7 +39,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     data: dict[str, Any] | None = None
 
 
-class EventIn(Event, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class EventIn(Event, kw_only=True, forbid_unknown_fields=True):
     """An event as clients send it: validated strictly on decode, then normalized in place.
 
     A subclass of Event, so a normalized EventIn goes down the pipeline as it is,

@@ -82,8 +82,7 @@ class Committer:
         self.commits = 0
         self.accepting = True
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._commit_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
 
     # -- producers -------------------------------------------------------------------
@@ -103,7 +102,6 @@ class Committer:
             return fut
         self.batches.append((events, fut))
         self.pending_events += len(events)
-        self._idle.clear()
         self._wake.set()
         return fut
 
@@ -117,7 +115,6 @@ class Committer:
             return
         self.batches.append((events, None))
         self.pending_events += len(events)
-        self._idle.clear()
         self._wake.set()
 
     # -- the loop --------------------------------------------------------------------
@@ -126,7 +123,6 @@ class Committer:
         """Commit whatever arrives, forever (cancelled at shutdown after a final flush)."""
         while True:
             if not self.records and not self.batches:
-                self._idle.set()
                 self._wake.clear()
                 # The timeout is a safety net for a wake-up lost to a race in record().
                 # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.)
@@ -140,6 +136,11 @@ class Committer:
 
     async def commit_once(self) -> int:
         """Drain everything queued right now into one journal commit."""
+        # One commit at a time, so drain() can wait for one that is in flight.
+        async with self._commit_lock:
+            return await self._commit_queued()
+
+    async def _commit_queued(self) -> int:
         n = len(self.records)
         popleft = self.records.popleft
         recorded = [popleft() for _ in range(n)]
@@ -204,13 +205,13 @@ class Committer:
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued before this call is committed."""
         self._wake.set()
-        if not self.records and not self.batches:
-            return True
-        self._idle.clear()
         try:
             async with asyncio.timeout(timeout):
                 while self.records or self.batches:
                     await self.commit_once()
+                # The loop may have taken the last items and be committing them right now.
+                async with self._commit_lock:
+                    pass
             return True
         except TimeoutError:
             return False

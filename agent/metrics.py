@@ -29,10 +29,11 @@ class _Writer:
         self.lines: list[str] = []
 
     def metric(self, name: str, mtype: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        full = PREFIX + name
-        self.lines.append(f"# HELP {full} {help_}")
-        self.lines.append(f"# TYPE {full} {mtype}")
-        sample_name = full + "_total" if mtype == "counter" else full
+        # Text format 0.0.4: HELP/TYPE name the sample exactly, so a counter's is `..._total`
+        # (otherwise parsers see an untyped `..._total` series next to an empty counter).
+        sample_name = PREFIX + name + ("_total" if mtype == "counter" else "")
+        self.lines.append(f"# HELP {sample_name} {help_}")
+        self.lines.append(f"# TYPE {sample_name} {mtype}")
         for labels, value in samples:
             lab = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
             self.lines.append(f"{sample_name}{{{lab}}} {_fmt(value)}" if lab else f"{sample_name} {_fmt(value)}")

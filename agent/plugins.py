@@ -28,6 +28,7 @@ log = logging.getLogger("sidecar_agent.plugins")
 
 ENTRY_POINT_GROUP = "sidecar_agent"
 KINDS = ("sources", "sinks", "policies")
+SINGULAR = {"sources": "source", "sinks": "sink", "policies": "policy"}
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
 
 
@@ -115,9 +116,24 @@ class PluginHost:
                     dist.version if dist else "?",
                     ep.load,
                 )
-        self.pm.check_pending()
+        self._check_pending()
         self._collect()
         return self
+
+    def _check_pending(self) -> None:
+        """pm.check_pending(), but a plugin with a misspelled hook is unregistered and
+        marked failed (named, with the hook) instead of taking the agent down."""
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+                self.pm.unregister(exc.plugin)
+                log.error("plugin %s failed validation: %s", name, exc)
+                info = self.info.get(name)
+                if info is not None:
+                    info.state, info.error = "failed", f"PluginValidationError: {exc}"
 
     def _collect(self) -> None:
         for kind in KINDS:
@@ -145,7 +161,7 @@ class PluginHost:
     def _registrar(self, kind: str, plugin: str) -> Callable[..., None]:
         def register(type_name: str, factory: Callable[..., Any], options: type[msgspec.Struct] = NoOptions) -> None:
             if not isinstance(type_name, str) or not _TYPE_NAME.match(type_name):
-                raise PluginError(f"plugin {plugin}: invalid {kind[:-1]} type name {type_name!r}")
+                raise PluginError(f"plugin {plugin}: invalid {SINGULAR[kind]} type name {type_name!r}")
             if not callable(factory):
                 raise PluginError(f"plugin {plugin}: factory for {type_name!r} is not callable")
             if not (isinstance(options, type) and issubclass(options, msgspec.Struct)):
@@ -153,11 +169,11 @@ class PluginHost:
             existing = self.registry[kind].get(type_name)
             if existing is not None:
                 raise PluginError(
-                    f"plugin {plugin}: {kind[:-1]} type {type_name!r} is already registered by {existing.plugin}"
+                    f"plugin {plugin}: {SINGULAR[kind]} type {type_name!r} is already registered by {existing.plugin}"
                 )
             self.registry[kind][type_name] = Registration(kind, type_name, factory, options, plugin)
             if plugin in self.info:
-                self.info[plugin].provides.append(f"{kind[:-1]}:{type_name}")
+                self.info[plugin].provides.append(f"{SINGULAR[kind]}:{type_name}")
 
         return register
 
@@ -176,7 +192,7 @@ class PluginHost:
         reg = self.registry[kind].get(type_name)
         if reg is None:
             known = ", ".join(sorted(self.registry[kind])) or "none"
-            raise PluginError(f"unknown {kind[:-1]} type {type_name!r} (available: {known})")
+            raise PluginError(f"unknown {SINGULAR[kind]} type {type_name!r} (available: {known})")
         return reg
 
     def mark_failed(self, plugin: str, exc: BaseException) -> None:

@@ -178,6 +178,7 @@ class Agent:
         worker = SinkWorker(
             name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
             replay_per_s=self.config.dlq.replay_per_s, auto_replay=self.config.dlq.auto_replay,
+            plugin=spec.registration.plugin,
             enabled=lambda: flags.get(f"sinks.{name}.enabled"),
             rollout=lambda: flags.get(f"sinks.{name}.rollout_percent"),
         )
@@ -208,7 +209,8 @@ class Agent:
                 self._component(spec, "finished")
                 return
             except Exception as exc:
-                log.error("source %s failed (restarting in %.0fs): %s", spec.name, delay, exc, exc_info=True)
+                log.error("source %s (plugin %s) failed (restarting in %.0fs): %s", spec.name,
+                          spec.registration.plugin, delay, exc, exc_info=True)
                 self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -283,7 +285,10 @@ class Agent:
             return False
         target = self.journal.last_seq
         while loop.time() < deadline:
-            if all(self.journal.cursors.get(n, target) >= target or not w.enabled() for n, w in self.workers.items()):
+            # A sink that is switched off or failing to start cannot confirm anything:
+            # waiting for it would only burn the deadline (its events stay journaled).
+            if all(self.journal.cursors.get(n, target) >= target or not w.enabled()
+                   or (not w.started and w.stats.state == "failed") for n, w in self.workers.items()):
                 return True
             await asyncio.sleep(0.005)
         return False
@@ -335,10 +340,11 @@ class Agent:
 
     # -- reporting -------------------------------------------------------------------
 
-    def _component_view(self, comp: dict[str, Any]) -> dict[str, Any]:
-        worker = self.workers.get(comp["name"]) if comp["kind"] == "sink" else None
-        if worker is not None and worker.stats.state == "failed":
-            return {**comp, "state": "failed", "error": worker.stats.last_error}
+    def _component_now(self, comp: dict[str, Any]) -> dict[str, Any]:
+        """A component's entry, with a sink that cannot start shown as failed."""
+        w = self.workers.get(comp["name"]) if comp["kind"] == "sink" else None
+        if w is not None and not w.started and w.stats.state == "failed":
+            return {**comp, "state": "failed", "error": w.stats.last_error}
         return comp
 
     def status(self) -> dict[str, Any]:
@@ -351,7 +357,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             "server": {"url": self.server_url, "error": self.server_error},
             "plugins": self.host.describe(),
-            "components": [self._component_view(c) for c in self.components.values()],
+            "components": [self._component_now(c) for c in self.components.values()],
             "sinks": [w.describe() for w in self.workers.values()],
             "intake": {
                 "queued": len(self._records),

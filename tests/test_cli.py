@@ -1,0 +1,84 @@
+"""The `sidecar-agent` command line as a real subprocess."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import agent
+from tests.helpers import read_jsonl, run_cli, spawn_agent, wait_http
+
+
+def _config(tmp_path, port):
+    p = tmp_path / "agent.toml"
+    p.write_text(
+        f'[agent]\nid = "cli-test"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[server]\nport = {port}\n'
+        f'[sinks.out]\ntype = "jsonl"\npath = "{tmp_path / "out.jsonl"}"\npolicies = []\n'
+    )
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_serves_and_stops_on_signal(tmp_path, free_port, sig):
+    import json
+    import urllib.request
+
+    proc = spawn_agent(_config(tmp_path, free_port), cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{free_port}"
+        assert wait_http(base + "/healthz", proc) == {"status": "ok"}
+        status = wait_http(base + "/api/v1/status", proc)
+        assert status["agent_id"] == "cli-test" and status["state"] == "running"
+        req = urllib.request.Request(base + "/api/v1/events", data=json.dumps({"name": "via.http", "value": 1}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 202
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    # what was accepted before the signal reached the sink during the graceful stop
+    assert [e["name"] for e in read_jsonl(tmp_path / "out.jsonl")] == ["via.http"]
+
+
+def test_run_with_bad_config_exits_nonzero(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[server]\nport = \"x\"\n")
+    r = run_cli("run", "--config", str(p), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "server.port" in r.stderr
+
+
+def test_plugins_lists_builtins_with_package(tmp_path):
+    r = run_cli("plugins", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.strip()}
+    for name, provides in [("system", "source:system"), ("process", "source:process"), ("jsonl", "sink:jsonl"),
+                           ("postgres", "sink:postgres"), ("supabase", "sink:supabase")]:
+        assert name in rows, r.stdout
+        assert rows[name][1] == "sidecar-agent" and rows[name][2] == agent.__version__
+        assert rows[name][3] == "loaded"
+        assert provides in " ".join(rows[name])
+
+
+def test_plugins_json(tmp_path):
+    import json
+
+    r = run_cli("plugins", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    plugins = {p["name"]: p for p in json.loads(r.stdout)}
+    assert plugins["jsonl"]["package"] == "sidecar-agent"
+    assert plugins["jsonl"]["provides"] == ["sink:jsonl"]
+
+
+def test_version(tmp_path):
+    r = run_cli("version", cwd=tmp_path)
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"sidecar-agent {agent.__version__}"
