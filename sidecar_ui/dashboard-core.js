@@ -66,10 +66,9 @@ export class Dashboard {
   // -- data source ----------------------------------------------------------------
 
   async connect(cfg) {
-    // A live switch: the new source backfills from the moment the old one stopped.
-    const resumeTs = this.adapter ? Date.now() / 1000 - 1 : null;
-    if (this.adapter) this.adapter.stop();
-    this.adapter = null;
+    // A live switch keeps the old source running until the new one is live, and the
+    // two share one de-duplication window: no event falls into the gap, none shows twice.
+    const old = this.adapter;
     const mode = cfg.data_source;
     const badge = this.$("data-source");
     badge.textContent = mode;
@@ -79,6 +78,7 @@ export class Dashboard {
       const loc = this.win.location;
       this.adapter = new RealtimeAdapter({
         mode,
+        seen: old?.seen,
         wsUrl: `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}/api/v1/stream`,
         WebSocketImpl: this.win.WebSocket,
         fetchImpl: (...a) => this.win.fetch(...a),
@@ -89,13 +89,25 @@ export class Dashboard {
         onStatus: () => this.showConnection(),
       });
       this.banner("");
-      await this.loadRecent();
-      if (resumeTs != null) this.adapter.resumeFrom(resumeTs);
+      if (old) this.adapter.resumeFrom(Date.now() / 1000 - 1);
+      else await this.loadRecent();
       this.adapter.start();
+      if (old) this.retire(old, this.adapter);
     } catch (err) {
+      if (old) old.stop();
       this.banner(`live data unavailable (${mode}): ${err.message}`);
       this.$("conn").textContent = "offline";
     }
+  }
+
+  // Stop the previous source once its successor is live (or after 10 s at the latest).
+  retire(old, next) {
+    const t0 = Date.now();
+    const check = () => {
+      if (this.adapter !== next || next.isLive() || Date.now() - t0 > 10000) old.stop();
+      else this.win.setTimeout(check, 50);
+    };
+    check();
   }
 
   async loadRecent() {

@@ -168,14 +168,14 @@ export class SupabaseSource {
 
 // The one interface the dashboard uses. `onEvents(events)` receives each event once.
 export class RealtimeAdapter {
-  constructor({ mode = "websocket", onEvents, onStatus, wsUrl, httpBase = "", WebSocketImpl, fetchImpl,
+  constructor({ mode = "websocket", seen = null, onEvents, onStatus, wsUrl, httpBase = "", WebSocketImpl, fetchImpl,
     supabase = null, table, schema, timers, backoff } = {}) {
     if (!MODES.includes(mode)) throw new Error(`unknown data source ${mode}`);
     if (mode !== "websocket" && !supabase) throw new Error(`data source ${mode} needs a Supabase client (is the dashboard's supabase url configured?)`);
     this.mode = mode;
     this.onEvents = onEvents;
     this.onStatus = onStatus;
-    this.seen = new IdWindow();
+    this.seen = seen || new IdWindow(); // shared with the previous adapter during a live switch
     this.stats = { delivered: 0, duplicates: 0, firstBy: { websocket: 0, supabase: 0 } };
     this.status = {};
     const emit = (events, source) => this._receive(events, source);
@@ -216,6 +216,9 @@ export class RealtimeAdapter {
     for (const s of this.sources) { s.lastTs = ts; s.resuming = true; }
     return this;
   }
+
+  // True once every source is connected.
+  isLive() { return this.sources.every((s) => this.status[s.name]?.state === "live"); }
 
   start() { for (const s of this.sources) s.start(); return this; }
   stop() { for (const s of this.sources) s.stop(); }

@@ -154,3 +154,19 @@ test("a first connect without a switch does not backfill", async () => {
   await new Promise((r) => setTimeout(r, 0));
   assert.equal(urls.length, 0);
 });
+
+test("a successor adapter sharing the seen window drops what its predecessor showed", () => {
+  FakeWS.all = [];
+  const got = [];
+  const onEvents = (events) => got.push(...events.map((e) => e.id));
+  const first = new RealtimeAdapter({ mode: "websocket", wsUrl: "ws://x", WebSocketImpl: FakeWS, timers: fakeTimers(), onEvents }).start();
+  FakeWS.all[0].open();
+  FakeWS.all[0].send([ev("a"), ev("b")]);
+  const next = new RealtimeAdapter({ mode: "websocket", seen: first.seen, wsUrl: "ws://x", WebSocketImpl: FakeWS, timers: fakeTimers(), onEvents }).start();
+  assert.equal(next.isLive(), false);
+  FakeWS.all[1].open();
+  assert.equal(next.isLive(), true);
+  FakeWS.all[1].send([ev("b"), ev("c")]);
+  FakeWS.all[0].send([ev("c")]);
+  assert.deepEqual(got, ["a", "b", "c"]);
+});
