@@ -110,8 +110,8 @@ class DeadLetterQueue:
             )
         total = 0
         for _, sink, count in victims:
-            self._pending[sink] = max(0, self._pending.get(sink, 0) - count)
-            if reason:
+            if reason:  # the victims were pending: they leave the queue and are lost
+                self._pending[sink] = max(0, self._pending.get(sink, 0) - count)
                 self.ledger.add(reason, count, sink)
             total += count
         return total
@@ -146,7 +146,9 @@ class DeadLetterQueue:
     async def claim(self, sink: str) -> tuple[int, int, list[Event]] | None:
         """Take the oldest pending entry of `sink` for replay: (id, attempts, events)."""
         rows = await self.db.fetchall(
-            "SELECT id, attempts, events FROM dlq WHERE sink = ? AND status = 'pending' ORDER BY id LIMIT 1",
+            # Least recently tried first: an entry that keeps failing does not hold back the others.
+            "SELECT id, attempts, events FROM dlq WHERE sink = ? AND status = 'pending'"
+            " ORDER BY last_attempt, id LIMIT 1",
             (sink,),
         )
         if not rows:
@@ -181,9 +183,11 @@ class DeadLetterQueue:
             self.last_error[sink] = f"{type(exc).__name__}: {exc}"
 
     async def purge(self, *, sink: str | None = None, status: str | None = "pending") -> int:
-        """Purge pending (or `status`) entries; purged events count as `dlq_purged`."""
-        victims = await self._select(sink, status or "pending")
-        return await self._finish(victims, "purged", losses.DLQ_PURGED)
+        """Purge pending (or `status`) entries. Purged pending events count as `dlq_purged`;
+        purging delivered or expired entries only clears them (they were counted already)."""
+        status = status or "pending"
+        victims = await self._select(sink, status)
+        return await self._finish(victims, "purged", losses.DLQ_PURGED if status == "pending" else None)
 
     async def expire(self) -> int:
         """Expire pending entries older than the TTL (counted as `dlq_expired`)."""

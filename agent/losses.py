@@ -17,7 +17,7 @@ DLQ_PURGED = "dlq_purged"
 DLQ_FULL = "dlq_full"
 SHUTDOWN_TIMEOUT = "shutdown_timeout"
 NOT_STARTED = "not_started"
-STREAM_SLOW_CLIENT = "stream_slow_client"
+STOPPED = "stopped"  # record() after stop()
 DISK_ERROR = "disk_error"
 
 

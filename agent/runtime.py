@@ -74,7 +74,7 @@ class Agent:
         """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full."""
         q = self._records
         if len(q) >= self._cap or not self._accepting:
-            self.ledger.add(losses.INTAKE_FULL if self._accepting else "stopped")
+            self.ledger.add(losses.INTAKE_FULL if self._accepting else losses.STOPPED)
             return
         q.append((name, value, kind, tags, ts or _time(), data, session_id))
         if len(q) == 1 and self.committer is not None:
@@ -316,7 +316,7 @@ class Agent:
         self._accepting = False
         self.committer.accepting = False
         await self.committer.drain(max(0.1, end - loop.time()))
-        left = len(self._records)
+        left = len(self._records) + self.committer.pending_events  # not committed by the deadline
         if left:
             self.ledger.add(losses.SHUTDOWN_TIMEOUT, left)
         await self.flush(max(0.0, end - loop.time()))

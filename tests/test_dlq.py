@@ -204,3 +204,30 @@ async def test_http_list_pagination_and_purge(tmp_path):
                 assert (await r.json())["by_reason"] == {losses.DLQ_PURGED: 7}
             async with http.get(agent.server_url + "/api/v1/dlq?status=purged&limit=100") as r:
                 assert len((await r.json())["entries"]) == 7
+
+
+async def test_purging_settled_entries_is_not_a_second_loss_and_failing_entries_rotate(tmp_path):
+    from agent.db import Database
+    from agent.dlq import DeadLetterQueue
+    from agent.errors import RetryableError
+    from agent.event import Event
+    from agent.losses import LossLedger
+
+    db = Database(tmp_path)
+    await db.open()
+    ledger = LossLedger()
+    dlq = DeadLetterQueue(db, ledger, ttl_s=3600, max_events=1000)
+    await dlq.open()
+    first = await dlq.put("s", [Event(id="a", name="x")], RetryableError("down"), 1, 0.0)
+    second = await dlq.put("s", [Event(id="b", name="x")], RetryableError("down"), 1, 0.0)
+    entry_id, _, _ = await dlq.claim("s")
+    assert entry_id == first
+    await dlq.settle(entry_id, "s", 1, RetryableError("still down"))
+    entry_id, _, _ = await dlq.claim("s")
+    assert entry_id == second  # the entry that just failed goes to the back
+    await dlq.settle(entry_id, "s", 1, None)
+    assert await dlq.purge(sink="s", status="delivered") == 1
+    assert ledger.total() == 0 and dlq.depth("s") == 1
+    assert await dlq.purge(sink="s") == 1
+    assert ledger.by_reason() == {"dlq_purged": 1} and dlq.depth("s") == 0
+    await db.close()

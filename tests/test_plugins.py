@@ -119,6 +119,7 @@ MODULES = {
         @hookimpl
         def register_routes(register):
             register("GET", "/api/v1/example/hello", hello)
+            register("GET", "/api/v1/example/reset", hello, mutating=True)
     """,
 }
 
@@ -278,7 +279,7 @@ async def test_register_policies_flags_and_routes(third_party, tmp_path, aiohttp
     third_party("sc_extras")
     cfg = {
         "agent": {"data_dir": str(tmp_path / "data")},
-        "server": {"enabled": False},
+        "server": {"enabled": False, "token": "t0ken"},
         "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": ["counting"]}},
     }
     async with Agent(cfg) as a:
@@ -287,10 +288,15 @@ async def test_register_policies_flags_and_routes(third_party, tmp_path, aiohttp
         assert "policy:counting" in host.info["sc_extras"].provides
         ((plugin, flag),) = host.flags
         assert plugin == "sc_extras" and flag.name == "example.enabled"
-        assert [(m, p, pl) for m, p, _, _, pl in host.routes] == [("GET", "/api/v1/example/hello", "sc_extras")]
+        assert [(m, p, pl) for m, p, _, _, pl in host.routes] == [
+            ("GET", "/api/v1/example/hello", "sc_extras"), ("GET", "/api/v1/example/reset", "sc_extras")]
         client = await aiohttp_client(create_app(a))
         r = await client.get("/api/v1/example/hello")
         assert r.status == 200 and await r.json() == {"hello": "world"}
+        # mutating=True: the token is required even for a GET
+        assert (await client.get("/api/v1/example/reset")).status == 401
+        r = await client.get("/api/v1/example/reset", headers={"Authorization": "Bearer t0ken"})
+        assert r.status == 200
         a.record("through.policy", 1)
         assert await a.flush(10)
     assert sys.modules["sc_extras"].CALLS == ["out"]

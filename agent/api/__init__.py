@@ -30,14 +30,31 @@ def _token_of(request: web.Request) -> str:
     return request.headers.get("X-Sidecar-Token", "")
 
 
+def _authorized(request: web.Request) -> bool:
+    token = request.app[AGENT].config.server.token
+    return not token or hmac.compare_digest(_token_of(request).encode(), token.encode())
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response({"error": "unauthorized: send the token as 'Authorization: Bearer <token>'"},
+                             status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Mutating requests need the token when one is configured."""
-    token = request.app[AGENT].config.server.token
-    if token and request.method in MUTATING and not hmac.compare_digest(_token_of(request).encode(), token.encode()):
-        return web.json_response({"error": "unauthorized: send the token as 'Authorization: Bearer <token>'"},
-                                 status=401, headers={"WWW-Authenticate": "Bearer"})
+    if request.method in MUTATING and not _authorized(request):
+        return _unauthorized()
     return await handler(request)
+
+
+def _token_required(handler: Handler) -> Handler:
+    """A plugin route registered with mutating=True needs the token whatever its method."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        return await handler(request) if _authorized(request) else _unauthorized()
+
+    return guarded
 
 
 @web.middleware
@@ -82,7 +99,7 @@ def create_app(agent: Agent) -> web.Application:
     dlq.add_routes(app)
     flags.add_routes(app)
     history.add_routes(app)
-    for method, path, handler, _mutating, _plugin in agent.host.routes:
-        app.router.add_route(method, path, handler)
+    for method, path, handler, mutating, _plugin in agent.host.routes:
+        app.router.add_route(method, path, _token_required(handler) if mutating else handler)
     ui.add_routes(app)
     return app

@@ -39,7 +39,7 @@ async def list_dlq(request: web.Request) -> web.Response:
 
 
 async def replay(request: web.Request) -> web.Response:
-    """POST /api/v1/dlq/replay?sink=: replay pending entries now (rate-limited)."""
+    """POST /api/v1/dlq/replay?sink=: replay pending entries now, one after another, as fast as the sink takes them."""
     agent = request.app[AGENT]
     sink, _ = _filters(request)
     names = [sink] if sink else list(agent.workers)
