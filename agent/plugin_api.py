@@ -10,6 +10,8 @@ PluginContext.
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
+import email.utils
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -105,3 +107,25 @@ class BaseSink:
 
     async def send(self, events: list[Event]) -> None:
         raise NotImplementedError
+
+
+def parse_retry_after(value: str | None, now: _dt.datetime | None = None) -> float | None:
+    """Seconds to wait from an HTTP Retry-After header (delta-seconds or HTTP date), or None.
+
+    For sinks mapping a 429/503 onto ``RetryableError(retry_after=...)``.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return max(0.0, (when - now).total_seconds())

@@ -23,7 +23,7 @@ from .db import Database
 from .delivery import SinkWorker
 from .dlq import DeadLetterQueue
 from .event import Event
-from .flags import FlagService, core_flags, data_source_check, in_rollout
+from .flags import FlagService, core_flags, data_source_check
 from .intake import Committer
 from .journal import Journal
 from .losses import LossLedger

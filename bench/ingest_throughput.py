@@ -49,6 +49,7 @@ def run_agent(data_dir: str, port: int, ready) -> None:
         import signal
 
         cfg = {"agent": {"data_dir": data_dir, "sync": "full"}, "server": {"port": port, "max_body_bytes": 64 << 20},
+               "dashboard": {"store": False},  # the ingest path alone: journal + one null sink
                "sinks": {"null": {"type": "null", "policies": [], "batch_size": 2000}}}
         agent = Agent(cfg, plugins=[plugins_for_tests])
         await agent.start()

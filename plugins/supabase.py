@@ -10,8 +10,6 @@ former and bisects a batch that raised the latter.
 from __future__ import annotations
 
 import contextvars
-import datetime as _dt
-import email.utils
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -20,7 +18,7 @@ from agent.errors import PermanentError, PluginError, RetryableError
 from agent.event import Event
 from agent.hookspecs import hookimpl
 from agent.migrations import check_identifier
-from agent.plugin_api import BaseSink, PluginContext
+from agent.plugin_api import BaseSink, PluginContext, parse_retry_after
 from agent.rows import sqlstate_retryable, to_rest_row
 
 if TYPE_CHECKING:  # httpx and supabase-py are imported on first use: they take ~0.3 s to import
@@ -45,25 +43,6 @@ class SupabaseOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _last_response: contextvars.ContextVar[tuple[int, float | None] | None] = contextvars.ContextVar(
     "sidecar_supabase_last_response", default=None
 )
-
-
-def parse_retry_after(value: str | None, now: _dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.timezone.utc)
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    return max(0.0, (when - now).total_seconds())
 
 
 async def _record_response(response: httpx.Response) -> None:

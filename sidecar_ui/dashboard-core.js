@@ -34,19 +34,22 @@ export class Dashboard {
   async start() {
     this.bindTabs();
     this.bindControls();
-    const { default: uPlot } = await import("./vendor/uplot/uPlot.esm.js");
+    // The chart library and the agent's ui-config load in parallel: first paint waits for neither twice.
+    const [{ default: uPlot }, uiConfig] = await Promise.all([
+      import("./vendor/uplot/uPlot.esm.js"),
+      this.api.get("/api/v1/ui-config").catch((err) => {
+        this.banner(`cannot reach the agent: ${err.message}`);
+        return { data_source: "websocket", supabase: null, store: false };
+      }),
+    ]);
+    this.uiConfig = uiConfig;
     this.charts = new ChartManager({ createPlot: uplotFactory(uPlot), requestFrame: (cb) => this.win.requestAnimationFrame(cb) });
     this.charts.add("rate", this.$("rate-chart"), { label: "events/s" });
-    try {
-      this.uiConfig = await this.api.get("/api/v1/ui-config");
-    } catch (err) {
-      this.banner(`cannot reach the agent: ${err.message}`);
-      this.uiConfig = { data_source: "websocket", supabase: null, store: false };
-    }
     this.$("agent-id").textContent = this.uiConfig.agent_id || "";
     this.refreshTab();
-    await this.connect(this.uiConfig);
-    this.loadNames();
+    const connecting = this.connect(this.uiConfig);
+    this.loadNames(); // the metric catalogue and first chart do not wait for the live source
+    await connecting;
     this.every(1000, () => this.tick());
     this.every(2000, () => this.refreshStatus());
     this.every(5000, () => this.pollUiConfig());

@@ -48,9 +48,7 @@ def free_port() -> int:
 
 def journal_ids(db_path: Path) -> list[str]:
     """Event ids in the journal table, read through a separate sqlite3 connection."""
-    import msgspec
 
-    from agent.event import Event
 
     return [e.id for e in journal_events(db_path)]
 

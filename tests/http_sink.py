@@ -8,33 +8,15 @@ from its library's errors to the agent's two error kinds.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import time
 
 import aiohttp
 import msgspec
 
 from agent.errors import PermanentError, RetryableError
 from agent.event import Event
-from agent.plugin_api import BaseSink
+from agent.plugin_api import BaseSink, parse_retry_after  # noqa: F401 (tests import it from here)
 
 _encode = msgspec.json.Encoder().encode
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class HttpSink(BaseSink):

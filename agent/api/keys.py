@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from ..runtime import Agent
+    pass
 
 AGENT = web.AppKey("agent", "Agent")
 WEBSOCKETS = web.AppKey("websockets", "weakref.WeakSet[web.WebSocketResponse]")
