@@ -33,6 +33,7 @@ DECODED_CACHE = 8  # segments read back from SQLite, kept decoded for sequential
 COMPACT_CHUNK = 500  # segments deleted per transaction
 
 Segment = tuple[int, int, list[Event]]  # (first_seq, last_seq, events)
+_UPSERT_CURSOR = "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq"
 
 
 class Journal:
@@ -122,10 +123,18 @@ class Journal:
                 raise JournalFullError(f"journal is full ({self.bytes} of {self.max_bytes} bytes)")
             await self._drop_oldest(self.bytes + size - int(self.max_bytes * 0.9))
         first, last = self.last_seq + 1, self.last_seq + len(events)
+        # Cursors that moved ride along in the same transaction (no extra fsync), so after a
+        # crash a sink re-receives at most what it confirmed since the last commit.
+        moved = [(s, self.cursors[s]) for s in self._dirty_cursors if s in self.cursors]
         async with self.db.tx() as conn:
             await conn.execute(
                 "INSERT INTO journal (seq, first_seq, count, body) VALUES (?, ?, ?, ?)", (last, first, len(events), body)
             )
+            if moved:
+                await conn.executemany(_UPSERT_CURSOR, moved)
+        for sink, seq in moved:
+            if self.cursors.get(sink) == seq:
+                self._dirty_cursors.discard(sink)
         self.last_seq = last
         self.rows += len(events)
         self.segments += 1
@@ -239,11 +248,7 @@ class Journal:
                         if seq is None:
                             await conn.execute("DELETE FROM cursors WHERE sink = ?", (sink,))
                         else:
-                            await conn.execute(
-                                "INSERT INTO cursors (sink, seq) VALUES (?, ?)"
-                                " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
-                                (sink, seq),
-                            )
+                            await conn.execute(_UPSERT_CURSOR, (sink, seq))
                     await conn.executemany(
                         "INSERT INTO losses (reason, sink, count) VALUES (?, ?, ?)"
                         " ON CONFLICT (reason, sink) DO UPDATE SET count = excluded.count",
