@@ -127,7 +127,6 @@ _json_any = msgspec.json.Decoder()
 _msgpack_any = msgspec.msgpack.Decoder()
 _msgpack_many = msgspec.msgpack.Decoder(list[EventIn])
 _msgpack_one = msgspec.msgpack.Decoder(EventIn)
-stored_decoder = msgspec.msgpack.Decoder(Event)
 stored_batch_decoder = msgspec.msgpack.Decoder(list[Event])
 
 
@@ -139,11 +138,6 @@ def encode_json_batch(events: list[Event]) -> bytes:
 def encode_msgpack_batch(events: list[Event]) -> bytes:
     """Encode a list of events as one msgpack array."""
     return msgpack_encoder.encode(events)
-
-
-def decode_stored(blob: bytes) -> Event:
-    """Decode one journaled event."""
-    return stored_decoder.decode(blob)
 
 
 def _validate_items(raw: list[Any]) -> tuple[list[EventIn], list[InvalidEvent]]:
