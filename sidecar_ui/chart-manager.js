@@ -16,10 +16,11 @@ export class ChartManager {
     this.draws = 0;
   }
 
-  // Create (or replace) the chart `key` in `target` with optional history.
-  add(key, target, { label = key, t = [], v = [] } = {}) {
+  // Create (or replace) the chart `key` in `target` with optional history. `windowSec`
+  // overrides the manager's window for this chart (the explorer's charts span their range).
+  add(key, target, { label = key, t = [], v = [], windowSec = null } = {}) {
     this.remove(key);
-    const chart = { t: t.slice(), v: v.slice(), dirty: false, plot: null };
+    const chart = { t: t.slice(), v: v.slice(), dirty: false, plot: null, windowSec };
     chart.plot = this.createPlot(target, { label }, [chart.t, chart.v]);
     this.charts.set(key, chart);
     this.draws++;
@@ -51,6 +52,21 @@ export class ChartManager {
     return true;
   }
 
+  // Replace a chart's data (a refreshed series); it redraws on the next frame.
+  replace(key, t, v) {
+    const c = this.charts.get(key);
+    if (!c) return false;
+    c.t = t.slice(); c.v = v.slice();
+    c.dirty = true;
+    this._schedule();
+    return true;
+  }
+
+  data(key) {
+    const c = this.charts.get(key);
+    return c ? { t: c.t, v: c.v } : null;
+  }
+
   _schedule() {
     if (this.frameRequested) return;
     this.frameRequested = true;
@@ -61,9 +77,10 @@ export class ChartManager {
   flush() {
     this.frameRequested = false;
     this.frames++;
-    const cutoff = this.now() - this.windowSec;
+    const now = this.now();
     for (const c of this.charts.values()) {
       if (!c.dirty) continue;
+      const cutoff = now - (c.windowSec ?? this.windowSec);
       let drop = 0;
       while (drop < c.t.length && c.t[drop] < cutoff) drop++;
       drop = Math.max(drop, c.t.length - this.maxPoints);
@@ -84,19 +101,38 @@ export function minuteAtLeast(u, min, max, now = Date.now() / 1000) {
   return max - min < 60 ? [max - 60, max + 1] : [min, max];
 }
 
-// A uPlot factory for the page: sized to its container, colours from CSS variables.
-export function uplotFactory(uPlot, { height = 180 } = {}) {
+// Point markers only where values are sparse (fewer than one per 8 px): a bucket with no
+// neighbours draws no line, so without its marker it would not show at all.
+export function sparse(u, seriesIdx, i0, i1) {
+  const ys = u.data[seriesIdx];
+  const most = u.width / 8;
+  let n = 0;
+  for (let i = i0; i <= i1; i++) if (ys[i] != null && ++n > most) return false;
+  return true;
+}
+
+// A uPlot factory for the page: sized to its container (and resized with it, so a chart
+// made in a hidden tab gets its width when shown), colours from CSS variables.
+export function uplotFactory(uPlot, { height = 180, ResizeObserverImpl = globalThis.ResizeObserver } = {}) {
   return (target, { label }, data) => {
     const css = getComputedStyle(target);
     const stroke = css.getPropertyValue("--accent").trim() || "#3b82f6";
     const axis = { stroke: css.getPropertyValue("--muted").trim() || "#888", grid: { stroke: css.getPropertyValue("--grid").trim() || "#8883" } };
     const plot = new uPlot({
       width: Math.max(200, target.clientWidth || 600), height,
-      series: [{}, { label, stroke, width: 1.5, spanGaps: false, points: { show: false } }],
+      series: [{}, { label, stroke, width: 1.5, spanGaps: false, points: { show: sparse } }],
       // With only a point or two, uPlot would stretch the time axis over years: show at least a minute.
       scales: { x: { time: true, range: minuteAtLeast } },
       axes: [axis, axis], legend: { show: false }, cursor: { drag: { x: false, y: false } },
     }, data, target);
-    return { setData: (d) => plot.setData(d), destroy: () => plot.destroy(), plot };
+    let resize = null;
+    if (ResizeObserverImpl) {
+      resize = new ResizeObserverImpl(() => {
+        const width = Math.max(200, target.clientWidth);
+        if (target.clientWidth && width !== plot.width) plot.setSize({ width, height });
+      });
+      resize.observe(target);
+    }
+    return { setData: (d) => plot.setData(d), destroy: () => { resize?.disconnect(); plot.destroy(); }, plot };
   };
 }

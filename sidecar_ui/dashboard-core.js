@@ -7,6 +7,7 @@ import * as P from "./panels.js";
 import { RealtimeAdapter } from "./realtime-adapter.js";
 import { SessionTracker, isError } from "./session-tracker.js";
 import { createSupabaseClient } from "./supabase-client.js";
+import { MetricExplorer } from "./metric-explorer.js";
 
 const MAX_ROWS = 50;
 const FLAG_EVENT = "sidecar_agent.flag_changed";
@@ -26,7 +27,6 @@ export class Dashboard {
     this.framePending = false;
     this.second = { n: 0, errors: 0 };
     this.minute = []; // last 60 seconds of [events, errors]
-    this.range = 3600;
     this.tab = "overview";
     this.timers = [];
   }
@@ -34,24 +34,30 @@ export class Dashboard {
   async start() {
     this.bindTabs();
     this.bindControls();
-    // The chart library and the agent's ui-config load in parallel: first paint waits for neither twice.
-    const names = this.api.get("/api/v1/names"); // the explorer's catalogue, fetched meanwhile
-    names.catch(() => {}); // (its error is shown by loadNames)
-    const [{ default: uPlot }, uiConfig] = await Promise.all([
-      import("./vendor/uplot/uPlot.esm.js"),
-      this.api.get("/api/v1/ui-config").catch((err) => {
-        this.banner(`cannot reach the agent: ${err.message}`);
-        return { data_source: "websocket", supabase: null, store: false };
-      }),
-    ]);
-    this.uiConfig = uiConfig;
-    this.charts = new ChartManager({ createPlot: uplotFactory(uPlot), requestFrame: (cb) => this.win.requestAnimationFrame(cb) });
+    // Nothing on the way to the first chart waits for anything else: the catalogue and
+    // ui-config were requested by the page's preload links before this module ran, and
+    // the explorer's series load while the live source connects.
+    const names = this.api.get("/api/v1/names");
+    names.catch(() => {}); // (its error is shown by the explorer)
+    const uiConfig = this.api.get("/api/v1/ui-config").catch((err) => {
+      this.banner(`cannot reach the agent: ${err.message}`);
+      return { data_source: "websocket", supabase: null, store: false };
+    });
+    // uPlot is evaluated while the catalogue is read and the first series requested.
+    const charts = import("./vendor/uplot/uPlot.esm.min.js").then(({ default: uPlot }) =>
+      new ChartManager({ createPlot: uplotFactory(uPlot), requestFrame: (cb) => this.win.requestAnimationFrame(cb) }));
+    this.explorer = new MetricExplorer({ doc: this.doc, win: this.win, api: this.api, charts, fmt: P.value, els: {
+      list: this.$("metric-list"), filter: this.$("metric-filter"), charts: this.$("metric-charts"), status: this.$("metric-status"),
+      tags: this.$("metric-tags"), agg: this.$("metric-agg"), ranges: this.$("metric-ranges"),
+    } });
+    this.explorer.setVisible(this.tab === "metrics");
+    await this.explorer.start(names); // returns once its series are requested, not loaded
+    this.charts = await charts;
     this.charts.add("rate", this.$("rate-chart"), { label: "events/s" });
+    this.uiConfig = await uiConfig;
     this.$("agent-id").textContent = this.uiConfig.agent_id || "";
     this.refreshTab();
-    this.loadNames(names); // the metric catalogue and first chart do not wait for the live source
-    const connecting = this.connect(this.uiConfig);
-    await connecting;
+    await this.connect(this.uiConfig);
     this.every(1000, () => this.tick());
     this.every(2000, () => this.refreshStatus());
     this.every(5000, () => this.pollUiConfig());
@@ -165,7 +171,6 @@ export class Dashboard {
         if (e.data?.flag === DATA_SOURCE_FLAG) this.pollUiConfig();
         this.win.setTimeout(() => this.loadAudit(), 300); // once the store has it
       }
-      if (e.name === this.metric && this.range === 300 && e.value != null) this.charts.push("metric", e.ts, e.value);
     }
     this.tracker.ingest(events);
     this.pending.push(...events);
@@ -207,10 +212,11 @@ export class Dashboard {
 
   bindTabs() {
     const show = () => {
-      const want = (this.win.location.hash || "#overview").slice(1);
+      const want = (this.win.location.hash || "#overview").slice(1).split("?")[0];
       this.tab = this.$(`tab-${want}`) ? want : "overview";
       for (const sec of this.doc.querySelectorAll("section.tab")) sec.hidden = sec.id !== `tab-${this.tab}`;
       for (const a of this.doc.querySelectorAll("#tabs a")) a.classList.toggle("on", a.dataset.tab === this.tab);
+      this.explorer?.setVisible(this.tab === "metrics");
       this.refreshTab();
     };
     this.win.addEventListener("hashchange", show);
@@ -226,16 +232,6 @@ export class Dashboard {
   }
 
   bindControls() {
-    this.$("metric-name").addEventListener("change", () => this.loadSeries());
-    this.$("metric-agg").addEventListener("change", () => this.loadSeries());
-    this.$("metric-tags").addEventListener("change", () => this.loadSeries());
-    for (const b of this.doc.querySelectorAll("#metric-ranges button")) {
-      b.addEventListener("click", () => {
-        this.range = Number(b.dataset.range);
-        for (const o of this.doc.querySelectorAll("#metric-ranges button")) o.classList.toggle("on", o === b);
-        this.loadSeries();
-      });
-    }
     this.$("dlq-refresh").addEventListener("click", () => this.loadDlq());
     this.$("dlq-replay").addEventListener("click", () => this.replayDlq());
     this.$("dlq-purge").addEventListener("click", () => this.purgeDlq());
@@ -259,54 +255,6 @@ export class Dashboard {
     } catch (err) {
       this.$("health").textContent = "unreachable";
       this.$("health").className = "figure bad";
-    }
-  }
-
-  async loadNames(prefetched = null) {
-    const sel = this.$("metric-name");
-    try {
-      const { names } = await (prefetched || this.api.get("/api/v1/names"));
-      const valued = names.filter((n) => n.kind !== "event");
-      sel.replaceChildren(...valued.map((n) => new Option(`${n.name} (${n.kind})`, n.name)));
-      if (!valued.length) {
-        sel.append(new Option("no metrics yet", ""));
-        P.setStatus(this.$("metric-status"), "no metrics recorded yet");
-        return;
-      }
-      await this.loadSeries();
-    } catch (err) {
-      sel.replaceChildren(new Option("unavailable", ""));
-      P.setStatus(this.$("metric-status"), `metrics unavailable: ${err.message}`, "error");
-    }
-  }
-
-  async loadSeries() {
-    const name = this.$("metric-name").value;
-    this.metric = name;
-    if (!name) return;
-    const status = this.$("metric-status");
-    P.setStatus(status, "loading…");
-    const now = Date.now() / 1000;
-    const q = new URLSearchParams({ name, from: String(now - this.range), to: String(now), agg: this.$("metric-agg").value });
-    for (const part of this.$("metric-tags").value.split(",")) {
-      const [k, v] = part.split("=").map((x) => x && x.trim());
-      if (k && v) q.set(`tag.${k}`, v);
-    }
-    try {
-      const s = await this.api.get(`/api/v1/series?${q}`);
-      this.charts.windowSec = Math.max(300, this.range);
-      this.charts.add("metric", this.$("metric-chart"), { label: `${s.agg}(${name})`, t: s.t, v: s.v });
-      const points = s.v.filter((v) => v != null).length;
-      P.setStatus(status, points ? "" : "no data in this range");
-      this.$("metric-info").textContent = `${s.level} level, step ${s.step} s, ${points} of ${s.t.length} buckets with data`;
-      this.$("metric-chart").dataset.loaded = name;
-      // The first chart's paint, for the navigation benchmark (the next frame is the paint).
-      const perf = this.win.performance;
-      if (perf && !perf.getEntriesByName("first-chart").length) {
-        this.win.requestAnimationFrame(() => perf.mark("first-chart"));
-      }
-    } catch (err) {
-      P.setStatus(status, `cannot load the series: ${err.message}`, "error");
     }
   }
 

@@ -113,7 +113,7 @@ async def test_history_then_live_event_over_websocket(agents, open_page):
     assert await page.text_content("#data-source") == "websocket"
     # the metric explorer drew the history of the first metric
     await page.click("a[data-tab=metrics]")
-    await page.wait_for_selector("#metric-chart[data-loaded=cpu] canvas", timeout=TIMEOUT_MS)
+    await page.wait_for_selector("#metric-charts figure[data-loaded=cpu] canvas", timeout=TIMEOUT_MS)
     # sessions: one active session with one error
     await page.click("a[data-tab=sessions]")
     await page.wait_for_selector('#sessions tr[data-session="s-1"]', timeout=TIMEOUT_MS)
@@ -121,6 +121,51 @@ async def test_history_then_live_event_over_websocket(agents, open_page):
     assert cells[1] == "6" and cells[2] == "1"
     csp = (await page.request.get(agent.server_url + "/")).headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+def figure(name: str) -> str:
+    return f'#metric-charts figure[data-name="{name}"]'
+
+
+async def test_metric_explorer_several_metrics_tags_and_live_updates(agents, open_page):
+    agent = await agents()
+    now = time.time()
+    await post(agent, [{"name": "latency", "value": 5.0, "ts": now - 120, "tags": {"host": "a"}},
+                       {"name": "latency", "value": 7.0, "ts": now - 110, "tags": {"host": "b"}},
+                       {"name": "queue.depth", "value": 3.0, "ts": now - 100},
+                       {"name": "ignored.event", "kind": "event", "ts": now - 90}])
+    assert await agent.flush(5)
+    page = await open_page(agent.server_url + "/#metrics?agg=max")
+    # the first metric is charted by default; events (kind "event") are not offered
+    await page.wait_for_selector(figure("latency") + "[data-loaded] canvas", timeout=TIMEOUT_MS)
+    assert await page.get_attribute(figure("latency"), "data-last") == "7"
+    assert await page.locator('#metric-list li[data-name="ignored.event"]').count() == 0
+    # a second metric gets its own chart, and the choice is written into the URL
+    await page.check('#metric-list input[value="queue.depth"]')
+    await page.wait_for_selector(figure("queue.depth") + "[data-loaded] canvas", timeout=TIMEOUT_MS)
+    assert "names=latency%2Cqueue.depth" in page.url and "agg=max" in page.url
+    # live on the 1 h range: a new value shows up in the (server-aggregated) chart
+    await post(agent, [{"name": "latency", "value": 42.0, "tags": {"host": "a"}}])
+    await page.wait_for_selector(figure("latency") + '[data-last="42"]', timeout=TIMEOUT_MS)
+    # a tag filter narrows every chart; a malformed one is named, not ignored
+    await page.fill("#metric-tags", "host=b")
+    await page.press("#metric-tags", "Enter")
+    await page.wait_for_selector(figure("latency") + '[data-last="7"]', timeout=TIMEOUT_MS)
+    await page.fill("#metric-tags", "host")
+    await page.press("#metric-tags", "Enter")
+    await page.wait_for_selector("#metric-status.error", timeout=TIMEOUT_MS)
+    assert await page.text_content("#metric-status") == 'tag filter "host" is not key=value'
+    # the URL restores the same view in a new tab
+    await page.fill("#metric-tags", "")
+    await page.press("#metric-tags", "Enter")
+    await page.click("#metric-ranges button[data-range='86400']")
+    await page.wait_for_selector(figure("queue.depth") + "[data-loaded] canvas", timeout=TIMEOUT_MS)
+    again = await open_page(page.url)
+    for name in ("latency", "queue.depth"):
+        await again.wait_for_selector(figure(name) + "[data-loaded] canvas", timeout=TIMEOUT_MS)
+    assert await again.get_attribute("#metric-ranges button.on", "data-range") == "86400"
+    assert await again.locator("#metric-charts figure").count() == 2
+    assert "minute level" in await again.text_content(figure("latency") + " .info")
 
 
 async def test_bad_flag_value_shows_the_servers_message(agents, open_page):

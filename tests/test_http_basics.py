@@ -170,3 +170,21 @@ async def test_ui_page_has_csp(client):
     csp = r.headers["Content-Security-Policy"]
     assert "default-src 'self'" in csp and "object-src 'none'" in csp and "frame-ancestors 'none'" in csp
     assert "<html" in (await r.text()).lower()
+
+
+async def test_ui_files_are_served_with_types_etags_and_nothing_outside_the_page(client):
+    r = await client.get("/ui/dashboard-core.js")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/javascript")
+    etag = r.headers["ETag"]
+    assert "no-cache" in r.headers["Cache-Control"]
+    r = await client.get("/ui/dashboard-core.js", headers={"If-None-Match": etag})
+    assert r.status == 304 and r.headers["ETag"] == etag  # a repeat visit costs no body
+    r = await client.get("/ui/style.css")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/css")
+    r = await client.get("/ui/vendor/uplot/LICENSE")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain") and "MIT" in await r.text()
+    # the package's Python files, dot-files, missing files and paths out of the package are 404
+    for path in ("/ui/__init__.py", "/ui/../agent/config.py", "/ui/%2e%2e/agent/config.py",
+                 "/ui/nothing-here.js", "/ui/vendor", "/ui/.hidden.js"):
+        r = await client.get(path)
+        assert r.status == 404, path

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ChartManager } from "../chart-manager.js";
+import { ChartManager, sparse } from "../chart-manager.js";
 
 function setup(opts = {}) {
   const frames = [];
@@ -54,4 +54,28 @@ test("the time axis shows at least a minute, also with no or one point", async (
   assert.deepEqual(minuteAtLeast(null, null, null, 1000), [940, 1000]);
   assert.deepEqual(minuteAtLeast(null, 500, 500, 1000), [440, 501]);
   assert.deepEqual(minuteAtLeast(null, 100, 900, 1000), [100, 900]);
+});
+
+test("a chart's own window overrides the manager's; replace() swaps its data in one redraw", () => {
+  const { cm, plots, frame } = setup({ windowSec: 60 });
+  cm.add("wide", "el", { t: [100, 500, 990], v: [1, 2, 3], windowSec: 1000 });
+  cm.add("narrow", "el2", { t: [100, 990], v: [1, 2] });
+  cm.push("wide", 995, 4);
+  cm.push("narrow", 995, 3);
+  frame();
+  assert.deepEqual(plots[0].sets[0][0], [100, 500, 990, 995]);
+  assert.deepEqual(plots[1].sets[0][0], [990, 995]);
+  assert.ok(cm.replace("wide", [900, 950], [7, 8]));
+  frame();
+  assert.deepEqual(plots[0].sets[1], [[900, 950], [7, 8]]);
+  assert.deepEqual(cm.data("wide"), { t: [900, 950], v: [7, 8] });
+  assert.equal(cm.replace("missing", [], []), false);
+});
+
+test("point markers show only where values are sparse", () => {
+  const u = { width: 80, data: [[], [1, null, null, 2, null]] }; // room for 10 markers
+  assert.equal(sparse(u, 1, 0, 4), true);
+  u.data[1] = Array.from({ length: 50 }, (_, i) => i);
+  assert.equal(sparse(u, 1, 0, 49), false);
+  assert.equal(sparse(u, 1, 0, 9), true, "only the visible range counts");
 });
