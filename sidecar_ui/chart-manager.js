@@ -17,11 +17,12 @@ export class ChartManager {
   }
 
   // Create (or replace) the chart `key` in `target` with optional history. `windowSec`
-  // overrides the manager's window for this chart (the explorer's charts span their range).
-  add(key, target, { label = key, t = [], v = [], windowSec = null } = {}) {
+  // overrides the manager's window for this chart; `span` (seconds) fixes its x axis to
+  // the last `span` seconds (the explorer's range) instead of the data's extent.
+  add(key, target, { label = key, t = [], v = [], windowSec = null, span = null } = {}) {
     this.remove(key);
     const chart = { t: t.slice(), v: v.slice(), dirty: false, plot: null, windowSec };
-    chart.plot = this.createPlot(target, { label }, [chart.t, chart.v]);
+    chart.plot = this.createPlot(target, span ? { label, span } : { label }, [chart.t, chart.v]);
     this.charts.set(key, chart);
     this.draws++;
     return chart;
@@ -101,6 +102,15 @@ export function minuteAtLeast(u, min, max, now = Date.now() / 1000) {
   return max - min < 60 ? [max - 60, max + 1] : [min, max];
 }
 
+// Y axis labels that fit: 402433000 -> "402M", 0.0412 -> "0.0412".
+const compactFmt = new Intl.NumberFormat(undefined, { notation: "compact", maximumSignificantDigits: 3 });
+export const compact = (x) => (x == null ? "" : compactFmt.format(x));
+
+// The x range of a chart pinned to the last `span` seconds.
+export function lastSpan(span, now = Date.now() / 1000) {
+  return [now - span, now];
+}
+
 // Point markers only where values are sparse (fewer than one per 8 px): a bucket with no
 // neighbours draws no line, so without its marker it would not show at all.
 export function sparse(u, seriesIdx, i0, i1) {
@@ -114,7 +124,7 @@ export function sparse(u, seriesIdx, i0, i1) {
 // A uPlot factory for the page: sized to its container (and resized with it, so a chart
 // made in a hidden tab gets its width when shown), colours from CSS variables.
 export function uplotFactory(uPlot, { height = 180, ResizeObserverImpl = globalThis.ResizeObserver } = {}) {
-  return (target, { label }, data) => {
+  return (target, { label, span }, data) => {
     const css = getComputedStyle(target);
     const stroke = css.getPropertyValue("--accent").trim() || "#3b82f6";
     const axis = { stroke: css.getPropertyValue("--muted").trim() || "#888", grid: { stroke: css.getPropertyValue("--grid").trim() || "#8883" } };
@@ -122,8 +132,8 @@ export function uplotFactory(uPlot, { height = 180, ResizeObserverImpl = globalT
       width: Math.max(200, target.clientWidth || 600), height,
       series: [{}, { label, stroke, width: 1.5, spanGaps: false, points: { show: sparse } }],
       // With only a point or two, uPlot would stretch the time axis over years: show at least a minute.
-      scales: { x: { time: true, range: minuteAtLeast } },
-      axes: [axis, axis], legend: { show: false }, cursor: { drag: { x: false, y: false } },
+      scales: { x: { time: true, range: span ? () => lastSpan(span) : minuteAtLeast } },
+      axes: [axis, { ...axis, size: 56, values: (u, splits) => splits.map(compact) }], legend: { show: false }, cursor: { drag: { x: false, y: false } },
     }, data, target);
     let resize = null;
     if (ResizeObserverImpl) {

@@ -68,6 +68,27 @@ export function mergeTail(series, tail, windowStart) {
   return { t, v };
 }
 
+// What the chart draws: empty buckets inside a short gap (at most `maxGap` seconds between
+// the values around it) are left out so the line joins across them; a longer gap keeps
+// its empty buckets and the line breaks there. A metric sampled every 10 s on the 5m
+// range (1 s steps) is a line, and an outage still shows as one.
+export function bridgeShortGaps({ t, v }, maxGap) {
+  const ot = [];
+  const ov = [];
+  let prev = -1; // index of the previous bucket with a value
+  for (let i = 0; i < t.length; i++) {
+    if (v[i] == null) continue;
+    if (prev >= 0 && i - prev > 1 && t[i] - t[prev] > maxGap) { ot.push(t[prev + 1]); ov.push(null); }
+    ot.push(t[i]); ov.push(v[i]);
+    prev = i;
+  }
+  return { t: ot, v: ov };
+}
+
+export function gapToBridge(step) {
+  return Math.max(3 * step, 30);
+}
+
 // The last bucket with a value, for the chart's caption.
 export function lastValue(v) {
   for (let i = v.length - 1; i >= 0; i--) if (v[i] != null) return v[i];
@@ -102,6 +123,8 @@ export class MetricExplorer {
       this.setStatus("no metrics recorded yet: they appear here once a source or record() sends one");
     }
     const known = new Set(this.catalogue.map((n) => n.name));
+    const missing = this.state.names.filter((n) => !known.has(n));
+    this.notice = missing.length ? `not recorded by this agent: ${missing.join(", ")}` : "";
     this.state.names = this.state.names.filter((n) => known.has(n));
     if (!this.state.names.length && this.catalogue.length) this.state.names = [this.catalogue[0].name];
     this.renderControls();
@@ -168,9 +191,11 @@ export class MetricExplorer {
       box.checked = chosen.has(n.name);
       box.addEventListener("change", () => this.toggle(n.name, box));
       const kind = this.doc.createElement("span");
-      kind.className = "muted small";
-      kind.textContent = ` ${n.kind}`;
-      label.append(box, ` ${n.name}`, kind);
+      kind.className = "kind muted small";
+      kind.textContent = n.kind;
+      const text = this.doc.createElement("span");
+      text.textContent = n.name;
+      label.append(box, text, kind);
       label.title = n.tag_keys?.length ? `tags: ${n.tag_keys.join(", ")}` : "no tags";
       li.append(label);
       li.dataset.name = n.name;
@@ -212,7 +237,8 @@ export class MetricExplorer {
       this.setStatus(parsed.error, "error");
       return;
     }
-    if (this.catalogue.length) this.setStatus(this.state.names.length ? "" : "pick a metric on the left");
+    if (this.catalogue.length) this.setStatus(this.notice || (this.state.names.length ? "" : "pick a metric on the left"), this.notice ? "error" : "");
+    this.notice = "";
     this.els.charts.replaceChildren(...this.state.names.map((name) => this.figure(name)));
     for (const name of this.state.names) this.load(name, gen, parsed.tags);
   }
@@ -257,8 +283,9 @@ export class MetricExplorer {
     const charts = await this.chartsReady;
     if (gen !== this.generation) return;
     const key = `metric:${name}`;
-    charts.add(key, fig.querySelector(".chart"), { label: `${s.agg}(${name})`, t: s.t, v: s.v, windowSec: this.state.range + s.step });
-    this.series.set(name, { step: s.step, level: s.level, tags, timer: null });
+    const drawn = bridgeShortGaps(s, gapToBridge(s.step));
+    charts.add(key, fig.querySelector(".chart"), { label: `${s.agg}(${name})`, ...drawn, windowSec: this.state.range + s.step, span: this.state.range });
+    this.series.set(name, { step: s.step, level: s.level, tags, timer: null, data: { t: s.t, v: s.v } });
     this.caption(fig, s.t, s.v, s);
     fig.dataset.loaded = name;
     this.firstChart();
@@ -284,16 +311,17 @@ export class MetricExplorer {
 
   async refresh(name, gen) {
     const s = this.series.get(name);
-    const cur = this.charts?.data(`metric:${name}`);
-    if (!s || !cur || gen !== this.generation) return;
+    if (!s || !this.charts?.has(`metric:${name}`) || gen !== this.generation) return;
     const now = Date.now() / 1000;
     // Two steps back (at least 10 s) covers events that reach the store a little late.
     const from = Math.max(now - this.state.range, now - Math.max(2 * s.step, 10));
     try {
       const tail = await this.api.get(this.query(name, from, now, s.tags, s.step));
       if (gen !== this.generation) return;
-      const merged = mergeTail(cur, tail, now - this.state.range - s.step);
-      this.charts.replace(`metric:${name}`, merged.t, merged.v);
+      const merged = mergeTail(s.data, tail, now - this.state.range - s.step);
+      s.data = merged;
+      const drawn = bridgeShortGaps(merged, gapToBridge(s.step));
+      this.charts.replace(`metric:${name}`, drawn.t, drawn.v);
       const fig = this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
       if (fig) this.caption(fig, merged.t, merged.v, s);
     } catch { /* the next refresh tries again; the chart keeps what it has */ }

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { parseState, formatState, parseTags, refreshMs, mergeTail, lastValue, MAX_CHARTS } from "../metric-explorer.js";
+import { parseState, formatState, parseTags, refreshMs, mergeTail, lastValue, bridgeShortGaps, gapToBridge, MAX_CHARTS } from "../metric-explorer.js";
 
 test("the explorer's choice round-trips through the URL hash", () => {
   const state = { names: ["http.latency", "queue depth"], range: 86400, agg: "p95", tags: "host=web-1, path=/a" };
@@ -44,4 +44,15 @@ test("a re-read tail replaces the buckets it covers, appends new ones and slides
   assert.deepEqual(mergeTail(series, { t: [], v: [] }, 115), { t: [120, 130], v: [3, 4] });
   assert.equal(lastValue([1, 2, null]), 2);
   assert.equal(lastValue([null]), null);
+});
+
+test("short gaps are bridged so sparse samples draw a line; long gaps still break it", () => {
+  const t = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+  const v = [1, null, null, 2, null, null, null, null, null, null, null, null, 3];
+  // gaps of 3 s are joined; the 9 s gap keeps one empty bucket, which breaks the line
+  assert.deepEqual(bridgeShortGaps({ t, v }, 5), { t: [0, 3, 4, 12], v: [1, 2, null, 3] });
+  assert.deepEqual(bridgeShortGaps({ t, v }, 60), { t: [0, 3, 12], v: [1, 2, 3] });
+  assert.deepEqual(bridgeShortGaps({ t: [0, 1], v: [null, null] }, 60), { t: [], v: [] });
+  assert.equal(gapToBridge(1), 30);
+  assert.equal(gapToBridge(300), 900);
 });
