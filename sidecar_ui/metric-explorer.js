@@ -104,7 +104,7 @@ export class MetricExplorer {
     this.chartsReady = Promise.resolve(charts).then((cm) => { this.charts = cm; return cm; });
     this.catalogue = [];
     this.state = parseState(win.location.hash);
-    this.series = new Map(); // name -> {step, loading, timer, generation}
+    this.series = new Map(); // name -> {step, level, tags, timer, data: {t, v}, readAt}
     this.generation = 0;
     this.visible = false;
   }
@@ -285,7 +285,7 @@ export class MetricExplorer {
     const key = `metric:${name}`;
     const drawn = bridgeShortGaps(s, gapToBridge(s.step));
     charts.add(key, fig.querySelector(".chart"), { label: `${s.agg}(${name})`, ...drawn, windowSec: this.state.range + s.step, span: this.state.range });
-    this.series.set(name, { step: s.step, level: s.level, tags, timer: null, data: { t: s.t, v: s.v } });
+    this.series.set(name, { step: s.step, level: s.level, tags, timer: null, data: { t: s.t, v: s.v }, readAt: now });
     this.caption(fig, s.t, s.v, s);
     fig.dataset.loaded = name;
     this.firstChart();
@@ -313,13 +313,15 @@ export class MetricExplorer {
     const s = this.series.get(name);
     if (!s || !this.charts?.has(`metric:${name}`) || gen !== this.generation) return;
     const now = Date.now() / 1000;
-    // Two steps back (at least 10 s) covers events that reach the store a little late.
-    const from = Math.max(now - this.state.range, now - Math.max(2 * s.step, 10));
+    // From the last read (the tab may have been hidden a while), two steps back (at least
+    // 10 s), which covers events that reached the store a little late.
+    const from = Math.max(now - this.state.range, s.readAt - Math.max(2 * s.step, 10));
     try {
       const tail = await this.api.get(this.query(name, from, now, s.tags, s.step));
       if (gen !== this.generation) return;
       const merged = mergeTail(s.data, tail, now - this.state.range - s.step);
       s.data = merged;
+      s.readAt = now;
       const drawn = bridgeShortGaps(merged, gapToBridge(s.step));
       this.charts.replace(`metric:${name}`, drawn.t, drawn.v);
       const fig = this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
