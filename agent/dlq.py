@@ -3,7 +3,8 @@
 An entry holds the events, the sink, the cause (error class and message), the number
 of attempts, first and last attempt times and a status: pending, replaying,
 delivered, expired or purged. Terminal entries keep their metadata (for audit) but
-drop their event bodies. Expiry (TTL) and the size cap are counted in the ledger.
+drop their event bodies. Expiry (TTL) and the size cap (`max_events` pending events per
+sink) are counted in the ledger.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _COLUMNS = "id, sink, count, error_class, error, attempts, first_attempt, last_a
 
 
 class DeadLetterQueue:
-    """Stores failed batches per sink; replayed by the delivery workers."""
+    """Stores failed batches per sink, each sink capped at `max_events`; replayed by the delivery workers."""
 
     def __init__(self, db: Database, ledger: LossLedger, *, ttl_s: float, max_events: int) -> None:
         self.db = db
@@ -70,7 +71,7 @@ class DeadLetterQueue:
         return self._pending.get(sink, 0)
 
     async def put(self, sink: str, events: list[Event], exc: BaseException, attempts: int, first_attempt: float) -> int:
-        """Park a batch; returns the entry id. Over the cap, the oldest pending entries go (counted)."""
+        """Park a batch; returns the entry id. Over the sink's cap, its oldest pending entries go (counted)."""
         now = time.time()
         message = str(exc) or type(exc).__name__
         self.last_error[sink] = f"{type(exc).__name__}: {message}"
@@ -83,13 +84,14 @@ class DeadLetterQueue:
             )
             entry_id = cur.lastrowid
         self._pending[sink] = self._pending.get(sink, 0) + len(events)
-        if self.depth() > self.max_events:
-            await self._evict(self.depth() - self.max_events)
+        if self.depth(sink) > self.max_events:
+            await self._evict(sink, self.depth(sink) - self.max_events)
         return int(entry_id or 0)
 
-    async def _evict(self, n_events: int) -> None:
+    async def _evict(self, sink: str, n_events: int) -> None:
+        """Expire `sink`'s oldest pending entries until `n_events` are freed (counted as `dlq_full`)."""
         rows = await self.db.fetchall(
-            "SELECT id, sink, count FROM dlq WHERE status = 'pending' ORDER BY id LIMIT 1000"
+            "SELECT id, sink, count FROM dlq WHERE sink = ? AND status = 'pending' ORDER BY id LIMIT 1000", (sink,)
         )
         victims, freed = [], 0
         for entry_id, sink, count in rows:

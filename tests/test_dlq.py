@@ -35,6 +35,11 @@ async def post(agent, items) -> list[str]:
             return (await r.json())["ids"]
 
 
+async def pending_ids(agent, sink: str) -> set[str]:
+    """Ids of the events in `sink`'s pending DLQ entries."""
+    return {ev.id for e in await agent.dlq.list(sink=sink, status="pending") for ev in await agent.dlq.events(e.id)}
+
+
 async def cli(tmp_path: Path, port: int, *args: str) -> dict:
     """Run `sidecar-agent dlq ...` as a subprocess against the same data dir."""
     cfg = tmp_path / "cli.toml"
@@ -231,3 +236,32 @@ async def test_purging_settled_entries_is_not_a_second_loss_and_failing_entries_
     assert await dlq.purge(sink="s") == 1
     assert ledger.by_reason() == {"dlq_purged": 1} and dlq.depth("s") == 0
     await db.close()
+
+
+async def test_dlq_cap_is_per_sink_and_evicts_only_that_sinks_oldest(tmp_path):
+    sinks = {"a": {"type": "flaky", "batch_size": 4}, "b": {"type": "flaky", "batch_size": 4}}
+    agent = make_agent(tmp_path / "data", sinks, agent=FAST, dlq={"max_events": 10, "auto_replay": False})
+    STATE.down.update({"a", "b"})
+
+    def settled() -> bool:
+        return all(agent.journal.cursors[s] == agent.journal.last_seq for s in ("a", "b"))
+
+    async with agent:
+        first = []
+        for k in range(2):
+            first += await post(agent, [{"name": "m", "value": k * 4 + i} for i in range(4)])
+        await wait_for(settled, what="both sinks to park their batches")
+        # 16 pending events in all, but each sink holds only 8 of its cap of 10: nothing goes.
+        assert (agent.dlq.depth("a"), agent.dlq.depth("b")) == (8, 8)
+        assert agent.ledger.total() == 0
+        STATE.down.discard("b")
+        later = await post(agent, [{"name": "m", "value": 8 + i} for i in range(4)])
+        await wait_for(settled, what="the third batch")
+        # Sink a is over its own cap: only its oldest entries go, counted against it.
+        lost = 12 - agent.dlq.depth("a")
+        assert 2 <= lost and agent.dlq.depth("a") <= 10
+        assert agent.ledger.snapshot() == {(losses.DLQ_FULL, "a"): lost}
+        assert await pending_ids(agent, "a") == set((first + later)[lost:])
+        # Sink b lost nothing: its 8 parked events wait, the third batch was delivered.
+        assert agent.dlq.depth("b") == 8 and sorted(STATE.ids("b")) == sorted(later)
+        assert await pending_ids(agent, "b") == set(first)
