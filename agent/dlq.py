@@ -184,6 +184,38 @@ class DeadLetterQueue:
         else:
             self.last_error[sink] = f"{type(exc).__name__}: {exc}"
 
+    async def split(
+        self, entry_id: int, sink: str, delivered: int, parts: list[tuple[list[Event], BaseException]]
+    ) -> None:
+        """After a bisected replay: `delivered` events went through and each of `parts`
+        still fails. The entry keeps the first part and each other part becomes a new
+        entry (same `created`, so the TTL still counts from the first failure), in one
+        transaction, so a crash leaves either the whole entry or exactly the parts."""
+        assert parts, "an entry delivered whole is settled, not split"
+        now = time.time()
+        async with self.db.tx() as conn:
+            for i, (events, exc) in enumerate(parts):
+                values = (encode_msgpack_batch(events), len(events), type(exc).__name__,
+                          (str(exc) or type(exc).__name__)[:2000], now, now)
+                if i == 0:
+                    await conn.execute(
+                        "UPDATE dlq SET events = ?, count = ?, error_class = ?, error = ?, last_attempt = ?,"
+                        " updated = ?, attempts = attempts + 1, status = 'pending' WHERE id = ?",
+                        (*values, entry_id),
+                    )
+                else:
+                    await conn.execute(
+                        "INSERT INTO dlq (sink, events, count, error_class, error, last_attempt, updated,"
+                        " attempts, first_attempt, status, created)"
+                        " SELECT sink, ?, ?, ?, ?, ?, ?, attempts, first_attempt, 'pending', created"
+                        " FROM dlq WHERE id = ?",
+                        (*values, entry_id),
+                    )
+        self._pending[sink] = max(0, self._pending.get(sink, 0) - delivered)
+        if parts:
+            exc = parts[0][1]
+            self.last_error[sink] = f"{type(exc).__name__}: {exc}"
+
     async def purge(self, *, sink: str | None = None, status: str | None = "pending") -> int:
         """Purge pending (or `status`) entries. Purged pending events count as `dlq_purged`;
         purging delivered or expired entries only clears them (they were counted already)."""

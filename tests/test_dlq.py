@@ -265,3 +265,34 @@ async def test_dlq_cap_is_per_sink_and_evicts_only_that_sinks_oldest(tmp_path):
         # Sink b lost nothing: its 8 parked events wait, the third batch was delivered.
         assert agent.dlq.depth("b") == 8 and sorted(STATE.ids("b")) == sorted(later)
         assert await pending_ids(agent, "b") == set(first)
+
+
+async def test_replayed_entry_with_poison_is_bisected_good_events_delivered_once(tmp_path):
+    # An outage parks a whole batch; after recovery, its replay fails permanently on two
+    # poison events. Bisection delivers the other 14 and keeps only the two, one per entry.
+    agent = make_agent(tmp_path / "data", {"pg": {"type": "poison", "batch_size": 16}}, agent=FAST,
+                       dlq={"replay_per_s": 100})
+    STATE.down.add("pg")
+    async with agent:
+        ids = await post(agent, [{"name": "poison" if i in (5, 11) else "ok", "value": i} for i in range(16)])
+        await wait_for(lambda: agent.dlq.depth("pg") == 16, what="the outage to park the batch")
+        [parked] = await agent.dlq.list(sink="pg", status="pending")
+        assert parked.count == 16 and parked.error_class == "RetryableError"
+        STATE.down.clear()  # no new traffic: the sink's backoff probe replays the entry
+        bad = {ids[5], ids[11]}
+        await wait_for(lambda: len(STATE.ids("pg")) == 14 and agent.dlq.depth("pg") == 2, what="bisected replay")
+        counts = collections.Counter(STATE.ids("pg"))
+        assert set(counts) == set(ids) - bad and max(counts.values()) == 1
+        pending = await agent.dlq.list(sink="pg", status="pending")
+        assert [e.count for e in pending] == [1, 1]
+        assert {e.error_class for e in pending} == {"PermanentError"}
+        assert all(e.created == parked.created and e.attempts > parked.attempts for e in pending)  # TTL kept
+        assert await pending_ids(agent, "pg") == bad
+        assert agent.workers["pg"].stats.replayed == 14
+        assert agent.ledger.total() == 0
+    # The two entries survive a restart; nothing else is pending or lost.
+    agent = make_agent(tmp_path / "data", {"pg": {"type": "poison", "batch_size": 16}}, agent=FAST,
+                       dlq={"auto_replay": False})
+    async with agent:
+        assert agent.dlq.depth("pg") == 2 and await pending_ids(agent, "pg") == bad
+        assert agent.ledger.total() == 0
