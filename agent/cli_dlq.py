@@ -17,12 +17,16 @@ from .config import Config
 
 
 async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
-    from .db import Database
+    from .db import Database, DataDirInUse
     from .dlq import DeadLetterQueue
     from .losses import LossLedger
 
-    db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync)
-    await db.open()
+    db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync, cli=True)
+    try:
+        await db.open()  # takes the data-dir lock for the length of the command
+    except DataDirInUse as exc:
+        await db.close()
+        raise client.offline_refused(cfg, exc) from None
     ledger = LossLedger()
     rows = await db.fetchall("SELECT reason, sink, count FROM losses")
     ledger.load([tuple(r) for r in rows])
