@@ -67,7 +67,7 @@ class DlqSection(_Section):
     ttl_hours: PositiveFloat = 168.0
     max_events: PositiveInt = 1_000_000  # pending events per sink; over it that sink's oldest go (dlq_full)
     replay_per_s: PositiveFloat = 2.0
-    auto_replay: bool = True  # false: entries wait for `dlq replay` (CLI, HTTP or the dashboard)
+    auto_replay: bool = True  # false: entries wait for `dlq replay` (CLI, HTTP, dashboard; offline CLI: next start)
 
 
 class DashboardSection(_Section):

@@ -9,6 +9,7 @@ sink) are counted in the ledger.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from .event import Event, encode_msgpack_batch, stored_batch_decoder
 from .losses import LossLedger
 
 STATUSES = ("pending", "replaying", "delivered", "expired", "purged")
+REPLAY_KEY = "dlq.replay_requested"  # meta row: sinks to replay at the next start (offline CLI)
 
 
 class DlqEntry(msgspec.Struct):
@@ -69,6 +71,10 @@ class DeadLetterQueue:
         if sink is None:
             return sum(self._pending.values())
         return self._pending.get(sink, 0)
+
+    def sinks(self) -> list[str]:
+        """The sinks that have pending events."""
+        return sorted(s for s, n in self._pending.items() if n)
 
     async def put(self, sink: str, events: list[Event], exc: BaseException, attempts: int, first_attempt: float) -> int:
         """Park a batch; returns the entry id. Over the sink's cap, its oldest pending entries go (counted)."""
@@ -215,6 +221,24 @@ class DeadLetterQueue:
         if parts:
             exc = parts[0][1]
             self.last_error[sink] = f"{type(exc).__name__}: {exc}"
+
+    async def request_replay(self, sinks: list[str]) -> None:
+        """Remember that `sinks` are to replay their pending entries at the next start
+        (the offline CLI asks while no agent runs)."""
+        async with self.db.tx() as conn:
+            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,))
+            requested = sorted(set(json.loads(rows[0][0]) if rows else []) | set(sinks))
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (REPLAY_KEY, json.dumps(requested)),
+            )
+
+    async def take_replay_requests(self) -> list[str]:
+        """The sinks asked to replay while no agent ran; the request is used up."""
+        async with self.db.tx() as conn:
+            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,))
+            await conn.execute("DELETE FROM meta WHERE key = ?", (REPLAY_KEY,))
+        return json.loads(rows[0][0]) if rows else []
 
     async def purge(self, *, sink: str | None = None, status: str | None = "pending") -> int:
         """Purge pending (or `status`) entries. Purged pending events count as `dlq_purged`;

@@ -142,6 +142,11 @@ class Agent:
             if spec.kind == "sinks":
                 self._build_sink(spec, data_dir)
         self.journal.attach(list(self.workers))
+        for name in await self.dlq.take_replay_requests():  # asked for by the offline CLI
+            if name in self.workers:
+                self.workers[name].request_replay()
+            else:
+                log.warning("DLQ replay was requested for sink %s, which is not configured", name)
         self._spawn("committer", self.committer.run())
         self._spawn("housekeeping", self._housekeeping())
         for name, worker in self.workers.items():

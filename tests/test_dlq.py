@@ -8,6 +8,7 @@ import asyncio
 import collections
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -148,7 +149,7 @@ async def test_cli_offline_against_the_data_dir(tmp_path):
     listed = await cli(tmp_path, port, "list")
     assert listed["offline"] is True and sum(e["count"] for e in listed["entries"]) == 6
     out = await cli(tmp_path, port, "replay")
-    assert out["offline"] is True and out["pending_events"] == 6
+    assert out["offline"] is True and out["pending_events"] == 6 and out["queued"] == ["api"]
     # Restarted with the sink healthy and no new traffic, the agent replays what is pending.
     STATE.down.clear()
     agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST, dlq={"replay_per_s": 100})
@@ -296,3 +297,26 @@ async def test_replayed_entry_with_poison_is_bisected_good_events_delivered_once
     async with agent:
         assert agent.dlq.depth("pg") == 2 and await pending_ids(agent, "pg") == bad
         assert agent.ledger.total() == 0
+
+
+async def test_offline_replay_is_queued_for_the_next_start_even_with_auto_replay_off(tmp_path):
+    data = tmp_path / "data"
+    sinks = {"api": {"type": "flaky"}, "other": {"type": "flaky"}}
+    agent = make_agent(data, sinks, agent=FAST, dlq={"auto_replay": False})
+    STATE.down.update({"api", "other"})
+    async with agent:
+        ids = await post(agent, [{"name": "m", "value": i} for i in range(5)])
+        await wait_for(lambda: agent.dlq.depth("api") == 5 and agent.dlq.depth("other") == 5, what="the DLQ")
+    out = await cli(tmp_path, free_port(), "replay", "--sink", "api")
+    assert out["offline"] is True and out["queued"] == ["api"] and out["pending_events"] == 5
+    with sqlite3.connect(data / "agent.db") as conn:  # the request is kept in the database
+        assert conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'dlq.%'").fetchone() == (1,)
+    STATE.down.clear()
+    agent = make_agent(data, sinks, agent=FAST, dlq={"auto_replay": False})
+    async with agent:
+        await wait_for(lambda: agent.dlq.depth("api") == 0, what="the replay queued offline")
+        assert sorted(STATE.ids("api")) == sorted(ids)
+        assert agent.dlq.depth("other") == 5 and STATE.ids("other") == []  # not asked for: still parked
+    with sqlite3.connect(data / "agent.db") as conn:  # the request was used up at that start
+        assert conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'dlq.%'").fetchone() == (0,)
+    assert agent.ledger.total() == 0
