@@ -1,6 +1,7 @@
-"""The dead-letter queue end to end: bisection of poison batches, retryable failures
-parked and replayed exactly once, manual replay (HTTP and CLI, live and offline),
-purge and TTL expiry counted in the ledger, pagination."""
+"""The dead-letter queue end to end: bisection of poison batches (live and replayed),
+retryable failures parked and replayed exactly once, manual replay (HTTP and CLI, live
+and offline, queued for the next start), purge, TTL expiry and the per-sink cap
+counted in the ledger, pagination."""
 
 from __future__ import annotations
 
