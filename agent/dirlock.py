@@ -4,7 +4,8 @@ An agent holds it from start to stop; an offline CLI command (`dlq`, `flags` whi
 agent answers over HTTP) holds it for the length of the command. The file names the
 holder: `PID` for an agent, `PID cli` for a CLI command. A CLI command holds the lock
 only briefly, so whoever finds one holding it waits up to `CLI_WAIT_S`; an agent
-holding it is an error at once. The kernel releases the lock when the process dies.
+holding it is an error (after one more look: a new holder writes its pid just after
+taking the lock). The kernel releases the lock when the process dies.
 """
 
 from __future__ import annotations

@@ -218,9 +218,8 @@ class DeadLetterQueue:
                         (*values, entry_id),
                     )
         self._pending[sink] = max(0, self._pending.get(sink, 0) - delivered)
-        if parts:
-            exc = parts[0][1]
-            self.last_error[sink] = f"{type(exc).__name__}: {exc}"
+        exc = parts[0][1]
+        self.last_error[sink] = f"{type(exc).__name__}: {exc}"
 
     async def request_replay(self, sinks: list[str]) -> None:
         """Remember that `sinks` are to replay their pending entries at the next start
