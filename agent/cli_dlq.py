@@ -1,5 +1,6 @@
 """`sidecar-agent dlq list|replay|purge`: talks to the running agent's HTTP API, or,
-when none answers, works on the data dir directly (replay then happens at next start)."""
+when none answers, works on the data dir directly under the data-dir lock (a replay is
+then queued in the database and runs when the agent next starts)."""
 
 from __future__ import annotations
 
@@ -17,19 +18,23 @@ from .config import Config
 
 
 async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
-    from .db import Database
+    from .db import Database, DataDirInUse
     from .dlq import DeadLetterQueue
     from .losses import LossLedger
 
-    db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync)
-    await db.open()
-    ledger = LossLedger()
-    rows = await db.fetchall("SELECT reason, sink, count FROM losses")
-    ledger.load([tuple(r) for r in rows])
-    ledger.take_dirty()
-    dlq = DeadLetterQueue(db, ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events)
-    await dlq.open()
+    db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync, cli=True)
     try:
+        await db.open()  # takes the data-dir lock for the length of the command
+    except DataDirInUse as exc:
+        await db.close()
+        raise client.offline_refused(cfg, exc) from None
+    try:
+        ledger = LossLedger()
+        rows = await db.fetchall("SELECT reason, sink, count FROM losses")
+        ledger.load([tuple(r) for r in rows])
+        ledger.take_dirty()
+        dlq = DeadLetterQueue(db, ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events)
+        await dlq.open()
         if args.action == "list":
             entries = await dlq.list(sink=args.sink, status=args.status, limit=args.limit)
             return {"entries": msgspec.to_builtins(entries), "offline": True}
@@ -42,8 +47,14 @@ async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
                     ledger.take_dirty(),
                 )
             return {"purged_events": n, "offline": True}
-        return {"pending_events": dlq.depth(args.sink), "offline": True,
-                "note": "the agent is not running: pending entries are replayed when it starts"}
+        # No agent to replay now: queue the request; the next start replays these sinks'
+        # pending entries at once, as a replay asked of a running agent does.
+        queued = [s for s in ([args.sink] if args.sink else dlq.sinks()) if dlq.depth(s)]
+        if queued:
+            await dlq.request_replay(queued)
+        note = ("the agent is not running: the replay is queued and runs when the agent next starts"
+                " (whether or not [dlq] auto_replay is on)") if queued else "nothing is pending"
+        return {"queued": queued, "pending_events": dlq.depth(args.sink), "offline": True, "note": note}
     finally:
         await db.close()
 

@@ -22,6 +22,31 @@ def _offline_flags(cfg: Config):
     return FlagService.offline(defs, Path(cfg.agent.data_dir), cfg.flags, config_origin=cfg.origin)
 
 
+def _flags_offline(cfg: Config, action: str, name: str | None, value: object) -> dict:
+    """No agent answered: work on the data dir's flag files under the data-dir lock, so an
+    agent starting meanwhile reads them before or after the change, never in between.
+    Listing takes the lock too: loading may clean up or compact those files."""
+    from .dirlock import DataDirInUse, DataDirLock
+    from .flags import FlagError
+
+    lock = DataDirLock(Path(cfg.agent.data_dir), cli=True)
+    try:
+        asyncio.run(lock.acquire())
+    except DataDirInUse as exc:
+        raise client.offline_refused(cfg, exc) from None
+    try:
+        service = _offline_flags(cfg)
+        if action == "list":
+            return {"flags": service.describe(), "offline": True}
+        if action == "set":
+            return service.set(name, value, "cli (offline)")
+        return {"cleared": service.clear(name, "cli (offline)")}
+    except FlagError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    finally:
+        lock.release()
+
+
 def flags(args: argparse.Namespace, cfg: Config) -> int:
     """`flags list|set NAME VALUE|clear NAME`: via the running agent, else the data dir."""
     if args.action in ("set", "clear") and not args.name:
@@ -42,18 +67,7 @@ def flags(args: argparse.Namespace, cfg: Config) -> int:
         else:
             result = client.call(cfg, "DELETE", f"/api/v1/flags/{args.name}")
     except client.AgentUnreachable:
-        from .flags import FlagError
-
-        service = _offline_flags(cfg)
-        try:
-            if args.action == "list":
-                result = {"flags": service.describe(), "offline": True}
-            elif args.action == "set":
-                result = service.set(args.name, value, "cli (offline)")
-            else:
-                result = {"cleared": service.clear(args.name, "cli (offline)")}
-        except FlagError as exc:
-            raise SystemExit(f"error: {exc}") from None
+        result = _flags_offline(cfg, args.action, args.name, value)
     if args.action == "list" and not args.json:
         for f in result["flags"]:
             print(f"{f['name']:<40} {json.dumps(f['value']):<12} ({f['layer']})  {f['description']}")

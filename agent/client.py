@@ -10,19 +10,35 @@ import urllib.request
 from typing import Any
 
 from .config import Config
+from .dirlock import DataDirInUse
 
 
 class AgentUnreachable(Exception):
     """No agent answered at the configured address."""
 
 
+def url(cfg: Config) -> str:
+    """The agent's base URL from the config (a wildcard host is reached on loopback)."""
+    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{cfg.server.port}"
+
+
+def offline_refused(cfg: Config, exc: DataDirInUse) -> SystemExit:
+    """The exit for an offline command that found the data dir locked."""
+    if exc.by_cli:
+        return SystemExit(f"error: {exc}")
+    return SystemExit(
+        f"error: data dir {exc.data_dir} is in use by an agent (pid {exc.pid}) that did not answer at"
+        f" {url(cfg)}: it is still starting, runs without [server], or listens elsewhere (check --config)"
+    )
+
+
 def call(cfg: Config, method: str, path: str, query: dict[str, Any] | None = None,
          body: Any = None) -> dict[str, Any]:
     """Send one request; returns the decoded JSON, raises SystemExit on an HTTP error."""
-    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
     q = urllib.parse.urlencode({k: v for k, v in (query or {}).items() if v is not None})
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{host}:{cfg.server.port}{path}" + (f"?{q}" if q else ""),
+    req = urllib.request.Request(url(cfg) + path + (f"?{q}" if q else ""),
                                  method=method, data=data)
     req.add_header("X-Sidecar-Actor", "cli")
     if data is not None:

@@ -65,9 +65,9 @@ class DlqSection(_Section):
     """`[dlq]`: dead-letter queue retention and replay rate."""
 
     ttl_hours: PositiveFloat = 168.0
-    max_events: PositiveInt = 1_000_000
+    max_events: PositiveInt = 1_000_000  # pending events per sink; over it that sink's oldest go (dlq_full)
     replay_per_s: PositiveFloat = 2.0
-    auto_replay: bool = True  # false: entries wait for `dlq replay` (CLI, HTTP or the dashboard)
+    auto_replay: bool = True  # false: entries wait for `dlq replay` (CLI, HTTP, dashboard; offline CLI: next start)
 
 
 class DashboardSection(_Section):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from .errors import AgentError
+from .dirlock import DataDirInUse, DataDirLock  # noqa: F401  (DataDirInUse: re-exported)
 
 log = logging.getLogger("sidecar_agent.db")
 
@@ -64,47 +62,27 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 DB_FILE = "agent.db"
-LOCK_FILE = "agent.lock"
-
-
-class DataDirInUse(AgentError):
-    """Another agent (or CLI command) holds this data dir."""
 
 
 class Database:
     """Owns the writer and reader connections to the agent's SQLite file."""
 
-    def __init__(self, data_dir: Path, *, sync: str = "full") -> None:
+    def __init__(self, data_dir: Path, *, sync: str = "full", cli: bool = False) -> None:
         self.path = Path(data_dir) / DB_FILE
         self.sync = sync
         self.writer: aiosqlite.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
         self.recovered_from: str | None = None  # path of a corrupt file moved aside
         self._lock = asyncio.Lock()
-        self._lock_fd: int | None = None
-
-    def _take_dir_lock(self) -> None:
         # Two agents on one data dir would corrupt each other's sequence numbers and
         # cursors, so the dir is exclusively locked for as long as the database is open.
-        path = self.path.parent / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise DataDirInUse(
-                f"data dir {self.path.parent} is in use by another agent (pid {holder}); "
-                "give each agent its own agent.data_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self.dir_lock = DataDirLock(Path(data_dir), cli=cli)
 
     async def open(self) -> None:
-        """Lock the data dir, open (checking integrity first), apply the schema, open the reader."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._take_dir_lock()
+        """Lock the data dir (unless `dir_lock` is held already), open (checking integrity
+        first), apply the schema, open the reader."""
+        if not self.dir_lock.held:
+            await self.dir_lock.acquire()
         if self.path.exists() and not await self._healthy():
             self._move_aside()
         self.writer = await self._connect()
@@ -168,6 +146,4 @@ class Database:
                 with contextlib.suppress(Exception):
                     await conn.close()
         self.reader = self.writer = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        self.dir_lock.release()

@@ -8,7 +8,8 @@ Outcomes of a batch:
   DLQ and the cursor moves on (no head-of-line blocking);
 - CircuitOpenError: the worker waits for the breaker and sends the same batch again,
   so the journal, not memory, holds the backlog while a sink is down.
-DLQ entries are replayed when the sink is healthy again, at a bounded rate.
+DLQ entries are replayed when the sink is healthy again, at a bounded rate; a replayed
+entry that fails permanently is bisected like a live batch.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class SinkWorker:
                 continue
             except PermanentError as exc:
                 self._failed(exc)
-                await self._bisect(events, exc, first_attempt)
+                for part, error in await self._bisect(events, exc):
+                    await self._dead_letter(part, error, 1, first_attempt)
                 return
             except Exception as exc:  # RetryableError past its budget, or a sink bug
                 self._failed(exc)
@@ -198,21 +200,24 @@ class SinkWorker:
             self._succeeded(events)
             return
 
-    async def _bisect(self, events: list[Event], exc: BaseException, first_attempt: float) -> None:
-        """Split a permanently failing batch until only the offending events remain."""
+    async def _bisect(self, events: list[Event], exc: BaseException) -> list[tuple[list[Event], BaseException]]:
+        """Split a batch that failed with `exc` (permanently): deliver the halves that go
+        through and return the parts that do not, with their errors. A permanent failure
+        is split down to single events; any other failure keeps its half whole."""
         if len(events) == 1:
-            await self._dead_letter(events, exc, 1, first_attempt)
-            return
+            return [(events, exc)]
+        failed: list[tuple[list[Event], BaseException]] = []
         mid = len(events) // 2
         for half in (events[:mid], events[mid:]):
             try:
                 await self._send(half)
             except PermanentError as inner:
-                await self._bisect(half, inner, first_attempt)
+                failed += await self._bisect(half, inner)
             except Exception as inner:
-                await self._dead_letter(half, inner, 1, first_attempt)
+                failed.append((half, inner))
             else:
                 self._succeeded(half)
+        return failed
 
     async def _dead_letter(self, events: list[Event], exc: BaseException, attempts: int, first: float) -> None:
         await self.dlq.put(self.name, events, exc, max(1, attempts), first)
@@ -248,25 +253,47 @@ class SinkWorker:
             return False
         entry_id, _, events = claimed
         try:
-            await self._send(events)
+            failed = await self._replay(events)
         except (asyncio.CancelledError, KeyboardInterrupt):
+            # The whole entry stays parked; halves already delivered may be sent again.
             await asyncio.shield(self.dlq.settle(entry_id, self.name, len(events), RetryableError("cancelled")))
             raise
         except Exception as exc:
             self._failed(exc)
-            self._replay_now = False
-            wait = exc.retry_after if isinstance(exc, RetryableError) and exc.retry_after else self._probe_delay
-            self._probe_at = time.monotonic() + wait
-            self._probe_delay = min(self._probe_delay * 2, 60.0)
+            self._replay_failed(exc)
             await self.dlq.settle(entry_id, self.name, len(events), exc)
             return False
+        delivered = len(events) - sum(len(part) for part, _ in failed)
+        self.stats.replayed += delivered
+        if failed:
+            await self.dlq.split(entry_id, self.name, delivered, failed)
+            self._replay_failed(failed[0][1])
+            return delivered > 0
         self._probe_delay = 1.0
-        self._succeeded(events)
-        self.stats.replayed += len(events)
         await self.dlq.settle(entry_id, self.name, len(events), None)
         if not self.dlq.depth(self.name):
             self._replay_now = False
         return True
+
+    async def _replay(self, events: list[Event]) -> list[tuple[list[Event], BaseException]]:
+        """Send a DLQ entry's events; several that fail permanently are bisected like a
+        live batch. Returns the parts that still fail (empty when all were delivered)."""
+        try:
+            await self._send(events)
+        except PermanentError as exc:
+            if len(events) == 1:
+                raise
+            self._failed(exc)
+            return await self._bisect(events, exc)
+        self._succeeded(events)
+        return []
+
+    def _replay_failed(self, exc: BaseException) -> None:
+        """A replay failed: end an explicit replay and back off the next probe."""
+        self._replay_now = False
+        wait = exc.retry_after if isinstance(exc, RetryableError) and exc.retry_after else self._probe_delay
+        self._probe_at = time.monotonic() + wait
+        self._probe_delay = min(self._probe_delay * 2, 60.0)
 
     async def close(self) -> None:
         """Close the sink (after the worker task is done), also when a stop interrupted its start."""

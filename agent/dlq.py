@@ -3,11 +3,13 @@
 An entry holds the events, the sink, the cause (error class and message), the number
 of attempts, first and last attempt times and a status: pending, replaying,
 delivered, expired or purged. Terminal entries keep their metadata (for audit) but
-drop their event bodies. Expiry (TTL) and the size cap are counted in the ledger.
+drop their event bodies. Expiry (TTL) and the size cap (`max_events` pending events per
+sink) are counted in the ledger.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from .event import Event, encode_msgpack_batch, stored_batch_decoder
 from .losses import LossLedger
 
 STATUSES = ("pending", "replaying", "delivered", "expired", "purged")
+REPLAY_KEY = "dlq.replay_requested"  # meta row: sinks to replay at the next start (offline CLI)
 
 
 class DlqEntry(msgspec.Struct):
@@ -41,7 +44,7 @@ _COLUMNS = "id, sink, count, error_class, error, attempts, first_attempt, last_a
 
 
 class DeadLetterQueue:
-    """Stores failed batches per sink; replayed by the delivery workers."""
+    """Stores failed batches per sink, each sink capped at `max_events`; replayed by the delivery workers."""
 
     def __init__(self, db: Database, ledger: LossLedger, *, ttl_s: float, max_events: int) -> None:
         self.db = db
@@ -69,8 +72,12 @@ class DeadLetterQueue:
             return sum(self._pending.values())
         return self._pending.get(sink, 0)
 
+    def sinks(self) -> list[str]:
+        """The sinks that have pending events."""
+        return sorted(s for s, n in self._pending.items() if n)
+
     async def put(self, sink: str, events: list[Event], exc: BaseException, attempts: int, first_attempt: float) -> int:
-        """Park a batch; returns the entry id. Over the cap, the oldest pending entries go (counted)."""
+        """Park a batch; returns the entry id. Over the sink's cap, its oldest pending entries go (counted)."""
         now = time.time()
         message = str(exc) or type(exc).__name__
         self.last_error[sink] = f"{type(exc).__name__}: {message}"
@@ -83,13 +90,14 @@ class DeadLetterQueue:
             )
             entry_id = cur.lastrowid
         self._pending[sink] = self._pending.get(sink, 0) + len(events)
-        if self.depth() > self.max_events:
-            await self._evict(self.depth() - self.max_events)
+        if self.depth(sink) > self.max_events:
+            await self._evict(sink, self.depth(sink) - self.max_events)
         return int(entry_id or 0)
 
-    async def _evict(self, n_events: int) -> None:
+    async def _evict(self, sink: str, n_events: int) -> None:
+        """Expire `sink`'s oldest pending entries until `n_events` are freed (counted as `dlq_full`)."""
         rows = await self.db.fetchall(
-            "SELECT id, sink, count FROM dlq WHERE status = 'pending' ORDER BY id LIMIT 1000"
+            "SELECT id, sink, count FROM dlq WHERE sink = ? AND status = 'pending' ORDER BY id LIMIT 1000", (sink,)
         )
         victims, freed = [], 0
         for entry_id, sink, count in rows:
@@ -181,6 +189,55 @@ class DeadLetterQueue:
             self._pending[sink] = max(0, self._pending.get(sink, 0) - count)
         else:
             self.last_error[sink] = f"{type(exc).__name__}: {exc}"
+
+    async def split(
+        self, entry_id: int, sink: str, delivered: int, parts: list[tuple[list[Event], BaseException]]
+    ) -> None:
+        """After a bisected replay: `delivered` events went through and each of `parts`
+        still fails. The entry keeps the first part and each other part becomes a new
+        entry (same `created`, so the TTL still counts from the first failure), in one
+        transaction, so a crash leaves either the whole entry or exactly the parts."""
+        assert parts, "an entry delivered whole is settled, not split"
+        now = time.time()
+        async with self.db.tx() as conn:
+            for i, (events, exc) in enumerate(parts):
+                values = (encode_msgpack_batch(events), len(events), type(exc).__name__,
+                          (str(exc) or type(exc).__name__)[:2000], now, now)
+                if i == 0:
+                    await conn.execute(
+                        "UPDATE dlq SET events = ?, count = ?, error_class = ?, error = ?, last_attempt = ?,"
+                        " updated = ?, attempts = attempts + 1, status = 'pending' WHERE id = ?",
+                        (*values, entry_id),
+                    )
+                else:
+                    await conn.execute(
+                        "INSERT INTO dlq (sink, events, count, error_class, error, last_attempt, updated,"
+                        " attempts, first_attempt, status, created)"
+                        " SELECT sink, ?, ?, ?, ?, ?, ?, attempts, first_attempt, 'pending', created"
+                        " FROM dlq WHERE id = ?",
+                        (*values, entry_id),
+                    )
+        self._pending[sink] = max(0, self._pending.get(sink, 0) - delivered)
+        exc = parts[0][1]
+        self.last_error[sink] = f"{type(exc).__name__}: {exc}"
+
+    async def request_replay(self, sinks: list[str]) -> None:
+        """Remember that `sinks` are to replay their pending entries at the next start
+        (the offline CLI asks while no agent runs)."""
+        async with self.db.tx() as conn:
+            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,))
+            requested = sorted(set(json.loads(rows[0][0]) if rows else []) | set(sinks))
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (REPLAY_KEY, json.dumps(requested)),
+            )
+
+    async def take_replay_requests(self) -> list[str]:
+        """The sinks asked to replay while no agent ran; the request is used up."""
+        async with self.db.tx() as conn:
+            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,))
+            await conn.execute("DELETE FROM meta WHERE key = ?", (REPLAY_KEY,))
+        return json.loads(rows[0][0]) if rows else []
 
     async def purge(self, *, sink: str | None = None, status: str | None = "pending") -> int:
         """Purge pending (or `status`) entries. Purged pending events count as `dlq_purged`;

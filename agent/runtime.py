@@ -115,9 +115,15 @@ class Agent:
         self.host.load()
         specs = plan(cfg, self.host)  # config errors surface before anything starts
         data_dir = Path(cfg.agent.data_dir)
-        self.flags = build_flags(cfg, self.host, specs, emit=self.emit)
         self.db = Database(data_dir, sync=cfg.agent.sync)
-        await self.db.open()
+        # The flag overrides are read under the data-dir lock, as offline CLI writes are made.
+        await self.db.dir_lock.acquire()
+        try:
+            self.flags = build_flags(cfg, self.host, specs, emit=self.emit)
+            await self.db.open()
+        except BaseException:
+            await self.db.close()
+            raise
         self.journal = Journal(
             self.db, self.ledger, max_bytes=int(cfg.agent.max_journal_mb * 1024 * 1024), overflow=cfg.agent.overflow
         )
@@ -136,6 +142,11 @@ class Agent:
             if spec.kind == "sinks":
                 self._build_sink(spec, data_dir)
         self.journal.attach(list(self.workers))
+        for name in await self.dlq.take_replay_requests():  # asked for by the offline CLI
+            if name in self.workers:
+                self.workers[name].request_replay()
+            else:
+                log.warning("DLQ replay was requested for sink %s, which is not configured", name)
         self._spawn("committer", self.committer.run())
         self._spawn("housekeeping", self._housekeeping())
         for name, worker in self.workers.items():

@@ -4,8 +4,9 @@
 - null: accepts and forgets (benchmarks);
 - hang: never returns from send();
 - flaky: raises RetryableError while its name is in STATE.down;
-- poison: raises PermanentError for a batch holding any event whose name starts
-  with "poison", otherwise behaves like memory.
+- poison: raises RetryableError while its name is in STATE.down (an outage parks
+  whole batches), else PermanentError for a batch holding any event whose name
+  starts with "poison", otherwise behaves like memory.
 State is module-global: call STATE.reset() at the start of a test.
 """
 
@@ -75,6 +76,9 @@ class FlakySink(MemorySink):
 
 class PoisonSink(MemorySink):
     async def send(self, events: list[Event]) -> None:
+        if self.name in STATE.down:
+            STATE.calls[self.name] = STATE.calls.get(self.name, 0) + 1
+            raise RetryableError(f"{self.name} is down")
         bad = [e for e in events if e.name.startswith("poison")]
         if bad:
             STATE.calls[self.name] = STATE.calls.get(self.name, 0) + 1

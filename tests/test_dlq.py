@@ -1,6 +1,7 @@
-"""The dead-letter queue end to end: bisection of poison batches, retryable failures
-parked and replayed exactly once, manual replay (HTTP and CLI, live and offline),
-purge and TTL expiry counted in the ledger, pagination."""
+"""The dead-letter queue end to end: bisection of poison batches (live and replayed),
+retryable failures parked and replayed exactly once, manual replay (HTTP and CLI, live
+and offline, queued for the next start), purge, TTL expiry and the per-sink cap
+counted in the ledger, pagination."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import collections
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -33,6 +35,11 @@ async def post(agent, items) -> list[str]:
         async with http.post(agent.server_url + "/api/v1/events", json=items) as r:
             assert r.status == 202, await r.text()
             return (await r.json())["ids"]
+
+
+async def pending_ids(agent, sink: str) -> set[str]:
+    """Ids of the events in `sink`'s pending DLQ entries."""
+    return {ev.id for e in await agent.dlq.list(sink=sink, status="pending") for ev in await agent.dlq.events(e.id)}
 
 
 async def cli(tmp_path: Path, port: int, *args: str) -> dict:
@@ -143,7 +150,7 @@ async def test_cli_offline_against_the_data_dir(tmp_path):
     listed = await cli(tmp_path, port, "list")
     assert listed["offline"] is True and sum(e["count"] for e in listed["entries"]) == 6
     out = await cli(tmp_path, port, "replay")
-    assert out["offline"] is True and out["pending_events"] == 6
+    assert out["offline"] is True and out["pending_events"] == 6 and out["queued"] == ["api"]
     # Restarted with the sink healthy and no new traffic, the agent replays what is pending.
     STATE.down.clear()
     agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST, dlq={"replay_per_s": 100})
@@ -231,3 +238,86 @@ async def test_purging_settled_entries_is_not_a_second_loss_and_failing_entries_
     assert await dlq.purge(sink="s") == 1
     assert ledger.by_reason() == {"dlq_purged": 1} and dlq.depth("s") == 0
     await db.close()
+
+
+async def test_dlq_cap_is_per_sink_and_evicts_only_that_sinks_oldest(tmp_path):
+    sinks = {"a": {"type": "flaky", "batch_size": 4}, "b": {"type": "flaky", "batch_size": 4}}
+    agent = make_agent(tmp_path / "data", sinks, agent=FAST, dlq={"max_events": 10, "auto_replay": False})
+    STATE.down.update({"a", "b"})
+
+    def settled() -> bool:
+        return all(agent.journal.cursors[s] == agent.journal.last_seq for s in ("a", "b"))
+
+    async with agent:
+        first = []
+        for k in range(2):
+            first += await post(agent, [{"name": "m", "value": k * 4 + i} for i in range(4)])
+        await wait_for(settled, what="both sinks to park their batches")
+        # 16 pending events in all, but each sink holds only 8 of its cap of 10: nothing goes.
+        assert (agent.dlq.depth("a"), agent.dlq.depth("b")) == (8, 8)
+        assert agent.ledger.total() == 0
+        STATE.down.discard("b")
+        later = await post(agent, [{"name": "m", "value": 8 + i} for i in range(4)])
+        await wait_for(settled, what="the third batch")
+        # Sink a is over its own cap: only its oldest entries go, counted against it.
+        lost = 12 - agent.dlq.depth("a")
+        assert 2 <= lost and agent.dlq.depth("a") <= 10
+        assert agent.ledger.snapshot() == {(losses.DLQ_FULL, "a"): lost}
+        assert await pending_ids(agent, "a") == set((first + later)[lost:])
+        # Sink b lost nothing: its 8 parked events wait, the third batch was delivered.
+        assert agent.dlq.depth("b") == 8 and sorted(STATE.ids("b")) == sorted(later)
+        assert await pending_ids(agent, "b") == set(first)
+
+
+async def test_replayed_entry_with_poison_is_bisected_good_events_delivered_once(tmp_path):
+    # An outage parks a whole batch; after recovery, its replay fails permanently on two
+    # poison events. Bisection delivers the other 14 and keeps only the two, one per entry.
+    agent = make_agent(tmp_path / "data", {"pg": {"type": "poison", "batch_size": 16}}, agent=FAST,
+                       dlq={"replay_per_s": 100})
+    STATE.down.add("pg")
+    async with agent:
+        ids = await post(agent, [{"name": "poison" if i in (5, 11) else "ok", "value": i} for i in range(16)])
+        await wait_for(lambda: agent.dlq.depth("pg") == 16, what="the outage to park the batch")
+        [parked] = await agent.dlq.list(sink="pg", status="pending")
+        assert parked.count == 16 and parked.error_class == "RetryableError"
+        STATE.down.clear()  # no new traffic: the sink's backoff probe replays the entry
+        bad = {ids[5], ids[11]}
+        await wait_for(lambda: len(STATE.ids("pg")) == 14 and agent.dlq.depth("pg") == 2, what="bisected replay")
+        counts = collections.Counter(STATE.ids("pg"))
+        assert set(counts) == set(ids) - bad and max(counts.values()) == 1
+        pending = await agent.dlq.list(sink="pg", status="pending")
+        assert [e.count for e in pending] == [1, 1]
+        assert {e.error_class for e in pending} == {"PermanentError"}
+        assert all(e.created == parked.created and e.attempts > parked.attempts for e in pending)  # TTL kept
+        assert await pending_ids(agent, "pg") == bad
+        assert agent.workers["pg"].stats.replayed == 14
+        assert agent.ledger.total() == 0
+    # The two entries survive a restart; nothing else is pending or lost.
+    agent = make_agent(tmp_path / "data", {"pg": {"type": "poison", "batch_size": 16}}, agent=FAST,
+                       dlq={"auto_replay": False})
+    async with agent:
+        assert agent.dlq.depth("pg") == 2 and await pending_ids(agent, "pg") == bad
+        assert agent.ledger.total() == 0
+
+
+async def test_offline_replay_is_queued_for_the_next_start_even_with_auto_replay_off(tmp_path):
+    data = tmp_path / "data"
+    sinks = {"api": {"type": "flaky"}, "other": {"type": "flaky"}}
+    agent = make_agent(data, sinks, agent=FAST, dlq={"auto_replay": False})
+    STATE.down.update({"api", "other"})
+    async with agent:
+        ids = await post(agent, [{"name": "m", "value": i} for i in range(5)])
+        await wait_for(lambda: agent.dlq.depth("api") == 5 and agent.dlq.depth("other") == 5, what="the DLQ")
+    out = await cli(tmp_path, free_port(), "replay", "--sink", "api")
+    assert out["offline"] is True and out["queued"] == ["api"] and out["pending_events"] == 5
+    with sqlite3.connect(data / "agent.db") as conn:  # the request is kept in the database
+        assert conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'dlq.%'").fetchone() == (1,)
+    STATE.down.clear()
+    agent = make_agent(data, sinks, agent=FAST, dlq={"auto_replay": False})
+    async with agent:
+        await wait_for(lambda: agent.dlq.depth("api") == 0, what="the replay queued offline")
+        assert sorted(STATE.ids("api")) == sorted(ids)
+        assert agent.dlq.depth("other") == 5 and STATE.ids("other") == []  # not asked for: still parked
+    with sqlite3.connect(data / "agent.db") as conn:  # the request was used up at that start
+        assert conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'dlq.%'").fetchone() == (0,)
+    assert agent.ledger.total() == 0

@@ -1,0 +1,117 @@
+"""The data-dir lock between agents and offline CLI commands: a second agent is refused,
+offline `flags` writes take the lock (and are refused while an agent holds the dir),
+an agent starting while a CLI command holds it waits and then reads what it wrote,
+and a running agent's flags are changed over HTTP, not on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.dirlock import DataDirInUse, DataDirLock
+from agent.flags import FlagService, core_flags
+from agent.runtime import Agent
+from tests.durability_helpers import WORKTREE, free_port, wait_for
+
+
+def agent_config(tmp_path: Path, port: int | None) -> dict:
+    """One jsonl sink `out`; the HTTP server on `port`, or none."""
+    server = {"port": port} if port else {"enabled": False}
+    return {
+        "agent": {"data_dir": str(tmp_path / "data"), "commit_interval_ms": 2, "shutdown_timeout_s": 1},
+        "server": server,
+        "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": []}},
+    }
+
+
+async def start_cli(tmp_path: Path, port: int, *args: str) -> asyncio.subprocess.Process:
+    """Start `sidecar-agent ARGS --config` with the agent's data dir and sink, server at `port`."""
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'[agent]\ndata_dir = "{tmp_path / "data"}"\n[server]\nport = {port}\n'
+                   f'[sinks.out]\ntype = "jsonl"\npath = "{tmp_path / "out.jsonl"}"\n')
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", *args, "--config", str(cfg), "--json",
+        env={**os.environ, "PYTHONPATH": str(WORKTREE)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def cli(tmp_path: Path, port: int, *args: str) -> tuple[int, str, str]:
+    proc = await start_cli(tmp_path, port, *args)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+def overrides(tmp_path: Path) -> dict:
+    path = tmp_path / "data" / "flags.json"
+    return json.loads(path.read_text())["overrides"] if path.exists() else {}
+
+
+async def test_a_second_agent_on_the_same_data_dir_is_refused(tmp_path):
+    async with Agent(agent_config(tmp_path, None)):
+        with pytest.raises(DataDirInUse, match=rf"in use by another agent \(pid {os.getpid()}\)"):
+            await Agent(agent_config(tmp_path, None)).start()
+
+
+async def test_offline_flags_set_is_refused_while_an_agent_without_http_holds_the_dir(tmp_path):
+    async with Agent(agent_config(tmp_path, None)) as agent:
+        code, _, err = await cli(tmp_path, free_port(), "flags", "set", "sinks.out.enabled", "false")
+        assert code == 1
+        assert f"in use by an agent (pid {os.getpid()}) that did not answer" in err
+        assert overrides(tmp_path) == {}  # nothing written behind the running agent's back
+        assert agent.flags.get("sinks.out.enabled") is True
+        code, _, err = await cli(tmp_path, free_port(), "flags", "list")
+        assert code == 1 and "did not answer" in err
+    code, out, err = await cli(tmp_path, free_port(), "flags", "set", "sinks.out.enabled", "false")
+    assert code == 0, err
+    assert json.loads(out)["value"] is False and overrides(tmp_path) == {"sinks.out.enabled": False}
+
+
+async def test_flags_set_goes_over_http_while_the_agent_runs(tmp_path):
+    port = free_port()
+    async with Agent(agent_config(tmp_path, port)) as agent:
+        code, out, err = await cli(tmp_path, port, "flags", "set", "sinks.out.enabled", "false")
+        assert code == 0, err
+        assert "offline" not in json.loads(out)
+        assert agent.flags.get("sinks.out.enabled") is False  # the running agent changed it
+        code, out, err = await cli(tmp_path, port, "flags", "clear", "sinks.out.enabled")
+        assert code == 0 and json.loads(out)["layer"] == "default"
+        assert agent.flags.get("sinks.out.enabled") is True
+
+
+async def test_an_agent_starting_while_a_cli_command_holds_the_dir_waits_and_reads_its_change(tmp_path, caplog):
+    lock = await DataDirLock(tmp_path / "data", cli=True).acquire()
+    assert (tmp_path / "data" / "agent.lock").read_text() == f"{os.getpid()} cli"
+    agent = Agent(agent_config(tmp_path, None))
+    starting = asyncio.ensure_future(agent.start())
+    try:
+        await wait_for(lambda: "locked by a CLI command" in caplog.text, what="the agent to wait for the lock")
+        assert not starting.done()
+        # What `flags set` does under the lock, while the agent waits for it.
+        FlagService.offline(core_flags(["out", "store"]), tmp_path / "data").set("sinks.out.enabled", False, "cli")
+        lock.release()
+        await starting
+        assert agent.state == "running" and agent.flags.get("sinks.out.enabled") is False
+    finally:
+        lock.release()
+        await asyncio.gather(starting, return_exceptions=True)
+        await agent.stop()
+
+
+async def test_an_offline_cli_command_waits_for_another_to_finish(tmp_path):
+    lock = await DataDirLock(tmp_path / "data", cli=True).acquire()
+    try:
+        proc = await start_cli(tmp_path, free_port(), "flags", "set", "sinks.out.enabled", "false")
+        line = await proc.stderr.readline()
+        assert b"locked by a CLI command" in line, line
+        assert overrides(tmp_path) == {}  # it waits instead of writing
+    finally:
+        lock.release()
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert overrides(tmp_path) == {"sinks.out.enabled": False}
