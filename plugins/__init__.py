@@ -4,6 +4,7 @@
 BUILTIN: tuple[str, ...] = (
     "plugins.system",
     "plugins.process",
+    "plugins.statsd",
     "plugins.jsonl",
     "plugins.postgres",
     "plugins.supabase",
