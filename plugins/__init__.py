@@ -5,6 +5,7 @@ BUILTIN: tuple[str, ...] = (
     "plugins.system",
     "plugins.process",
     "plugins.statsd",
+    "plugins.prometheus",
     "plugins.jsonl",
     "plugins.postgres",
     "plugins.supabase",
