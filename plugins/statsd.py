@@ -207,12 +207,14 @@ class StatsdSource:
         self.ctx = ctx
         self.parser = Parser(options.tags)
         self.warn = ThrottledLog(ctx.log)
+        self.warn_overflow = ThrottledLog(ctx.log)  # not muted by a flood of bad lines
         self.stats = ctx.stats
         self.stats.update(address=None, packets=0, events=0, malformed=0, unsupported=0, socket_overflow=0)
         self._emit: Emit | None = None
         self._drops_seen = 0
 
     async def run(self, emit: Emit) -> None:
+        self._emit = emit  # before the socket exists, so no datagram can find it unset
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Receiver(self), local_addr=(self.options.host, self.options.port))
@@ -220,7 +222,6 @@ class StatsdSource:
         host, port = sock.getsockname()[:2]
         self.stats["address"] = f"{host}:{port}"
         self.ctx.log.info("statsd listening on udp %s:%d", host, port)
-        self._emit = emit
         self._drops_seen = 0  # the kernel counts per socket, and this one is new
         try:
             while True:
@@ -255,7 +256,7 @@ class StatsdSource:
             # Each datagram held at least one event: a lower bound on what was lost.
             self.ctx.lost(SOCKET_OVERFLOW, drops - self._drops_seen)
             self.stats["socket_overflow"] += drops - self._drops_seen
-            self.warn("statsd: the kernel dropped %d datagrams (receive buffer full)", drops - self._drops_seen)
+            self.warn_overflow("statsd: the kernel dropped %d datagrams (receive buffer full)", drops - self._drops_seen)
             self._drops_seen = drops
 
 
