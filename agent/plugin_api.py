@@ -13,6 +13,7 @@ import asyncio
 import datetime as _dt
 import email.utils
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import msgspec
 
 from .event import Event
+from .losses import LossLedger
 
 T = TypeVar("T")
 
@@ -68,6 +70,13 @@ class PluginContext:
     emit: Emit
     # Free-form gauges a plugin exposes at /metrics and /api/v1/status, e.g. breaker state.
     stats: dict[str, Any] = field(default_factory=dict)
+    # The agent's loss ledger. A context built outside an agent (tests, benchmarks) gets
+    # a private one, so a plugin can always count its drops.
+    ledger: LossLedger = field(default_factory=LossLedger)
+
+    def lost(self, reason: str, n: int = 1) -> None:
+        """Count n events this plugin dropped (e.g. unparsable input) in the loss ledger."""
+        self.ledger.add(reason, n)
 
     def event(self, name: str, value: float | None = None, *, kind: str = "event", **data: Any) -> None:
         """Emit one of the agent's own events (e.g. a breaker state change)."""
@@ -129,3 +138,29 @@ def parse_retry_after(value: str | None, now: _dt.datetime | None = None) -> flo
         when = when.replace(tzinfo=_dt.timezone.utc)
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return max(0.0, (when - now).total_seconds())
+
+
+class ThrottledLog:
+    """Logs a recurring problem at most once per `every_s` seconds, with a count of the rest.
+
+    For plugins that see bad input at network rates (a malformed StatsD line per packet,
+    a failing scrape target): every occurrence is counted elsewhere, the log only
+    needs enough to diagnose, and must not flood.
+    """
+
+    def __init__(self, log: logging.Logger, every_s: float = 10.0, level: int = logging.WARNING,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log, self.every_s, self.level, self.clock = log, every_s, level, clock
+        self._next = float("-inf")
+        self._skipped = 0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        now = self.clock()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg += f" (and {self._skipped} more like it since the last message)"
+        self.log.log(self.level, msg, *args)
+        self._next = now + self.every_s
+        self._skipped = 0

@@ -54,6 +54,7 @@ class Agent:
         self.server_url: str | None = None
         self.components: dict[str, dict[str, Any]] = {}
         self.workers: dict[str, SinkWorker] = {}
+        self._source_stats: dict[str, dict[str, Any]] = {}  # source name -> its ctx.stats
         self.db: Database | None = None
         self.journal: Journal | None = None
         self.dlq: DeadLetterQueue | None = None
@@ -166,7 +167,7 @@ class Agent:
 
     def _context(self, name: str, data_dir: Path) -> PluginContext:
         return PluginContext(name=name, agent_id=self.id, data_dir=data_dir,
-                             log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit)
+                             log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit, ledger=self.ledger)
 
     def _component(self, spec: ComponentSpec, state: str, error: str | None = None) -> None:
         self.components[f"{spec.kind[:-1]}:{spec.name}"] = {
@@ -200,6 +201,7 @@ class Agent:
 
     def _start_source(self, spec: ComponentSpec, data_dir: Path) -> None:
         ctx = self._context(spec.name, data_dir)
+        self._source_stats[spec.name] = ctx.stats
         try:
             source = spec.registration.factory(spec.name, spec.options, ctx)
         except Exception as exc:
@@ -352,10 +354,13 @@ class Agent:
     # -- reporting -------------------------------------------------------------------
 
     def _component_now(self, comp: dict[str, Any]) -> dict[str, Any]:
-        """A component's entry, with a sink that cannot start shown as failed."""
+        """A component's entry: a sink that cannot start shown as failed, a source with its stats."""
         w = self.workers.get(comp["name"]) if comp["kind"] == "sink" else None
         if w is not None and not w.started and w.stats.state == "failed":
             return {**comp, "state": "failed", "error": w.stats.last_error}
+        stats = self._source_stats.get(comp["name"]) if comp["kind"] == "source" else None
+        if stats:  # a source's own figures (ctx.stats), e.g. packets received, scrape errors
+            return {**comp, "stats": {k: v() if callable(v) else v for k, v in stats.items()}}
         return comp
 
     def status(self) -> dict[str, Any]:

@@ -4,6 +4,8 @@
 BUILTIN: tuple[str, ...] = (
     "plugins.system",
     "plugins.process",
+    "plugins.statsd",
+    "plugins.prometheus",
     "plugins.jsonl",
     "plugins.postgres",
     "plugins.supabase",
