@@ -107,11 +107,39 @@ class Agent:
         await self.stop()
 
     async def start(self) -> Agent:
-        """Load plugins, open the journal, start sinks, sources and the HTTP server."""
+        """Load plugins, open the journal, start sinks, sources and the HTTP server.
+        If that fails, whatever was started is stopped again (the data dir is released),
+        the agent's state is "failed", and the error is raised."""
         if self.state != "new":
             return self
         self.state = "starting"
         self._stopped = asyncio.Event()
+        try:
+            await self._start()
+        except BaseException:
+            await self._abandon_start()
+            raise
+        return self
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that raised: tasks, server, sinks and the database, in that order."""
+        if self.state in ("stopping", "stopped"):  # the start already stopped itself
+            return
+        for name in list(self._tasks):
+            await _cancel(self._tasks.pop(name))
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for worker in self.workers.values():
+            with contextlib.suppress(Exception):
+                await worker.close()
+        if self.db is not None:
+            await self.db.close()
+        self.state = "failed"
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def _start(self) -> None:
         cfg = self.config
         self.host.load()
         specs = plan(cfg, self.host)  # config errors surface before anything starts
@@ -163,7 +191,6 @@ class Agent:
         self.state = "running"
         log.info("agent %s running (%d sources, %d sinks)", self.id,
                  sum(1 for s in specs if s.kind == "sources"), len(self.workers))
-        return self
 
     def _context(self, name: str, data_dir: Path) -> PluginContext:
         return PluginContext(name=name, agent_id=self.id, data_dir=data_dir,
@@ -315,6 +342,8 @@ class Agent:
             return
         if self.state == "new":
             self.state = "stopped"
+            return
+        if self.state == "failed":  # a start that raised has already released everything
             return
         self.state = "stopping"
         deadline = self.config.agent.shutdown_timeout_s if timeout is None else timeout

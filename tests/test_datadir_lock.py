@@ -115,3 +115,25 @@ async def test_an_offline_cli_command_waits_for_another_to_finish(tmp_path):
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert overrides(tmp_path) == {"sinks.out.enabled": False}
+
+
+async def test_a_failed_start_is_reported_as_failed_and_holds_nothing(tmp_path):
+    """A start that raises part-way (here: the data dir is taken) leaves no task, socket or
+    lock behind, says "failed", and stop() is a no-op; the dir is usable once freed."""
+    first = await Agent(agent_config(tmp_path, None)).start()
+    port = free_port()
+    second = Agent(agent_config(tmp_path, port))
+    with pytest.raises(DataDirInUse):
+        await second.start()
+    assert second.state == "failed" and not second._tasks and second.server_url is None
+    await second.stop()  # nothing to do, returns at once
+    assert second.state == "failed"
+    await first.stop()
+    third = await Agent(agent_config(tmp_path, port)).start()  # the dir and the port are free
+    assert third.state == "running" and third.server_url
+    await third.stop()
+    # a config error (before anything opened) is a failed start too
+    bad = Agent({**agent_config(tmp_path, None), "sinks": {"x": {"type": "no-such-sink"}}})
+    with pytest.raises(Exception, match="no-such-sink"):
+        await bad.start()
+    assert bad.state == "failed"
