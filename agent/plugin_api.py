@@ -73,6 +73,9 @@ class PluginContext:
     # The agent's loss ledger. A context built outside an agent (tests, benchmarks) gets
     # a private one, so a plugin can always count its drops.
     ledger: LossLedger = field(default_factory=LossLedger)
+    # Objects the plugin instances of one agent share (never across agents): e.g. one
+    # concurrency limit for several sinks. Keys start with the plugin's own name.
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def lost(self, reason: str, n: int = 1) -> None:
         """Count n events this plugin dropped (e.g. unparsable input) in the loss ledger."""

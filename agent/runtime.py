@@ -45,6 +45,7 @@ class Agent:
         self.id = self.config.agent_id()
         self.require_server = require_server
         self.ledger = LossLedger()
+        self._shared: dict[str, Any] = {}  # PluginContext.shared: one dict for all plugin instances
         # `plugins`: extra plugin modules/objects (tests, embedders), loaded like built-ins.
         self.host = PluginHost(self.config.plugins, extra=plugins)
         self.stream = StreamHub()
@@ -194,7 +195,8 @@ class Agent:
 
     def _context(self, name: str, data_dir: Path) -> PluginContext:
         return PluginContext(name=name, agent_id=self.id, data_dir=data_dir,
-                             log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit, ledger=self.ledger)
+                             log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit, ledger=self.ledger,
+                             shared=self._shared)
 
     def _component(self, spec: ComponentSpec, state: str, error: str | None = None) -> None:
         self.components[f"{spec.kind[:-1]}:{spec.name}"] = {

@@ -1,4 +1,5 @@
-"""Built-in policy `concurrency`: at most `max_in_flight` calls into the sink at once."""
+"""Built-in policy `concurrency`: at most `max_in_flight` calls into the sink at once,
+or, with `group`, at most that many across every sink that names the same group."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
+from agent.errors import ConfigError
 from agent.hookspecs import hookimpl
 from agent.plugin_api import PluginContext
 
@@ -15,9 +17,21 @@ T = TypeVar("T")
 
 
 class ConcurrencyOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """`concurrency = { max_in_flight = 4 }`."""
+    """`concurrency = { max_in_flight = 4, group = "pg-primary" }`."""
 
     max_in_flight: Annotated[int, msgspec.Meta(gt=0)] = 4
+    # Sinks naming the same group share one limit (e.g. several sinks writing to one
+    # database with few connections to spare). None: this sink's own limit.
+    group: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+
+
+class _Limit:
+    """A semaphore that knows its size, so in-flight calls can be reported."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sem = asyncio.Semaphore(size)
+        self.sinks: list[str] = []
 
 
 class ConcurrencyPolicy:
@@ -26,15 +40,31 @@ class ConcurrencyPolicy:
     def __init__(self, name: str, options: ConcurrencyOptions, ctx: PluginContext | None = None) -> None:
         self.name = name
         self.max_in_flight = options.max_in_flight
-        self._sem = asyncio.Semaphore(options.max_in_flight)
+        self.group = options.group
+        if options.group is None or ctx is None:
+            self._limit = _Limit(options.max_in_flight)
+        else:
+            # One limit per group per agent, in the agent's shared dict (no module globals).
+            key = f"concurrency:{options.group}"
+            limit = ctx.shared.get(key)
+            if limit is None:
+                limit = ctx.shared[key] = _Limit(options.max_in_flight)
+            elif limit.size != options.max_in_flight:
+                raise ConfigError(
+                    f"sinks.{name}.concurrency.max_in_flight: group {options.group!r} is already limited to "
+                    f"{limit.size} by sink {limit.sinks[0]}; every sink of a group must give the same limit")
+            limit.sinks.append(name)
+            self._limit = limit
+        if ctx is not None:
+            ctx.stats["concurrency_in_flight"] = lambda: self.in_flight
 
     @property
     def in_flight(self) -> int:
-        """Calls currently holding a slot."""
-        return self.max_in_flight - self._sem._value  # noqa: SLF001 - no public accessor
+        """Calls currently holding a slot (the group's, when the limit is shared)."""
+        return self._limit.size - self._limit.sem._value  # noqa: SLF001 - no public accessor
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        async with self._sem:
+        async with self._limit.sem:
             return await fn()
 
 

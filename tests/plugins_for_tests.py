@@ -4,6 +4,8 @@
 - null: accepts and forgets (benchmarks);
 - hang: never returns from send();
 - flaky: raises RetryableError while its name is in STATE.down;
+- slow: like memory, but each send takes STATE.delay seconds; STATE.in_flight and
+  STATE.most_in_flight count sends in progress across every slow sink;
 - poison: raises RetryableError while its name is in STATE.down (an outage parks
   whole batches), else PermanentError for a batch holding any event whose name
   starts with "poison", otherwise behaves like memory.
@@ -26,11 +28,15 @@ class _State:
     delivered: dict[str, list[Event]] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
     calls: dict[str, int] = field(default_factory=dict)
+    delay: float = 0.02
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     def reset(self) -> None:
         self.delivered.clear()
         self.down.clear()
         self.calls.clear()
+        self.delay, self.in_flight, self.most_in_flight = 0.02, 0, 0
 
     def ids(self, sink: str) -> list[str]:
         return [e.id for e in self.delivered.get(sink, [])]
@@ -66,6 +72,17 @@ class HangSink(BaseSink):
         await asyncio.Event().wait()  # forever
 
 
+class SlowSink(MemorySink):
+    async def send(self, events: list[Event]) -> None:
+        STATE.in_flight += 1
+        STATE.most_in_flight = max(STATE.most_in_flight, STATE.in_flight)
+        try:
+            await asyncio.sleep(STATE.delay)
+            await super().send(events)
+        finally:
+            STATE.in_flight -= 1
+
+
 class FlakySink(MemorySink):
     async def send(self, events: list[Event]) -> None:
         if self.name in STATE.down:
@@ -92,4 +109,5 @@ def register_sinks(register):
     register("null", NullSink)
     register("hang", HangSink)
     register("flaky", FlakySink)
+    register("slow", SlowSink)
     register("poison", PoisonSink)

@@ -109,3 +109,45 @@ async def test_outage_is_bounded_and_nothing_is_lost(tmp_path) -> None:
     assert all(g >= RESET_S * 0.9 for g in gaps), gaps
     # The healthy sink never fell more than one producer second behind.
     assert max(local_lag) <= RATE, max(local_lag)
+
+
+async def _deliver_through_two_slow_sinks(tmp_path, concurrency: dict) -> int:
+    """Two slow sinks with the same concurrency table; 40 events recorded in 8 commits."""
+    from agent.runtime import Agent
+
+    STATE.reset()
+    sink = {"type": "slow", "policies": ["concurrency"], "concurrency": concurrency, "batch_size": 5}
+    cfg = {"agent": {"data_dir": str(tmp_path / "data"), "commit_interval_ms": 2},
+           "server": {"enabled": False}, "dashboard": {"store": False}, "sinks": {"a": sink, "b": dict(sink)}}
+    async with Agent(cfg, plugins=[plugins_for_tests]) as agent:
+        for i in range(8):
+            for j in range(5):
+                agent.record("work", float(i * 5 + j))
+            await asyncio.sleep(0.005)
+        assert await agent.flush(10)
+    return STATE.most_in_flight
+
+
+async def test_a_concurrency_group_limits_sends_across_sinks(tmp_path) -> None:
+    # alone, each sink has its own limit: both send at the same time
+    assert await _deliver_through_two_slow_sinks(tmp_path / "own", {"max_in_flight": 1}) == 2
+    assert len(STATE.delivered["a"]) == len(STATE.delivered["b"]) == 40
+    # in one group, they take turns, and still deliver everything
+    assert await _deliver_through_two_slow_sinks(tmp_path / "group", {"max_in_flight": 1, "group": "db"}) == 1
+    assert sorted(e.value for e in STATE.delivered["a"]) == sorted(e.value for e in STATE.delivered["b"]) \
+        == [float(i) for i in range(40)]
+
+
+async def test_a_concurrency_group_with_two_limits_is_a_named_error(tmp_path) -> None:
+    from agent.runtime import Agent
+
+    STATE.reset()
+    cfg = {"agent": {"data_dir": str(tmp_path / "data")}, "server": {"enabled": False},
+           "dashboard": {"store": False},
+           "sinks": {"a": {"type": "memory", "policies": ["concurrency"], "concurrency": {"max_in_flight": 2, "group": "db"}},
+                     "b": {"type": "memory", "policies": ["concurrency"], "concurrency": {"max_in_flight": 3, "group": "db"}}}}
+    async with Agent(cfg, plugins=[plugins_for_tests]) as agent:
+        comps = {c["name"]: c for c in agent.status()["components"] if c["kind"] == "sink"}
+        assert comps["a"]["state"] == "running"
+        assert comps["b"]["state"] == "failed"
+        assert "sinks.b.concurrency.max_in_flight: group 'db' is already limited to 2 by sink a" in comps["b"]["error"]
