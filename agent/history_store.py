@@ -34,6 +34,7 @@ SKETCH_KINDS = frozenset({"gauge", "histogram"})
 LEVELS = (("minute", 60), ("hour", 3600))
 AGGS = ("avg", "sum", "min", "max", "count", "p50", "p95", "p99")
 MAX_POINTS = 2000
+ALL_NAMES = "*"  # series(name="*"): every name at once
 COMPACT_CHUNK = 5000
 ID_CHUNK = 500
 
@@ -299,7 +300,8 @@ class HistoryStore:
     async def series(self, name: str, start: float, end: float, step: float | None = None, agg: str = "avg",
                      tags: dict[str, str] | None = None, now: float | None = None) -> dict[str, Any]:
         """Aggregate `name` over [start, end) in `step`-second buckets; `t` and `v` arrays
-        cover every bucket (v is None where there is no data)."""
+        cover every bucket (v is None where there is no data). `name` ALL_NAMES ("*")
+        takes every name (meaningful with agg "count": the overview's events/s)."""
         now = time.time() if now is None else now
         span = max(1.0, end - start)
         step = step or max(1.0, span / 300)
@@ -315,10 +317,11 @@ class HistoryStore:
         for k, v in (tags or {}).items():
             tag_sql += f" AND json_extract({col}, ?) = ?"
             tag_args += [f'$."{k}"', v]
+        by_name, name_args = ("", []) if name == ALL_NAMES else ("name = ? AND ", [name])
         if level == "raw":
             rows = await self._fetch(
-                f"SELECT ts, value FROM events WHERE name = ? AND ts >= ? AND ts < ?{tag_sql}",
-                [name, first, end, *tag_args],
+                f"SELECT ts, value FROM events WHERE {by_name}ts >= ? AND ts < ?{tag_sql}",
+                [*name_args, first, end, *tag_args],
             )
             for ts, value in rows:
                 i = int((ts - first) // step)
@@ -329,8 +332,8 @@ class HistoryStore:
         else:
             rows = await self._fetch(
                 f"SELECT bucket, n, vn, sum, mn, mx, {'sketch' if want_sketch else 'NULL'} FROM rollup_{level}"
-                f" WHERE name = ? AND bucket >= ? AND bucket < ?{tag_sql}",
-                [name, first, end, *tag_args],
+                f" WHERE {by_name}bucket >= ? AND bucket < ?{tag_sql}",
+                [*name_args, first, end, *tag_args],
             )
             for bucket, n, vn, total, mn, mx, blob in rows:
                 i = int((bucket - first) // step)

@@ -59,6 +59,7 @@ export class Dashboard {
     this.charts.add("rate", this.$("rate-chart"), { label: "events/s" });
     this.uiConfig = await uiConfig;
     this.$("agent-id").textContent = this.uiConfig.agent_id || "";
+    if (this.uiConfig.store) this.backfillRate();
     this.refreshTab();
     await this.connect(this.uiConfig);
     this.every(1000, () => this.tick());
@@ -196,6 +197,17 @@ export class Dashboard {
     for (let i = batch.length - 1; i >= 0; i--) frag.append(P.eventRow(batch[i]));
     body.prepend(frag);
     while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
+  }
+
+  // The events/s chart starts with the last 5 minutes from the history store (every
+  // name, counted per second); live counting takes over from the current second.
+  async backfillRate() {
+    const now = Math.floor(Date.now() / 1000);
+    const q = new URLSearchParams({ name: "*", agg: "count", from: String(now - 300), to: String(now), step: "1" });
+    try {
+      const s = await this.api.get(`/api/v1/series?${q}`);
+      s.t.forEach((t, i) => { if (t < now) this.charts.push("rate", t, s.v[i] ?? 0); });
+    } catch { /* the chart fills live */ }
   }
 
   tick() {

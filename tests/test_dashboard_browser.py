@@ -106,6 +106,9 @@ async def test_history_then_live_event_over_websocket(agents, open_page):
     for i in old:
         await page.wait_for_selector(row(i), timeout=TIMEOUT_MS)
     await page.wait_for_selector("#conn.live", timeout=TIMEOUT_MS)
+    # the events/s chart starts with the last 5 minutes from the store, not empty
+    await page.wait_for_function(
+        "() => window.sidecarDashboard?.charts.data('rate').v.reduce((a, b) => a + b, 0) >= 5", timeout=TIMEOUT_MS)
     (live,) = await post(agent, {"name": "checkout.error", "kind": "event", "session_id": "s-1",
                                  "tags": {"level": "error"}})
     await page.wait_for_selector(row(live), timeout=TIMEOUT_MS)

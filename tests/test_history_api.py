@@ -54,6 +54,15 @@ async def test_ingested_events_are_queryable(agent):
             names = {n["name"]: n for n in (await r.json())["names"]}
         assert names["req.latency"]["kind"] == "histogram" and names["req.latency"]["tag_keys"] == ["route"]
         assert names["req.latency"]["count"] == 20
+        # name=* counts every event of every name, per step, raw and from the roll-ups
+        await _post(s, agent, [{"name": "other", "value": 1, "ts": now - 25 + i} for i in range(5)])
+        assert await agent.flush(5)
+        for step in ("1", "60"):
+            async with s.get(agent.server_url + "/api/v1/series",
+                             params={"name": "*", "agg": "count", "from": str(now - 40), "to": str(now + 1),
+                                     "step": step}) as r:
+                body = await r.json()
+            assert r.status == 200 and sum(v for v in body["v"] if v) == 25, (step, body)
 
 
 async def test_bad_queries_name_the_problem(agent):
@@ -64,6 +73,7 @@ async def test_bad_queries_name_the_problem(agent):
             ("/api/v1/series", {"name": "x", "from": "10", "to": "5"}, "to must be after from"),
             ("/api/v1/events", {"from": "yesterday"}, "from must be a number"),
             ("/api/v1/events", {"cursor": "nope"}, "cursor is malformed"),
+            ("/api/v1/series", {"name": "*", "agg": "avg"}, "name=* (every name) only makes sense with agg=count"),
         ]:
             async with s.get(agent.server_url + path, params=params) as r:
                 assert r.status == 400
