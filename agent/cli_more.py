@@ -40,7 +40,10 @@ def _flags_offline(cfg: Config, action: str, name: str | None, value: object) ->
             return {"flags": service.describe(), "offline": True}
         if action == "set":
             return service.set(name, value, "cli (offline)")
-        return {"cleared": service.clear(name, "cli (offline)")}
+        cleared = service.clear(name, "cli (offline)")
+        # The same answer as DELETE /api/v1/flags/NAME: the flag as it now is, and whether
+        # an override was removed.
+        return {**service.describe_flag(name), "cleared": cleared} if name in service else {"name": name, "cleared": cleared}
     except FlagError as exc:
         raise SystemExit(f"error: {exc}") from None
     finally:

@@ -82,6 +82,15 @@ async def test_flags_set_goes_over_http_while_the_agent_runs(tmp_path):
         code, out, err = await cli(tmp_path, port, "flags", "clear", "sinks.out.enabled")
         assert code == 0 and json.loads(out)["layer"] == "default"
         assert agent.flags.get("sinks.out.enabled") is True
+        online = json.loads(out)
+    # offline, `flags clear` answers the same way
+    code, out, err = await cli(tmp_path, port, "flags", "set", "sinks.out.enabled", "false")
+    assert code == 0, err
+    code, out, err = await cli(tmp_path, port, "flags", "clear", "sinks.out.enabled")
+    assert code == 0, err
+    offline = json.loads(out)
+    assert offline["cleared"] is online["cleared"] is True
+    assert {k: v for k, v in offline.items() if k != "offline"} == online
 
 
 async def test_an_agent_starting_while_a_cli_command_holds_the_dir_waits_and_reads_its_change(tmp_path, caplog):
