@@ -1,4 +1,5 @@
-"""Turn `[sources.*]` and `[sinks.*]` tables into validated component specs.
+"""Turn `[sources.*]` and `[sinks.*]` tables into validated component specs, and build
+the flag service for them.
 
 Each table may set `type` (default: its name). Sink tables also take `policies`
 (default timeout, retry, circuit_breaker), `batch_size`, and one sub-table per policy
@@ -8,11 +9,16 @@ name the key path, e.g. `agent.toml: sinks.main.retry.max_attempts: expected int
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_POLICIES, Config, convert_section
 from .errors import ConfigError, PluginError
+from .event import Event
+from .flags import FlagService, core_flags, data_source_check
 from .plugins import PluginHost, Registration
 
 
@@ -85,3 +91,15 @@ def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: Plu
                 raise ConfigError(f"{origin}: {path}.{key}: policy {key!r} is configured but not in policies")
     spec.options = convert_section(table, reg.options, origin, path)
     return spec
+
+
+def build_flags(config: Config, host: PluginHost, specs: list[ComponentSpec],
+                emit: Callable[[list[Event]], None] | None = None) -> FlagService:
+    """The flag service: core flags for the configured sinks plus plugin flags."""
+
+    sinks = {s.name: s.registration.type_name for s in specs if s.kind == "sinks"}
+    defs: list[Any] = [("core", f) for f in core_flags(list(sinks))] + list(host.flags)
+    service = FlagService(defs, config.flags, os.environ, Path(config.agent.data_dir), emit=emit,
+                          config_origin=config.origin)
+    service.add_check(data_source_check(service, sinks))
+    return service

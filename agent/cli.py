@@ -46,7 +46,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .build import plan
     from .plugins import PluginHost
 
-    from .runtime import build_flags
+    from .build import build_flags
 
     cfg = load(args.file)
     host = PluginHost(cfg.plugins).load()

@@ -164,7 +164,7 @@ class _LazyTimer:
         self.name, self.tags = name, tags
 
     def _timer(self) -> Any:
-        from .runtime import Timer
+        from .timer import Timer
 
         return Timer(_Proxy(), self.name, self.tags)
 

@@ -12,18 +12,16 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import __version__, losses
-from .build import ComponentSpec, plan
+from .build import ComponentSpec, build_flags, plan
 from .config import Config, resolve
 from .db import Database
 from .delivery import SinkWorker
 from .dlq import DeadLetterQueue
 from .event import Event
-from .flags import FlagService, core_flags, data_source_check
 from .intake import Committer
 from .journal import Journal
 from .losses import LossLedger
@@ -31,6 +29,7 @@ from .plugin_api import PluginContext
 from .plugins import PluginHost
 from .resilience import chain_from_specs
 from .stream import StreamHub
+from .timer import Timer
 
 log = logging.getLogger("sidecar_agent")
 _time = time.time
@@ -421,49 +420,7 @@ class Agent:
         }
 
 
-def build_flags(config: Config, host: PluginHost, specs: list[ComponentSpec],
-                emit: Callable[[list[Event]], None] | None = None) -> FlagService:
-    """The flag service: core flags for the configured sinks plus plugin flags."""
-    import os
-
-    sinks = {s.name: s.registration.type_name for s in specs if s.kind == "sinks"}
-    defs: list[Any] = [("core", f) for f in core_flags(list(sinks))] + list(host.flags)
-    service = FlagService(defs, config.flags, os.environ, Path(config.agent.data_dir), emit=emit,
-                          config_origin=config.origin)
-    service.add_check(data_source_check(service, sinks))
-    return service
-
-
 async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
-
-
-class Timer:
-    """Times a block or a function; records seconds as a histogram."""
-
-    def __init__(self, agent: Agent, name: str, tags: dict[str, str] | None) -> None:
-        self.agent, self.name, self.tags = agent, name, tags
-        self._t0 = 0.0
-
-    def __enter__(self) -> Timer:
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.agent.record(self.name, time.perf_counter() - self._t0, kind="histogram", tags=self.tags)
-
-    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if asyncio.iscoroutinefunction(fn):
-            @functools.wraps(fn)
-            async def awrapper(*a: Any, **kw: Any) -> Any:
-                with Timer(self.agent, self.name, self.tags):
-                    return await fn(*a, **kw)
-            return awrapper
-
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            with Timer(self.agent, self.name, self.tags):
-                return fn(*a, **kw)
-        return wrapper
