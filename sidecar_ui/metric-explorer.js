@@ -2,8 +2,8 @@
 // range. Charts come from /api/v1/series and stay live on every range by re-reading
 // their newest buckets from the server at a pace set by the step: the server does the
 // aggregating, so count, sum and p99 stay right and no event is counted twice.
-// The choice lives in the URL (#metrics?names=a,b&range=3600&agg=p95&tags=k%3Dv), so a
-// view can be bookmarked or shared.
+// The choice lives in the URL (#metrics?names=a&names=b&range=3600&agg=p95&tags=k%3Dv), so
+// a view can be bookmarked or shared.
 
 export const RANGES = [300, 3600, 86400, 604800];
 export const AGGS = ["avg", "sum", "min", "max", "count", "p50", "p95", "p99"];
@@ -15,7 +15,8 @@ export function parseState(hash) {
   const q = new URLSearchParams((hash || "").split("?")[1] || "");
   const range = Number(q.get("range"));
   const agg = q.get("agg");
-  const names = (q.get("names") || "").split(",").map((n) => n.trim()).filter(Boolean);
+  // One `names` parameter per metric, so a name may hold a comma.
+  const names = q.getAll("names").map((n) => n.trim()).filter(Boolean);
   return {
     names: [...new Set(names)].slice(0, MAX_CHARTS),
     range: RANGES.includes(range) ? range : DEFAULTS.range,
@@ -26,7 +27,7 @@ export function parseState(hash) {
 
 export function formatState({ names, range, agg, tags }) {
   const q = new URLSearchParams();
-  if (names.length) q.set("names", names.join(","));
+  for (const n of names) q.append("names", n);
   if (range !== DEFAULTS.range) q.set("range", String(range));
   if (agg !== DEFAULTS.agg) q.set("agg", agg);
   if (tags.trim()) q.set("tags", tags.trim());
@@ -118,6 +119,8 @@ export class MetricExplorer {
     } catch (err) {
       this.setStatus(`metrics unavailable: ${err.message}`, "error");
       return;
+    } finally {
+      this.started = true; // from here on, showing the tab adopts or writes the hash
     }
     if (!this.catalogue.length) {
       this.setStatus("no metrics recorded yet: they appear here once a source or record() sends one");
@@ -128,6 +131,7 @@ export class MetricExplorer {
     this.state.names = this.state.names.filter((n) => known.has(n));
     if (!this.state.names.length && this.catalogue.length) this.state.names = [this.catalogue[0].name];
     this.renderControls();
+    if (this.visible) this.writeHash();
     this.reloadAll();
   }
 
@@ -311,7 +315,8 @@ export class MetricExplorer {
 
   async refresh(name, gen) {
     const s = this.series.get(name);
-    if (!s || !this.charts?.has(`metric:${name}`) || gen !== this.generation) return;
+    if (!s || s.reading || !this.charts?.has(`metric:${name}`) || gen !== this.generation) return;
+    s.reading = true; // one re-read at a time per chart: an older answer never lands last
     const now = Date.now() / 1000;
     // From the last read (the tab may have been hidden a while), two steps back (at least
     // 10 s), which covers events that reached the store a little late.
@@ -327,6 +332,7 @@ export class MetricExplorer {
       const fig = this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
       if (fig) this.caption(fig, merged.t, merged.v, s);
     } catch { /* the next refresh tries again; the chart keeps what it has */ }
+    s.reading = false;
     this.schedule(name);
   }
 

@@ -146,7 +146,7 @@ async def test_metric_explorer_several_metrics_tags_and_live_updates(agents, ope
     # a second metric gets its own chart, and the choice is written into the URL
     await page.check('#metric-list input[value="queue.depth"]')
     await page.wait_for_selector(figure("queue.depth") + "[data-loaded] canvas", timeout=TIMEOUT_MS)
-    assert "names=latency%2Cqueue.depth" in page.url and "agg=max" in page.url
+    assert "names=latency&names=queue.depth" in page.url and "agg=max" in page.url
     # live on the 1 h range: a new value shows up in the (server-aggregated) chart
     await post(agent, [{"name": "latency", "value": 42.0, "tags": {"host": "a"}}])
     await page.wait_for_selector(figure("latency") + '[data-last="42"]', timeout=TIMEOUT_MS)
@@ -169,6 +169,29 @@ async def test_metric_explorer_several_metrics_tags_and_live_updates(agents, ope
     assert await again.get_attribute("#metric-ranges button.on", "data-range") == "86400"
     assert await again.locator("#metric-charts figure").count() == 2
     assert "minute level" in await again.text_content(figure("latency") + " .info")
+
+
+async def test_metric_explorer_stays_live_across_tab_switches_and_follows_the_url(agents, open_page):
+    agent = await agents()
+    now = time.time()
+    await post(agent, [{"name": "latency", "value": 5.0, "ts": now - 60}, {"name": "other", "value": 1.0, "ts": now - 60}])
+    assert await agent.flush(5)
+    page = await open_page(agent.server_url + "/")  # opens on the overview
+    await page.wait_for_selector("#conn.live", timeout=TIMEOUT_MS)
+    await page.click("a[data-tab=metrics]")
+    await page.wait_for_selector(figure("latency") + "[data-loaded] canvas", timeout=TIMEOUT_MS)
+    assert "names=latency" in page.url  # the choice is written into the URL on showing the tab
+    # away long enough for a re-read to come due while hidden, then back: live again
+    await page.click("a[data-tab=overview]")
+    await asyncio.sleep(4)  # the 1 h range re-reads every 3 s
+    await page.click("a[data-tab=metrics]")
+    await post(agent, [{"name": "latency", "value": 42.0}])
+    await page.wait_for_selector(figure("latency") + '[data-last="42"]', timeout=TIMEOUT_MS)
+    # a new URL in the same document (a pasted link, the back button) is adopted
+    await page.goto(agent.server_url + "/#metrics?names=other&range=300")
+    await page.wait_for_selector(figure("other") + "[data-loaded] canvas", timeout=TIMEOUT_MS)
+    assert await page.locator(figure("latency")).count() == 0
+    assert await page.get_attribute("#metric-ranges button.on", "data-range") == "300"
 
 
 async def test_bad_flag_value_shows_the_servers_message(agents, open_page):

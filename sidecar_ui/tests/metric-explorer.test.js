@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { parseState, formatState, parseTags, refreshMs, mergeTail, lastValue, bridgeShortGaps, gapToBridge, MAX_CHARTS } from "../metric-explorer.js";
 
 test("the explorer's choice round-trips through the URL hash", () => {
-  const state = { names: ["http.latency", "queue depth"], range: 86400, agg: "p95", tags: "host=web-1, path=/a" };
+  const state = { names: ["http.latency", "queue depth", "bytes,by,kind"], range: 86400, agg: "p95", tags: "host=web-1, path=/a" };
   const hash = formatState(state);
   assert.match(hash, /^#metrics\?/);
   assert.deepEqual(parseState(hash), state);
@@ -12,7 +12,7 @@ test("the explorer's choice round-trips through the URL hash", () => {
 
 test("bad hash values fall back to defaults; names are de-duplicated and capped", () => {
   const many = Array.from({ length: MAX_CHARTS + 3 }, (_, i) => `m${i}`);
-  const s = parseState(`#metrics?range=17&agg=median&names=a,a,,${many.join(",")}`);
+  const s = parseState(`#metrics?range=17&agg=median&names=a&names=a&names=&${many.map((m) => `names=${m}`).join("&")}`);
   assert.equal(s.range, 3600);
   assert.equal(s.agg, "avg");
   assert.equal(s.names.length, MAX_CHARTS);
