@@ -18,6 +18,7 @@ DLQ_FULL = "dlq_full"
 SHUTDOWN_TIMEOUT = "shutdown_timeout"
 NOT_STARTED = "not_started"
 STOPPED = "stopped"  # record() after stop()
+START_FAILED = "start_failed"  # record() on an agent whose start() raised, or left queued by it
 DISK_ERROR = "disk_error"
 
 

@@ -75,7 +75,8 @@ class Agent:
         """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full."""
         q = self._records
         if len(q) >= self._cap or not self._accepting:
-            self.ledger.add(losses.INTAKE_FULL if self._accepting else losses.STOPPED)
+            self.ledger.add(losses.INTAKE_FULL if self._accepting
+                            else losses.START_FAILED if self.state == "failed" else losses.STOPPED)
             return
         q.append((name, value, kind, tags, ts or _time(), data, session_id))
         if len(q) == 1 and self.committer is not None:
@@ -110,6 +111,8 @@ class Agent:
         """Load plugins, open the journal, start sinks, sources and the HTTP server.
         If that fails, whatever was started is stopped again (the data dir is released),
         the agent's state is "failed", and the error is raised."""
+        if self.state == "failed":
+            raise RuntimeError("this agent's start() failed; make a new Agent to try again")
         if self.state != "new":
             return self
         self.state = "starting"
@@ -122,9 +125,23 @@ class Agent:
         return self
 
     async def _abandon_start(self) -> None:
-        """Undo a start that raised: tasks, server, sinks and the database, in that order."""
+        """Undo a start that raised: intake, tasks, server, sinks and the database, in that
+        order. What the committer can still journal is kept (delivered at the next start);
+        what it cannot is counted as `start_failed`; the ledger and cursors are saved."""
         if self.state in ("stopping", "stopped"):  # the start already stopped itself
             return
+        self._accepting = False
+        self.state = "failed"
+        left = len(self._records)
+        if self.committer is not None:
+            self.committer.accepting = False
+            if "committer" in self._tasks:
+                with contextlib.suppress(Exception):
+                    await self.committer.drain(1.0)
+            left = len(self._records) + self.committer.pending_events
+        if left:
+            self.ledger.add(losses.START_FAILED, left)
+            self._records.clear()
         for name in list(self._tasks):
             await _cancel(self._tasks.pop(name))
         if self._runner is not None:
@@ -133,9 +150,11 @@ class Agent:
         for worker in self.workers.values():
             with contextlib.suppress(Exception):
                 await worker.close()
+        if self.journal is not None and self.db is not None and self.db.writer is not None:
+            with contextlib.suppress(Exception):
+                await self.journal.checkpoint()  # the ledger and the cursors
         if self.db is not None:
             await self.db.close()
-        self.state = "failed"
         assert self._stopped is not None
         self._stopped.set()
 

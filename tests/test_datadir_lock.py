@@ -127,14 +127,14 @@ async def test_an_offline_cli_command_waits_for_another_to_finish(tmp_path):
 
 
 async def test_a_failed_start_is_reported_as_failed_and_holds_nothing(tmp_path):
-    """A start that raises part-way (here: the data dir is taken) leaves no task, socket or
-    lock behind, says "failed", and stop() is a no-op; the dir is usable once freed."""
+    """A start that raises early (the data dir is taken; a config error) says "failed",
+    stop() is a no-op, and the dir and port are usable once freed."""
     first = await Agent(agent_config(tmp_path, None)).start()
     port = free_port()
     second = Agent(agent_config(tmp_path, port))
     with pytest.raises(DataDirInUse):
         await second.start()
-    assert second.state == "failed" and not second._tasks and second.server_url is None
+    assert second.state == "failed"
     await second.stop()  # nothing to do, returns at once
     assert second.state == "failed"
     await first.stop()
@@ -146,3 +146,36 @@ async def test_a_failed_start_is_reported_as_failed_and_holds_nothing(tmp_path):
     with pytest.raises(Exception, match="no-such-sink"):
         await bad.start()
     assert bad.state == "failed"
+
+
+async def test_events_recorded_around_a_start_that_fails_late_are_journaled_or_counted(tmp_path, monkeypatch):
+    """A start that raises after the committer and the sinks run (here: the last step,
+    the HTTP server, is made to fail) journals what was recorded before, counts what is
+    recorded after as start_failed, saves the ledger and releases the data dir."""
+    async def broken_server(self):
+        raise RuntimeError("injected: the server could not start")
+
+    cfg = agent_config(tmp_path, free_port())
+    good_sink = cfg["sinks"]["out"]
+    cfg["sinks"] = {"out": {"type": "hang", "policies": []}}  # nothing leaves the journal meanwhile
+    from tests import plugins_for_tests
+
+    failing = Agent(cfg, plugins=[plugins_for_tests])
+    for i in range(10):
+        failing.record("early", float(i))
+    with monkeypatch.context() as m:
+        m.setattr(Agent, "_start_server", broken_server)
+        with pytest.raises(RuntimeError, match="injected"):
+            await failing.start()
+    assert failing.state == "failed" and not failing._tasks
+    failing.record("late", 1.0)
+    failing.record("late", 2.0)
+    assert failing.ledger.snapshot() == {("start_failed", ""): 2}
+    with pytest.raises(RuntimeError, match="make a new Agent"):
+        await failing.start()
+    # the dir is free, and the ten early events were journaled: the next start delivers them
+    cfg["sinks"] = {"out": good_sink}
+    async with Agent(cfg) as agent:
+        assert await agent.flush(5)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(e["value"] for e in lines if e["name"] == "early") == [float(i) for i in range(10)]

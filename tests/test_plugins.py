@@ -11,6 +11,7 @@ import logging
 import sys
 import textwrap
 
+import aiohttp
 import pytest
 
 from agent.api import create_app
@@ -315,3 +316,34 @@ def test_route_path_must_start_with_slash(third_party, tmp_path):
     sys.modules.pop("sc_badroute", None)
     assert host.info["sc_badroute"].state == "failed" and "must start with /" in host.info["sc_badroute"].error
     assert host.routes == []
+
+
+async def test_a_route_that_clashes_fails_its_plugin_not_the_agent(tmp_path):
+    import types
+
+    from aiohttp import web
+
+    from agent.hookspecs import hookimpl
+    from agent.runtime import Agent
+
+    mod = types.ModuleType("sc_clash")
+
+    async def mine(request):
+        return web.json_response({"mine": True})
+
+    @hookimpl
+    def register_routes(register):
+        register("GET", "/healthz", mine)  # the core's
+        register("GET", "/clash/ok", mine)
+
+    mod.register_routes = register_routes
+    cfg = {"agent": {"data_dir": str(tmp_path / "d")}, "server": {"port": 0}, "sources": {},
+           "dashboard": {"store": False}}
+    async with Agent(cfg, plugins=[mod]) as agent, aiohttp.ClientSession() as s:
+        assert agent.state == "running"
+        async with s.get(agent.server_url + "/healthz") as r:
+            assert await r.json() == {"status": "ok"}  # the core's route won
+        async with s.get(agent.server_url + "/clash/ok") as r:
+            assert await r.json() == {"mine": True}  # the plugin's other route is there
+        info = {p["name"]: p for p in agent.host.describe()}["sc_clash"]
+        assert info["state"] == "failed" and "route GET /healthz" in info["error"]

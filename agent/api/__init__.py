@@ -99,7 +99,24 @@ def create_app(agent: Agent) -> web.Application:
     dlq.add_routes(app)
     flags.add_routes(app)
     history.add_routes(app)
-    for method, path, handler, mutating, _plugin in agent.host.routes:
-        app.router.add_route(method, path, _token_required(handler) if mutating else handler)
     ui.add_routes(app)
+    # Plugin routes come last: one that clashes with a core route (or another plugin's),
+    # or that aiohttp refuses, marks its plugin failed and is skipped; the agent runs on.
+    for method, path, handler, mutating, plugin in agent.host.routes:
+        try:
+            _refuse_clash(app, method, path)
+            app.router.add_route(method, path, _token_required(handler) if mutating else handler)
+        except (RuntimeError, ValueError) as exc:
+            log.error("plugin %s: route %s %s not added: %s", plugin, method, path, exc)
+            agent.host.mark_failed(plugin, ValueError(f"route {method} {path}: {exc}"))
     return app
+
+
+def _refuse_clash(app: web.Application, method: str, path: str) -> None:
+    """aiohttp would add a second route for a served path silently, and the first would
+    always win: refuse it instead, and everything under the dashboard's /ui/."""
+    if path.startswith("/ui/") or path == "/ui":
+        raise ValueError("paths under /ui/ belong to the dashboard")
+    for route in app.router.routes():
+        if route.resource is not None and route.resource.canonical == path and route.method in (method.upper(), "*"):
+            raise ValueError("the path and method are already served")
