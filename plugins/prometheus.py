@@ -137,16 +137,33 @@ class PrometheusSource(PollingSource):
         return events
 
     def _parse(self, body: bytes, openmetrics: bool, now: float, url: str) -> list[Event]:
-        tags = {"instance": urlsplit(url).netloc, **self.tags}
+        tags = {"instance": instance(url), **self.tags}
         return parse(body.decode("utf-8"), openmetrics=openmetrics, now=now, prefix=self.prefix, tags=tags)
 
     def _failed(self, url: str, exc: BaseException, now: float) -> Event:
+        shown = public_url(url)  # the URL may carry credentials: they go nowhere but the request
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = error.replace(url, shown)
         self.stats["scrape_errors"] += 1
-        self.stats["last_error"] = f"{url}: {error}"
-        self.warn[url]("scrape of %s failed: %s", url, error)
-        return Event(name=SCRAPE_ERRORS, kind="counter", value=1.0, ts=now, tags={"url": url},
+        self.stats["last_error"] = f"{shown}: {error}"
+        self.warn[url]("scrape of %s failed: %s", shown, error)
+        return Event(name=SCRAPE_ERRORS, kind="counter", value=1.0, ts=now, tags={"url": shown},
                      source=f"agent.{self.name}", data={"error": error})
+
+
+def instance(url: str) -> str:
+    """The `instance` tag: host[:port], never the user:password a URL may carry."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def public_url(url: str) -> str:
+    """The URL without its user:password and query (a `?token=` is as secret)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{instance(url)}{parts.path}"
+
 
 
 @hookimpl

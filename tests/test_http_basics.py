@@ -184,7 +184,12 @@ async def test_ui_files_are_served_with_types_etags_and_nothing_outside_the_page
     r = await client.get("/ui/vendor/uplot/LICENSE")
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain") and "MIT" in await r.text()
     # the package's Python files, dot-files, missing files and paths out of the package are 404
+    r = await client.get("/ui/style.css", headers={"If-None-Match": "*"})
+    assert r.status == 304
+    # the page has its CSP however it is reached
+    r = await client.get("/ui/index.html")
+    assert r.status == 200 and "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
     for path in ("/ui/__init__.py", "/ui/../agent/config.py", "/ui/%2e%2e/agent/config.py",
-                 "/ui/nothing-here.js", "/ui/vendor", "/ui/.hidden.js"):
+                 "/ui/nothing-here.js", "/ui/vendor", "/ui/.hidden.js", "/ui/a%00.js"):
         r = await client.get(path)
         assert r.status == 404, path

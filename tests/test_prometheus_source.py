@@ -145,9 +145,12 @@ class Target:
         self.release = asyncio.Event()
         self.runner: web.AppRunner | None = None
         self.url = ""
+        self.auth: str | None = None  # a required Authorization header
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
+        if self.auth is not None and request.headers.get("Authorization") != self.auth:
+            return web.Response(status=401, text="who are you")
         if self.mode == "500":
             return web.Response(status=500, text="boom")
         if self.mode == "garbage":
@@ -294,3 +297,30 @@ async def test_an_openmetrics_answer_is_parsed_as_openmetrics(tmp_path):
         await target.stop()
     got = {e["name"]: (e["kind"], e["value"]) for e in read_jsonl(tmp_path / "out.jsonl")}
     assert got["http_requests_total"] == ("counter", 3.0) and got["temperature_celsius"] == ("gauge", -1.5)
+
+
+async def test_credentials_in_the_url_are_used_but_never_shown(tmp_path, caplog):
+    import base64
+
+    reg, _ = registry()
+    target = await Target(reg).start()
+    target.auth = "Basic " + base64.b64encode(b"scraper:s3cret").decode()
+    host = target.url.split("/")[2]
+    good = target.url.replace("http://", "http://scraper:s3cret@") + "?token=t0ken"
+    bad = target.url.replace("http://", "http://scraper:wr0ng@") + "?token=t0ken"
+    agent = await start_agent(tmp_path / "data", **_config(tmp_path, urls=[good, bad]))
+    try:
+        await _until(lambda: _stats(agent)["scrape_errors"] >= 2 and _stats(agent)["samples"] > 0)
+        stats = _stats(agent)
+        assert await agent.flush(10)
+    finally:
+        await agent.stop()
+        await target.stop()
+    out = (tmp_path / "out.jsonl").read_text()
+    shown = out + repr(stats) + caplog.text + repr(agent.status())
+    for secret in ("s3cret", "wr0ng", "t0ken", "scraper"):
+        assert secret not in shown, secret
+    events = read_jsonl(tmp_path / "out.jsonl")
+    assert {e["tags"]["instance"] for e in events if e["name"] == "temperature_celsius"} == {host}  # scraped with auth
+    errors = [e for e in events if e["name"] == SCRAPE_ERRORS]
+    assert {e["tags"]["url"] for e in errors} == {f"http://{host}/metrics"} and "HTTP 401" in errors[0]["data"]["error"]

@@ -42,7 +42,10 @@ class StaticFiles:
 
     def load(self, rel: str) -> tuple[bytes, str] | None:
         """The file's bytes and ETag, or None when `rel` is not a file under the root."""
-        path = (self.root / rel).resolve()
+        try:
+            path = (self.root / rel).resolve()
+        except (ValueError, OSError):  # e.g. an embedded NUL byte
+            return None
         if not path.is_relative_to(self.root) or any(p.startswith(".") for p in path.relative_to(self.root).parts):
             return None
         if path.suffix.lower() not in TYPES and not is_licence(path):
@@ -67,10 +70,13 @@ class StaticFiles:
         body, etag = found
         # no-cache: the browser revalidates each visit (a 304 here), so an upgrade shows at once.
         hdrs = {"ETag": etag, "Cache-Control": "no-cache", **(headers or {})}
-        if etag in request.headers.get("If-None-Match", ""):
-            return web.Response(status=304, headers=hdrs)
         suffix = Path(rel).suffix.lower()
         ctype = TYPES.get(suffix) or mimetypes.guess_type(rel)[0] or "application/octet-stream"
+        if ctype == "text/html":  # every page, however it is reached, gets the CSP
+            hdrs["Content-Security-Policy"] = CSP
+        wanted = request.headers.get("If-None-Match", "")
+        if etag in wanted or wanted.strip() == "*":
+            return web.Response(status=304, headers=hdrs)
         if is_licence(Path(rel)):
             ctype = "text/plain"
         charset = "utf-8" if ctype.startswith("text/") or ctype.endswith(("json", "javascript", "svg+xml")) else None
@@ -81,7 +87,7 @@ def add_routes(app: web.Application) -> None:
     files = StaticFiles(ui_root())
 
     async def index(request: web.Request) -> web.Response:
-        return files.response(request, "index.html", {"Content-Security-Policy": CSP})
+        return files.response(request, "index.html")
 
     async def static(request: web.Request) -> web.Response:
         return files.response(request, request.match_info["path"])
