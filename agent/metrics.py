@@ -84,4 +84,17 @@ def render(agent: Agent) -> str:
     w.metric("breaker_open_seconds", "counter", "Seconds each sink's breaker has spent open.", open_s)
     w.metric("stream_dropped_messages", "counter", "Live-stream messages dropped for slow clients.",
              [({}, agent.stream.dropped)])
+    w.metric("source_stat", "gauge", "A source's own figures (ctx.stats: packets, scrapes, scrape errors, ...).",
+             source_stats(agent))
     return w.text()
+
+
+def source_stats(agent: Agent) -> list[tuple[dict[str, str], float]]:
+    """Every numeric figure a source keeps in ctx.stats, labelled by source and stat."""
+    out: list[tuple[dict[str, str], float]] = []
+    for source, stats in sorted(agent._source_stats.items()):
+        for stat, value in sorted(stats.items()):
+            value = value() if callable(value) else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append(({"source": source, "stat": stat}, value))
+    return out

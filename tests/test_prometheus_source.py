@@ -242,6 +242,13 @@ async def test_a_dead_url_is_counted_and_does_not_stop_the_others_or_later_scrap
         assert live.hits >= 3  # the live target kept being scraped meanwhile
         stats = _stats(agent)
         assert stats["last_error"].startswith(f"{dead_url}: ClientConnectorError")
+        # the same figures at /metrics, for whoever scrapes the agent itself
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from agent.metrics import render
+        fam = {f.name: f for f in text_string_to_metric_families(render(agent))}["sidecar_agent_source_stat"]
+        by_stat = {smp.labels["stat"]: smp.value for smp in fam.samples if smp.labels["source"] == "prom"}
+        assert by_stat["scrape_errors"] >= 3 and by_stat["scrapes"] >= 6 and "last_error" not in by_stat
         assert next(c for c in agent.status()["components"] if c["name"] == "prom")["state"] == "running"
         revived = await Target(reg).start(dead_port)  # the dead target comes up
         await _until(lambda: revived.hits >= 2)
