@@ -43,7 +43,24 @@ def plan(config: Config, host: PluginHost) -> list[ComponentSpec]:
             tables.update(_implicit_store(config, host))
         for name, table in tables.items():
             specs.append(_spec(kind, name, dict(table), config, host))
+    _check_shared_limits(specs, config.origin)
     return specs
+
+
+def _check_shared_limits(specs: list[ComponentSpec], origin: str) -> None:
+    """Sinks sharing a concurrency `group` must agree on its limit. Checked here, before
+    anything starts (and by check-config), not when the second sink is built."""
+    first: dict[str, tuple[str, int]] = {}  # group -> (sink, max_in_flight)
+    for spec in specs:
+        for pname, _reg, options in spec.policies:
+            group = getattr(options, "group", None)
+            if pname != "concurrency" or group is None:
+                continue
+            sink, limit = first.setdefault(group, (spec.name, options.max_in_flight))
+            if limit != options.max_in_flight:
+                raise ConfigError(
+                    f"{origin}: sinks.{spec.name}.concurrency.max_in_flight: group {group!r} is already limited "
+                    f"to {limit} by sink {sink}; every sink of a group must give the same limit")
 
 
 def _implicit_store(config: Config, host: PluginHost) -> dict[str, dict[str, Any]]:

@@ -189,7 +189,9 @@ class Agent:
         for spec in specs:
             if spec.kind == "sinks":
                 self._build_sink(spec, data_dir)
-        self.journal.attach(list(self.workers))
+        # Every configured sink keeps its cursor, also one that failed to build: its
+        # backlog stays journaled (compaction waits for it) until it runs again.
+        self.journal.attach([s.name for s in specs if s.kind == "sinks"])
         for name in await self.dlq.take_replay_requests():  # asked for by the offline CLI
             if name in self.workers:
                 self.workers[name].request_replay()

@@ -6,6 +6,7 @@
 - flaky: raises RetryableError while its name is in STATE.down;
 - slow: like memory, but each send takes STATE.delay seconds; STATE.in_flight and
   STATE.most_in_flight count sends in progress across every slow sink;
+- broken: its factory raises (a sink that fails to build);
 - poison: raises RetryableError while its name is in STATE.down (an outage parks
   whole batches), else PermanentError for a batch holding any event whose name
   starts with "poison", otherwise behaves like memory.
@@ -83,6 +84,11 @@ class SlowSink(MemorySink):
             STATE.in_flight -= 1
 
 
+class BrokenSink(BaseSink):
+    def __init__(self, name: str, options: object, ctx: PluginContext) -> None:
+        raise RuntimeError(f"{name} cannot be built")
+
+
 class FlakySink(MemorySink):
     async def send(self, events: list[Event]) -> None:
         if self.name in STATE.down:
@@ -110,4 +116,5 @@ def register_sinks(register):
     register("hang", HangSink)
     register("flaky", FlakySink)
     register("slow", SlowSink)
+    register("broken", BrokenSink)
     register("poison", PoisonSink)

@@ -17,6 +17,7 @@ import sys
 import types
 
 import msgspec
+import pytest
 
 from agent.hookspecs import hookimpl
 from tests import plugins_for_tests
@@ -138,16 +139,42 @@ async def test_a_concurrency_group_limits_sends_across_sinks(tmp_path) -> None:
         == [float(i) for i in range(40)]
 
 
-async def test_a_concurrency_group_with_two_limits_is_a_named_error(tmp_path) -> None:
+async def test_a_concurrency_group_with_two_limits_is_a_config_error_before_start(tmp_path) -> None:
+    from agent.errors import ConfigError
     from agent.runtime import Agent
 
-    STATE.reset()
     cfg = {"agent": {"data_dir": str(tmp_path / "data")}, "server": {"enabled": False},
            "dashboard": {"store": False},
            "sinks": {"a": {"type": "memory", "policies": ["concurrency"], "concurrency": {"max_in_flight": 2, "group": "db"}},
                      "b": {"type": "memory", "policies": ["concurrency"], "concurrency": {"max_in_flight": 3, "group": "db"}}}}
-    async with Agent(cfg, plugins=[plugins_for_tests]) as agent:
+    agent = Agent(cfg, plugins=[plugins_for_tests])
+    with pytest.raises(ConfigError, match=r"sinks\.b\.concurrency\.max_in_flight: group 'db' is already limited to 2 by sink a"):
+        await agent.start()
+    assert agent.state == "failed"
+
+
+async def test_a_sink_that_fails_to_build_keeps_its_backlog(tmp_path) -> None:
+    """Its cursor stays, so compaction keeps its undelivered events until it runs again."""
+    from agent.runtime import Agent
+
+    STATE.reset()
+
+    def cfg(b_type: str) -> dict:
+        return {"agent": {"data_dir": str(tmp_path / "data"), "commit_interval_ms": 2, "shutdown_timeout_s": 0.5},
+                "server": {"enabled": False}, "dashboard": {"store": False},
+                "sinks": {"a": {"type": "memory", "policies": []}, "b": {"type": b_type, "policies": []}}}
+
+    async with Agent(cfg("hang"), plugins=[plugins_for_tests]) as agent:  # b takes nothing
+        for i in range(100):
+            agent.record("kept", float(i))
+        await wait_for(lambda: len(STATE.delivered.get("a", [])) == 100)
+    async with Agent(cfg("broken"), plugins=[plugins_for_tests]) as agent:  # b cannot be built
         comps = {c["name"]: c for c in agent.status()["components"] if c["kind"] == "sink"}
-        assert comps["a"]["state"] == "running"
         assert comps["b"]["state"] == "failed"
-        assert "sinks.b.concurrency.max_in_flight: group 'db' is already limited to 2 by sink a" in comps["b"]["error"]
+        assert await agent.flush(5)
+        await agent.journal.compact()
+    STATE.reset()
+    async with Agent(cfg("memory"), plugins=[plugins_for_tests]) as agent:  # b is back
+        assert await agent.flush(10)
+        assert sorted(e.value for e in STATE.delivered["b"]) == [float(i) for i in range(100)]
+        assert agent.ledger.total() == 0
