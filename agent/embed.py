@@ -69,7 +69,16 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent:
         ready: Future[Agent] = Future()
         thread = threading.Thread(target=_run, args=(agent, ready), name="sidecar-agent", daemon=True)
         thread.start()
-        ready.result(timeout)
+        try:
+            ready.result(timeout)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):  # still starting in its thread: it keeps its counts
+                raise
+            # The failed agent's ledger (the early counts and what its start lost) is
+            # dropped with it: keep it for the next agent started in this process.
+            for (reason, sink), n in agent.ledger.snapshot().items():
+                _early.add(reason, n, sink)
+            raise
         _agent, _thread = agent, thread
         if not _hooks_installed:
             _hooks_installed = True

@@ -81,6 +81,9 @@ class Committer:
         self.committed = 0
         self.commits = 0
         self.accepting = True
+        # The reason counted for events whose journal write is cancelled part-way (a stop or
+        # a failed start whose deadline passed); the agent sets it before cancelling.
+        self.cancel_reason = losses.SHUTDOWN_TIMEOUT
         self._wake = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
@@ -174,6 +177,15 @@ class Committer:
         assign_ids(events)
         try:
             await self._append(events)
+        except asyncio.CancelledError:
+            # The write was abandoned, its outcome unknown (it may still land): these events
+            # were taken off the queues, so count them here or nobody will. HTTP callers get
+            # the same 503 as a full journal.
+            self.ledger.add(self.cancel_reason, unacked)
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(JournalFullError("the agent is stopping"))
+            raise
         except Exception as exc:
             reason = losses.JOURNAL_FULL if isinstance(exc, JournalFullError) else losses.DISK_ERROR
             self.ledger.add(reason, unacked)

@@ -132,12 +132,14 @@ class Agent:
             return
         self._accepting = False
         self.state = "failed"
+        for name in [n for n in self._tasks if n.startswith("source:")]:
+            await _cancel(self._tasks.pop(name))
         left = len(self._records)
         if self.committer is not None:
             self.committer.accepting = False
-            if "committer" in self._tasks:
-                with contextlib.suppress(Exception):
-                    await self.committer.drain(1.0)
+            self.committer.cancel_reason = losses.START_FAILED
+            with contextlib.suppress(Exception):
+                await self.committer.drain(self.config.agent.shutdown_timeout_s)
             left = len(self._records) + self.committer.pending_events
         if left:
             self.ledger.add(losses.START_FAILED, left)
@@ -331,8 +333,7 @@ class Agent:
             await self._runner.cleanup()
             self._runner = None
             if self.require_server:
-                await self.stop(timeout=1)
-                raise
+                raise  # start() undoes the rest and leaves the agent "failed"
             return
         port = self._runner.addresses[0][1] if self._runner.addresses else self.config.server.port
         self.server_url = f"http://{self.config.server.host}:{port}"

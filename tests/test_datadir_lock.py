@@ -179,3 +179,49 @@ async def test_events_recorded_around_a_start_that_fails_late_are_journaled_or_c
         assert await agent.flush(5)
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(e["value"] for e in lines if e["name"] == "early") == [float(i) for i in range(10)]
+
+
+async def test_a_journal_write_cut_off_by_a_failed_start_is_counted(tmp_path, monkeypatch):
+    """The drain of a failed start has a deadline: a write still running then (a stalled
+    disk, here a write that takes 5 s) is abandoned, and its events are counted."""
+    from agent.journal import Journal
+
+    async def broken_server(self):
+        raise RuntimeError("injected: the server could not start")
+
+    real_append = Journal.append
+
+    async def stalled_append(self, events):
+        await asyncio.sleep(5)
+        await real_append(self, events)
+
+    cfg = agent_config(tmp_path, free_port())
+    cfg["agent"]["shutdown_timeout_s"] = 0.3
+    failing = Agent(cfg)
+    for i in range(10):
+        failing.record("stalled", float(i))
+    monkeypatch.setattr(Agent, "_start_server", broken_server)
+    monkeypatch.setattr(Journal, "append", stalled_append)
+    with pytest.raises(RuntimeError, match="injected"):
+        await failing.start()
+    assert failing.ledger.snapshot() == {("start_failed", ""): 10}
+
+
+async def test_a_port_in_use_fails_the_start_of_a_sidecar(tmp_path):
+    """`sidecar-agent run` needs its server: a taken port is a failed start, not a stop."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = Agent(agent_config(tmp_path, port), require_server=True)
+        agent.record("early", 1.0)
+        with pytest.raises(OSError):
+            await agent.start()
+    assert agent.state == "failed" and "cannot listen" in agent.server_error
+    agent.record("late", 1.0)
+    assert agent.ledger.snapshot() == {("start_failed", ""): 1}  # "early" was journaled
+    async with Agent(agent_config(tmp_path, None)) as again:  # the dir was released
+        assert await again.flush(5)
+    assert [json.loads(line)["name"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["early"]

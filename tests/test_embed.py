@@ -8,6 +8,8 @@ import sys
 import textwrap
 import threading
 
+import pytest
+
 from tests.helpers import read_jsonl, subprocess_env
 
 
@@ -129,6 +131,15 @@ def test_record_before_start_counted_not_started(embedded, jsonl_config):
     assert a.ledger.by_reason().get("not_started") == 2
     assert embedded.flush(10)
     assert _events(jsonl_config) == []
+
+
+def test_counts_made_before_a_failed_start_reach_the_next_agent(embedded, jsonl_config):
+    embedded.record("too.early", 1)
+    bad = {**jsonl_config, "sinks": {"x": {"type": "no-such-sink"}}}
+    with pytest.raises(Exception, match="no-such-sink"):
+        embedded.start(bad)
+    a = embedded.start(jsonl_config)
+    assert a.ledger.by_reason().get("not_started") == 1
 
 
 def test_invalid_record_is_counted_not_raised(embedded, jsonl_config):
