@@ -13,9 +13,9 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, losses
+from . import losses
 from .build import ComponentSpec, build_flags, plan
 from .config import Config, resolve
 from .db import Database
@@ -29,7 +29,11 @@ from .plugin_api import PluginContext
 from .plugins import PluginHost
 from .resilience import chain_from_specs
 from .stream import StreamHub
+from .status import status_of
 from .timer import Timer
+
+if TYPE_CHECKING:
+    from .flags import FlagService
 
 log = logging.getLogger("sidecar_agent")
 _time = time.time
@@ -405,41 +409,9 @@ class Agent:
 
     # -- reporting -------------------------------------------------------------------
 
-    def _component_now(self, comp: dict[str, Any]) -> dict[str, Any]:
-        """A component's entry: a sink that cannot start shown as failed, a source with its stats."""
-        w = self.workers.get(comp["name"]) if comp["kind"] == "sink" else None
-        if w is not None and not w.started and w.stats.state == "failed":
-            return {**comp, "state": "failed", "error": w.stats.last_error}
-        stats = self._source_stats.get(comp["name"]) if comp["kind"] == "source" else None
-        if stats:  # a source's own figures (ctx.stats), e.g. packets received, scrape errors
-            return {**comp, "stats": {k: v() if callable(v) else v for k, v in stats.items()}}
-        return comp
-
     def status(self) -> dict[str, Any]:
-        """What /api/v1/status serves."""
-        j = self.journal
-        return {
-            "agent_id": self.id,
-            "version": __version__,
-            "state": self.state,
-            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
-            "server": {"url": self.server_url, "error": self.server_error},
-            "plugins": self.host.describe(),
-            "components": [self._component_now(c) for c in self.components.values()],
-            "sinks": [w.describe() for w in self.workers.values()],
-            "intake": {
-                "queued": len(self._records),
-                "capacity": self._cap,
-                "committed": self.committer.committed if self.committer else 0,
-                "commits": self.committer.commits if self.committer else 0,
-            },
-            "journal": j.stats() if j else None,
-            "database": {"path": str(self.db.path) if self.db else None,
-                         "recovered_from": self.db.recovered_from if self.db else None},
-            "dlq": {"pending_events": self.dlq.depth() if self.dlq else 0},
-            "losses": self.ledger.by_reason(),
-            "flags": {"problems": self.flags.health() if self.flags else []},
-        }
+        """What /api/v1/status serves (see agent/status.py)."""
+        return status_of(self)
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -45,8 +45,12 @@ class PrometheusOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
             raise ValueError("set url or urls")
         for u in self.targets():
             parts = urlsplit(u)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"not an http(s) URL: {u!r}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {public_url(u)!r}")
+            try:
+                parts.port  # noqa: B018 - raises for a port that is not a number in range
+            except ValueError:
+                raise ValueError(f"bad port in URL: {public_url(u)!r}") from None
 
     def targets(self) -> list[str]:
         """`url` and `urls` together, each once."""
@@ -152,11 +156,8 @@ class PrometheusSource(PollingSource):
 
 
 def instance(url: str) -> str:
-    """The `instance` tag: host[:port], never the user:password a URL may carry."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{parts.port}" if parts.port else host
+    """The `instance` tag: host[:port] as written, never the user:password a URL may carry."""
+    return urlsplit(url).netloc.rpartition("@")[2]
 
 
 def public_url(url: str) -> str:

@@ -203,7 +203,7 @@ export class Dashboard {
   // name, counted per second); live counting takes over from the current second.
   async backfillRate() {
     const now = Math.floor(Date.now() / 1000);
-    const q = new URLSearchParams({ name: "*", agg: "count", from: String(now - 300), to: String(now), step: "1" });
+    const q = new URLSearchParams({ all: "1", agg: "count", from: String(now - 300), to: String(now), step: "1" });
     try {
       const s = await this.api.get(`/api/v1/series?${q}`);
       s.t.forEach((t, i) => { if (t < now) this.charts.push("rate", t, s.v[i] ?? 0); });

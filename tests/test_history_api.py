@@ -54,15 +54,25 @@ async def test_ingested_events_are_queryable(agent):
             names = {n["name"]: n for n in (await r.json())["names"]}
         assert names["req.latency"]["kind"] == "histogram" and names["req.latency"]["tag_keys"] == ["route"]
         assert names["req.latency"]["count"] == 20
-        # name=* counts every event of every name, per step, raw and from the roll-ups
+        # all=1 counts every event of every name, per step, raw and from the roll-ups
         await _post(s, agent, [{"name": "other", "value": 1, "ts": now - 25 + i} for i in range(5)])
         assert await agent.flush(5)
         for step in ("1", "60"):
             async with s.get(agent.server_url + "/api/v1/series",
-                             params={"name": "*", "agg": "count", "from": str(now - 40), "to": str(now + 1),
+                             params={"all": "1", "agg": "count", "from": str(now - 40), "to": str(now + 1),
                                      "step": step}) as r:
                 body = await r.json()
             assert r.status == 200 and sum(v for v in body["v"] if v) == 25, (step, body)
+        # counts at the raw level are made in SQL: per bucket, they match the events
+        async with s.get(agent.server_url + "/api/v1/series",
+                         params={"name": "req.latency", "agg": "count", "from": str(now - 40), "to": str(now + 1),
+                                 "step": "2", "tag.route": "/a"}) as r:
+            body = await r.json()
+        assert body["level"] == "raw"
+        want = [0] * len(body["t"])
+        for v in range(1, 20, 2):  # the /a events, at now - 30 + v
+            want[int((now - 30 + v - body["from"]) // 2)] += 1
+        assert [c or 0 for c in body["v"]] == want
 
 
 async def test_bad_queries_name_the_problem(agent):
@@ -73,7 +83,8 @@ async def test_bad_queries_name_the_problem(agent):
             ("/api/v1/series", {"name": "x", "from": "10", "to": "5"}, "to must be after from"),
             ("/api/v1/events", {"from": "yesterday"}, "from must be a number"),
             ("/api/v1/events", {"cursor": "nope"}, "cursor is malformed"),
-            ("/api/v1/series", {"name": "*", "agg": "avg"}, "name=* (every name) only makes sense with agg=count"),
+            ("/api/v1/series", {"all": "1", "agg": "avg"}, "all=1 (every name) only makes sense with agg=count"),
+            ("/api/v1/series", {"all": "1", "name": "x", "agg": "count"}, "give name or all=1, not both"),
         ]:
             async with s.get(agent.server_url + path, params=params) as r:
                 assert r.status == 400

@@ -318,32 +318,50 @@ def test_route_path_must_start_with_slash(third_party, tmp_path):
     assert host.routes == []
 
 
-async def test_a_route_that_clashes_fails_its_plugin_not_the_agent(tmp_path):
+def _route_plugin(name: str, routes: list[tuple[str, str]]):
     import types
 
     from aiohttp import web
 
     from agent.hookspecs import hookimpl
-    from agent.runtime import Agent
 
-    mod = types.ModuleType("sc_clash")
+    mod = types.ModuleType(name)
 
     async def mine(request):
-        return web.json_response({"mine": True})
+        return web.json_response({"mine": name})
 
     @hookimpl
     def register_routes(register):
-        register("GET", "/healthz", mine)  # the core's
-        register("GET", "/clash/ok", mine)
+        for method, path in routes:
+            register(method, path, mine)
 
     mod.register_routes = register_routes
+    return mod
+
+
+async def test_a_route_that_clashes_fails_its_plugin_not_the_agent(tmp_path):
+    from agent.runtime import Agent
+
+    clashes = {
+        "sc_same": ("GET", "/healthz"),                  # a core path, same method
+        "sc_under_param": ("DELETE", "/api/v1/flags/mine"),  # would win over DELETE /api/v1/flags/{name}
+        "sc_same_pattern": ("PUT", "/api/v1/flags/{flag}"),  # the core's pattern, another name
+        "sc_star": ("*", "/readyz"),                      # every method, GET included
+        "sc_ui": ("GET", "/ui/mine.js"),                  # the dashboard's
+    }
+    plugins = [_route_plugin(name, [route]) for name, route in clashes.items()]
+    plugins.append(_route_plugin("sc_fine", [("GET", "/clash/ok"), ("POST", "/healthz/extra")]))
     cfg = {"agent": {"data_dir": str(tmp_path / "d")}, "server": {"port": 0}, "sources": {},
            "dashboard": {"store": False}}
-    async with Agent(cfg, plugins=[mod]) as agent, aiohttp.ClientSession() as s:
+    async with Agent(cfg, plugins=plugins) as agent, aiohttp.ClientSession() as s:
         assert agent.state == "running"
         async with s.get(agent.server_url + "/healthz") as r:
-            assert await r.json() == {"status": "ok"}  # the core's route won
+            assert await r.json() == {"status": "ok"}  # the core's routes won
+        async with s.delete(agent.server_url + "/api/v1/flags/mine") as r:
+            assert r.status == 404 and "mine" in (await r.json())["error"]  # the core's flag delete
         async with s.get(agent.server_url + "/clash/ok") as r:
-            assert await r.json() == {"mine": True}  # the plugin's other route is there
-        info = {p["name"]: p for p in agent.host.describe()}["sc_clash"]
-        assert info["state"] == "failed" and "route GET /healthz" in info["error"]
+            assert await r.json() == {"mine": "sc_fine"}
+        info = {p["name"]: p for p in agent.host.describe()}
+        for name, (method, path) in clashes.items():
+            assert info[name]["state"] == "failed" and f"route {method} {path}" in info[name]["error"], name
+        assert info["sc_fine"]["state"] == "loaded"

@@ -111,6 +111,8 @@ def test_an_unparsable_exposition_raises(body):
 @pytest.mark.parametrize("toml, path, problem", [
     ('[sources.p]\ntype = "prometheus"\n', "sources.p", "set url or urls"),
     ('[sources.p]\ntype = "prometheus"\nurl = "ftp://x/metrics"\n', "sources.p", "not an http(s) URL"),
+    ('[sources.p]\ntype = "prometheus"\nurl = "http://u:s3cret@h:99999/m?token=t0ken"\n', "sources.p",
+     "bad port in URL: 'http://h:99999/m'"),
     ('[sources.p]\ntype = "prometheus"\nurls = [3]\n', "sources.p.urls[0]", "expected str"),
     ('[sources.p]\ntype = "prometheus"\nurl = "http://a/m"\ninterval_s = 0\n', "sources.p.interval_s", "> 0"),
     ('[sources.p]\ntype = "prometheus"\nurl = "http://a/m"\nintervl_s = 1\n', "sources.p.intervl_s", "unknown key"),
@@ -122,6 +124,7 @@ def test_option_errors_name_the_key_path(tmp_path, toml, path, problem):
         cfg = load(p)
         plan(cfg, PluginHost(cfg.plugins).load())
     assert str(err.value).startswith(f"{p}: {path}: ") and problem in str(err.value)
+    assert "s3cret" not in str(err.value) and "t0ken" not in str(err.value)
 
 
 def test_url_and_urls_are_scraped_once_each(tmp_path):

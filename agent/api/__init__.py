@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from ..runtime import Agent
 
 log = logging.getLogger("sidecar_agent.api")
+_VARIABLE = re.compile(r"\{[^}]*\}")  # a {name} or {name:regex} in a route path
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -113,10 +115,18 @@ def create_app(agent: Agent) -> web.Application:
 
 
 def _refuse_clash(app: web.Application, method: str, path: str) -> None:
-    """aiohttp would add a second route for a served path silently, and the first would
-    always win: refuse it instead, and everything under the dashboard's /ui/."""
+    """Refuse a plugin route that a served route would shadow or that would shadow one
+    (aiohttp adds both silently, and which wins depends on its lookup index), and
+    everything under the dashboard's /ui/."""
     if path.startswith("/ui/") or path == "/ui":
         raise ValueError("paths under /ui/ belong to the dashboard")
+    method = method.upper()
+    probe = _VARIABLE.sub("x", path)  # a concrete path the new route would serve
     for route in app.router.routes():
-        if route.resource is not None and route.resource.canonical == path and route.method in (method.upper(), "*"):
-            raise ValueError("the path and method are already served")
+        resource = route.resource
+        if resource is None or not (method == "*" or route.method in (method, "*")):
+            continue
+        match = getattr(resource, "_match", None)  # plain and dynamic resources have it
+        if _VARIABLE.sub("{}", resource.canonical) == _VARIABLE.sub("{}", path) or (
+                match is not None and match(probe) is not None):
+            raise ValueError(f"{route.method} {resource.canonical} already serves it")

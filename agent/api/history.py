@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..history_store import AGGS, ALL_NAMES, HistoryStore, decode_cursor
+from ..history_store import AGGS, HistoryStore, decode_cursor
 from .keys import AGENT
 
 MAX_LIMIT = 1000
@@ -73,17 +73,21 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 async def series(request: web.Request) -> web.Response:
-    """GET /api/v1/series?name=&from=&to=&step=&agg=&tag.k=v (name=* with agg=count: all events)"""
+    """GET /api/v1/series?name=&from=&to=&step=&agg=&tag.k=v; all=1 instead of name (with
+    agg=count) counts every event of every name."""
     store = await _store(request)
     q = request.query
-    name = q.get("name")
-    if not name:
-        raise web.HTTPBadRequest(reason="name is required")
+    name = q.get("name") or None
+    every = q.get("all") in ("1", "true")
+    if name and every:
+        raise web.HTTPBadRequest(reason="give name or all=1, not both")
+    if not name and not every:
+        raise web.HTTPBadRequest(reason="name is required (or all=1 with agg=count for every event)")
     agg = q.get("agg", "avg")
     if agg not in AGGS:
         raise web.HTTPBadRequest(reason=f"agg must be one of {', '.join(AGGS)}")
-    if name == ALL_NAMES and agg != "count":
-        raise web.HTTPBadRequest(reason="name=* (every name) only makes sense with agg=count")
+    if every and agg != "count":
+        raise web.HTTPBadRequest(reason="all=1 (every name) only makes sense with agg=count")
     now = time.time()
     end = _num(request, "to", now)
     start = _num(request, "from", (end or now) - 3600)

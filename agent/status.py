@@ -1,0 +1,50 @@
+"""What `GET /api/v1/status` serves: the agent's state, plugins, components, sinks,
+intake, journal, DLQ, losses and flag health, in one dict."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .runtime import Agent
+
+
+def status_of(agent: Agent) -> dict[str, Any]:
+    """The whole status of `agent`."""
+    j = agent.journal
+    return {
+        "agent_id": agent.id,
+        "version": __version__,
+        "state": agent.state,
+        "uptime_s": round(time.time() - agent.started_at, 3) if agent.started_at else 0.0,
+        "server": {"url": agent.server_url, "error": agent.server_error},
+        "plugins": agent.host.describe(),
+        "components": [_component(agent, c) for c in agent.components.values()],
+        "sinks": [w.describe() for w in agent.workers.values()],
+        "intake": {
+            "queued": len(agent._records),
+            "capacity": agent._cap,
+            "committed": agent.committer.committed if agent.committer else 0,
+            "commits": agent.committer.commits if agent.committer else 0,
+        },
+        "journal": j.stats() if j else None,
+        "database": {"path": str(agent.db.path) if agent.db else None,
+                     "recovered_from": agent.db.recovered_from if agent.db else None},
+        "dlq": {"pending_events": agent.dlq.depth() if agent.dlq else 0},
+        "losses": agent.ledger.by_reason(),
+        "flags": {"problems": agent.flags.health() if agent.flags else []},
+    }
+
+
+def _component(agent: Agent, comp: dict[str, Any]) -> dict[str, Any]:
+    """A component's entry: a sink that cannot start shown as failed, a source with its stats."""
+    w = agent.workers.get(comp["name"]) if comp["kind"] == "sink" else None
+    if w is not None and not w.started and w.stats.state == "failed":
+        return {**comp, "state": "failed", "error": w.stats.last_error}
+    stats = agent._source_stats.get(comp["name"]) if comp["kind"] == "source" else None
+    if stats:  # a source's own figures (ctx.stats), e.g. packets received, scrape errors
+        return {**comp, "stats": {k: v() if callable(v) else v for k, v in stats.items()}}
+    return comp
