@@ -129,30 +129,41 @@ class Agent:
         return self
 
     async def _abandon_start(self) -> None:
-        """Undo a start that raised: intake, tasks, server, sinks and the database, in that
-        order. What the committer can still journal is kept (delivered at the next start);
-        what it cannot is counted as `start_failed`; the ledger and cursors are saved."""
+        """Undo a start that raised, as stop() does: what the committer can still journal
+        is kept, sinks get the shutdown deadline to confirm what they were sending (so a
+        restart does not send it twice), what cannot be journaled is counted as
+        `start_failed`; the ledger and cursors are saved."""
         if self.state in ("stopping", "stopped"):  # the start already stopped itself
             return
-        self._accepting = False
         self.state = "failed"
+        loop = asyncio.get_running_loop()
+        await self._wind_down(losses.START_FAILED, loop.time() + self.config.agent.shutdown_timeout_s)
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def _wind_down(self, reason: str, end: float) -> None:
+        """Shared by stop() and a failed start: sources, server and intake close; what is
+        queued is committed until `end` (the rest counted under `reason`); sinks get until
+        `end` to confirm it; then tasks, sinks and the database close, the ledger saved."""
+        loop = asyncio.get_running_loop()
         for name in [n for n in self._tasks if n.startswith("source:")]:
             await _cancel(self._tasks.pop(name))
-        left = len(self._records)
+        if self._runner is not None:
+            await self._runner.cleanup()  # no new ingest; open requests finish first
+            self._runner = None
+        self._accepting = False
         if self.committer is not None:
             self.committer.accepting = False
-            self.committer.cancel_reason = losses.START_FAILED
-            with contextlib.suppress(Exception):
-                await self.committer.drain(self.config.agent.shutdown_timeout_s)
-            left = len(self._records) + self.committer.pending_events
+            self.committer.cancel_reason = reason
+            await self.committer.drain(max(0.1, end - loop.time()))
+        # Not committed by the deadline:
+        left = len(self._records) + (self.committer.pending_events if self.committer else 0)
         if left:
-            self.ledger.add(losses.START_FAILED, left)
+            self.ledger.add(reason, left)
             self._records.clear()
+        await self.flush(max(0.0, end - loop.time()))
         for name in list(self._tasks):
             await _cancel(self._tasks.pop(name))
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
         for worker in self.workers.values():
             with contextlib.suppress(Exception):
                 await worker.close()
@@ -161,8 +172,6 @@ class Agent:
                 await self.journal.checkpoint()  # the ledger and the cursors
         if self.db is not None:
             await self.db.close()
-        assert self._stopped is not None
-        self._stopped.set()
 
     async def _start(self) -> None:
         cfg = self.config
@@ -374,29 +383,7 @@ class Agent:
             return
         self.state = "stopping"
         deadline = self.config.agent.shutdown_timeout_s if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
-        for name in [n for n in self._tasks if n.startswith("source:")]:
-            await _cancel(self._tasks.pop(name))
-        if self._runner is not None:
-            await self._runner.cleanup()  # no new ingest; open requests finish first
-            self._runner = None
-        assert self.committer is not None and self.journal is not None
-        self._accepting = False
-        self.committer.accepting = False
-        await self.committer.drain(max(0.1, end - loop.time()))
-        left = len(self._records) + self.committer.pending_events  # not committed by the deadline
-        if left:
-            self.ledger.add(losses.SHUTDOWN_TIMEOUT, left)
-        await self.flush(max(0.0, end - loop.time()))
-        for name in list(self._tasks):
-            await _cancel(self._tasks.pop(name))
-        for worker in self.workers.values():
-            await worker.close()
-        with contextlib.suppress(Exception):
-            await self.journal.checkpoint()
-        assert self.db is not None
-        await self.db.close()
+        await self._wind_down(losses.SHUTDOWN_TIMEOUT, asyncio.get_running_loop().time() + deadline)
         self.state = "stopped"
         if self._stopped is not None:
             self._stopped.set()
