@@ -85,20 +85,26 @@ async def run(args: argparse.Namespace) -> None:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         agent = await start_agent(tmp / "ws")
         try:
-            page = await browser.new_page()
-            await page.goto(agent.server_url)
-            await page.wait_for_selector("#conn.live")
-            print(f"page transfer size, websocket mode (no supabase-js): {await transfer_size(page) / 1024:.1f} KiB")
-            for rate in (100, 1000):
-                p50, p99, got, n = await latency(page, agent, rate, args.seconds)
-                print(f"websocket  {rate:5d} ev/s: record() -> DOM p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({got}/{n} seen)")
-            await page.close()
+            await live_part(browser, agent, "websocket", "websocket mode (no supabase-js)", args)
         finally:
             await agent.stop(timeout=5)
         await navigation_part(browser, tmp, args)
         if not args.no_supabase:
             await supabase_part(browser, tmp, args)
         await browser.close()
+
+
+async def live_part(browser, agent, label: str, mode: str, args: argparse.Namespace, settle_s: float = 0.0) -> None:
+    """Open the page on a live source; print its transfer size and record() -> DOM at 100 and 1000 ev/s."""
+    page = await browser.new_page()
+    await page.goto(agent.server_url)
+    await page.wait_for_selector("#conn.live")
+    await asyncio.sleep(settle_s)
+    print(f"page transfer size, {mode}: {await transfer_size(page) / 1024:.1f} KiB")
+    for rate in (100, 1000):
+        p50, p99, got, n = await latency(page, agent, rate, args.seconds)
+        print(f"{label:<10} {rate:5d} ev/s: record() -> DOM p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({got}/{n} seen)")
+    await page.close()
 
 
 async def first_chart_ms(browser, url: str, context=None) -> float:
@@ -198,15 +204,7 @@ async def supabase_part(browser, tmp: Path, args: argparse.Namespace) -> None:
                 dashboard={"supabase_url": emu.url, "supabase_anon_key": emu.anon_key},
                 flags={"dashboard": {"data_source": "supabase"}})
             try:
-                page = await browser.new_page()
-                await page.goto(agent.server_url)
-                await page.wait_for_selector("#conn.live")
-                await asyncio.sleep(0.5)
-                print(f"page transfer size, supabase mode (with supabase-js): {await transfer_size(page) / 1024:.1f} KiB")
-                for rate in (100, 1000):
-                    p50, p99, got, n = await latency(page, agent, rate, args.seconds)
-                    print(f"supabase   {rate:5d} ev/s: record() -> DOM p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({got}/{n} seen)")
-                await page.close()
+                await live_part(browser, agent, "supabase", "supabase mode (with supabase-js)", args, settle_s=0.5)
             finally:
                 await agent.stop(timeout=5)
     finally:

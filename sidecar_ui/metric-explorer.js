@@ -265,6 +265,10 @@ export class MetricExplorer {
     return fig;
   }
 
+  figureOf(name) {
+    return this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
+  }
+
   query(name, from, to, tags, step = null) {
     const q = new URLSearchParams({ name, from: String(from), to: String(to), agg: this.state.agg });
     if (step) q.set("step", String(step));
@@ -273,7 +277,7 @@ export class MetricExplorer {
   }
 
   async load(name, gen, tags) {
-    const fig = this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
+    const fig = this.figureOf(name);
     const now = Date.now() / 1000;
     let s;
     try {
@@ -329,7 +333,7 @@ export class MetricExplorer {
       s.readAt = now;
       const drawn = bridgeShortGaps(merged, gapToBridge(s.step));
       this.charts.replace(`metric:${name}`, drawn.t, drawn.v);
-      const fig = this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
+      const fig = this.figureOf(name);
       if (fig) this.caption(fig, merged.t, merged.v, s);
     } catch { /* the next refresh tries again; the chart keeps what it has */ }
     s.reading = false;

@@ -70,3 +70,20 @@ def wait_for(predicate: Any, timeout: float = 20, interval: float = 0.05) -> Any
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def plan_error(tmp_path: Path, toml: str) -> str:
+    """The ConfigError message that loading and planning `toml` (as agent.toml) gives."""
+    import pytest
+
+    from agent.build import plan
+    from agent.config import load
+    from agent.errors import ConfigError
+    from agent.plugins import PluginHost
+
+    p = tmp_path / "agent.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        cfg = load(p)
+        plan(cfg, PluginHost(cfg.plugins).load())
+    return str(err.value)

@@ -10,7 +10,7 @@ from agent.build import plan
 from agent.config import Config, from_dict, load, resolve
 from agent.errors import ConfigError
 from agent.plugins import PluginHost
-from tests.helpers import run_cli
+from tests.helpers import plan_error, run_cli
 
 
 def test_defaults():
@@ -100,13 +100,8 @@ def _plan(tmp_path, toml):
     ('[sinks]\nout = 3\n', "sinks.out", "expected a table"),
 ])
 def test_plugin_option_errors_name_key_path(tmp_path, toml, path, problem):
-    p = tmp_path / "agent.toml"
-    p.write_text(toml)
-    with pytest.raises(ConfigError) as err:
-        cfg = load(p)
-        plan(cfg, PluginHost(cfg.plugins).load())
-    msg = str(err.value)
-    assert msg.startswith(f"{p}: {path}: "), msg
+    msg = plan_error(tmp_path, toml)
+    assert msg.startswith(f"{tmp_path / 'agent.toml'}: {path}: "), msg
     assert problem in msg
 
 

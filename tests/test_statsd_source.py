@@ -10,15 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.build import plan
-from agent.config import load
-from agent.errors import ConfigError
 from agent.plugin_api import ThrottledLog
-from agent.plugins import PluginHost
 from agent.runtime import Agent
 from plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
 from tests.dashboard_support import start_agent
-from tests.helpers import read_jsonl
+from tests.helpers import plan_error, read_jsonl
 
 NOW = 1_700_000_000.0
 
@@ -155,12 +151,8 @@ def test_throttled_log_says_how_many_it_held_back(caplog):
     ('[sources.s]\ntype = "statsd"\nmax_packet = 1\n', "sources.s.max_packet", "unknown key"),
 ])
 def test_option_errors_name_the_key_path(tmp_path, toml, path, problem):
-    p = tmp_path / "agent.toml"
-    p.write_text(toml)
-    with pytest.raises(ConfigError) as err:
-        cfg = load(p)
-        plan(cfg, PluginHost(cfg.plugins).load())
-    assert str(err.value).startswith(f"{p}: {path}: ") and problem in str(err.value)
+    msg = plan_error(tmp_path, toml)
+    assert msg.startswith(f"{tmp_path / 'agent.toml'}: {path}: ") and problem in msg
 
 
 # -- a real agent, real datagrams -------------------------------------------------------
