@@ -4,7 +4,7 @@
 import { Api, ApiError } from "./api.js";
 import { ChartManager, uplotFactory } from "./chart-manager.js";
 import * as P from "./panels.js";
-import { RealtimeAdapter } from "./realtime-adapter.js";
+import { RealtimeAdapter, rowToEvent } from "./realtime-adapter.js";
 import { SessionTracker, isError } from "./session-tracker.js";
 import { createSupabaseClient } from "./supabase-client.js";
 import { MetricExplorer } from "./metric-explorer.js";
@@ -132,7 +132,6 @@ export class Dashboard {
         const { client, table } = this.supabase;
         const { data, error } = await client.from(table).select("*").order("timestamp", { ascending: false }).limit(MAX_ROWS);
         if (error) throw new Error(error.message);
-        const { rowToEvent } = await import("./realtime-adapter.js");
         events = data.map(rowToEvent);
       } else if (this.uiConfig.store) {
         events = (await this.api.get(`/api/v1/events?limit=${MAX_ROWS}`)).events;
