@@ -9,8 +9,8 @@ In asyncio apps: ``async with agent.Agent(config) as a: a.record(...)``.
 
 __version__ = "0.1.0"
 
-from .embed import counter, current, flush, gauge, histogram, record, start, stop, timer  # noqa: E402
-from .runtime import Agent  # noqa: E402
+from agent.embed import counter, current, flush, gauge, histogram, record, start, stop, timer  # noqa: E402
+from agent.runtime import Agent  # noqa: E402
 
 __all__ = ["Agent", "counter", "current", "flush", "gauge", "histogram", "record", "start", "stop", "timer",
            "__version__"]

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .errors import ConfigError
+from agent.errors import ConfigError
 
 DEFAULT_POLICIES = ["timeout", "retry", "circuit_breaker"]
 

@@ -14,9 +14,9 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from . import losses
-from .losses import LossLedger
-from .runtime import Agent
+from agent import losses
+from agent.losses import LossLedger
+from agent.runtime import Agent
 
 _lock = threading.Lock()
 _agent: Agent | None = None
@@ -173,7 +173,7 @@ class _LazyTimer:
         self.name, self.tags = name, tags
 
     def _timer(self) -> Any:
-        from .timer import Timer
+        from agent.timer import Timer
 
         return Timer(_Proxy(), self.name, self.tags)
 

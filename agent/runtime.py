@@ -15,25 +15,25 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import losses
-from .build import ComponentSpec, build_flags, plan
-from .config import Config, resolve
-from .db import Database
-from .delivery import SinkWorker
-from .dlq import DeadLetterQueue
-from .event import Event
-from .intake import Committer
-from .journal import Journal
-from .losses import LossLedger
-from .plugin_api import PluginContext
-from .plugins import PluginHost
-from .resilience import chain_from_specs
-from .stream import StreamHub
-from .status import status_of
-from .timer import Timer
+from agent import losses
+from agent.plan import ComponentSpec, build_flags, plan
+from agent.config import Config, resolve
+from agent.storage.database import Database
+from agent.pipeline.delivery import SinkWorker
+from agent.storage.dlq import DeadLetterQueue
+from agent.event import Event
+from agent.pipeline.intake import Committer
+from agent.pipeline.journal import Journal
+from agent.losses import LossLedger
+from agent.plugin.base import PluginContext
+from agent.plugin.host import PluginHost
+from agent.pipeline.resilience import chain_from_specs
+from agent.pipeline.stream import StreamHub
+from agent.status import status_of
+from agent.timer import Timer
 
 if TYPE_CHECKING:
-    from .flags import FlagService
+    from agent.flags import FlagService
 
 log = logging.getLogger("sidecar_agent")
 _time = time.time
@@ -332,7 +332,7 @@ class Agent:
     async def _start_server(self) -> None:
         from aiohttp import web
 
-        from .api import create_app
+        from agent.api import create_app
 
         app = create_app(self)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from agent import __version__
 
 if TYPE_CHECKING:
-    from .runtime import Agent
+    from agent.runtime import Agent
 
 
 def status_of(agent: Agent) -> dict[str, Any]:

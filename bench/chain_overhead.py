@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.plugin_api import PluginContext  # noqa: E402
-from agent.plugins import PluginHost  # noqa: E402
-from agent.resilience import build_chain  # noqa: E402
+from agent.plugin.base import PluginContext  # noqa: E402
+from agent.plugin.host import PluginHost  # noqa: E402
+from agent.pipeline.resilience import build_chain  # noqa: E402
 
 TARGET_NS = 5000.0
 

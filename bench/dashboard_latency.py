@@ -189,7 +189,7 @@ async def navigation_part(browser, tmp: Path, args: argparse.Namespace) -> None:
 
 
 async def supabase_part(browser, tmp: Path, args: argparse.Namespace) -> None:
-    from agent import migrations
+    from agent.table import ddl as migrations
     from tests.conftest_supabase import _create_database, _drop_database, dsn_for
     from tests.supabase_emulator import SupabaseEmulator
 

@@ -23,12 +23,12 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import migrations  # noqa: E402
+from agent.table import ddl as migrations  # noqa: E402
 from agent.event import Event, new_ids  # noqa: E402
-from agent.plugin_api import PluginContext  # noqa: E402
-from agent.rows import COLUMNS, to_record  # noqa: E402
-from plugins.postgres import PostgresOptions, PostgresSink  # noqa: E402
-from plugins.supabase import SupabaseOptions, SupabaseSink  # noqa: E402
+from agent.plugin.base import PluginContext  # noqa: E402
+from agent.table.rows import COLUMNS, to_record  # noqa: E402
+from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink  # noqa: E402
+from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink  # noqa: E402
 from tests.supabase_emulator import SupabaseEmulator  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.event import Event  # noqa: E402
-from plugins.statsd import Parser  # noqa: E402
+from agent.builtin_plugins.statsd import Parser  # noqa: E402
 
 LINES = [
     "api.requests:1|c|@0.5|#route:/v1/items,method:GET,status:200",

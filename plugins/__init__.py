@@ -2,16 +2,16 @@
 
 # Module names the PluginManager loads as built-ins, in this order.
 BUILTIN: tuple[str, ...] = (
-    "plugins.system",
-    "plugins.process",
-    "plugins.statsd",
-    "plugins.prometheus",
-    "plugins.jsonl",
-    "plugins.postgres",
-    "plugins.supabase",
-    "plugins.timeout",
-    "plugins.retry",
-    "plugins.circuit_breaker",
-    "plugins.concurrency",
-    "plugins.store",
+    "agent.builtin_plugins.system",
+    "agent.builtin_plugins.process",
+    "agent.builtin_plugins.statsd",
+    "agent.builtin_plugins.prometheus",
+    "agent.builtin_plugins.jsonl",
+    "agent.builtin_plugins.postgres",
+    "agent.builtin_plugins.supabase",
+    "agent.builtin_plugins.timeout",
+    "agent.builtin_plugins.retry",
+    "agent.builtin_plugins.circuit_breaker",
+    "agent.builtin_plugins.concurrency",
+    "agent.builtin_plugins.store",
 )

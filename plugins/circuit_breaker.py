@@ -30,10 +30,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from agent.errors import CircuitOpenError, PermanentError
-from agent.hookspecs import hookimpl
-from agent.plugin_api import PluginContext
-from agent.resilience import probing
+from agent.plugin import CircuitOpenError, PermanentError, PluginContext, hookimpl, probing
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar_agent.circuit_breaker")

@@ -9,9 +9,7 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-from agent.errors import ConfigError
-from agent.hookspecs import hookimpl
-from agent.plugin_api import PluginContext
+from agent.plugin import ConfigError, PluginContext, hookimpl
 
 T = TypeVar("T")
 

@@ -8,10 +8,7 @@ import sys
 
 import msgspec
 
-from agent.errors import PermanentError, RetryableError
-from agent.event import Event, json_encoder
-from agent.hookspecs import hookimpl
-from agent.plugin_api import BaseSink, PluginContext
+from agent.plugin import BaseSink, Event, PermanentError, PluginContext, RetryableError, hookimpl, json_encoder
 
 
 class JsonlOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -16,12 +16,18 @@ from typing import Annotated, Any
 import asyncpg
 import msgspec
 
-from agent.errors import PermanentError, RetryableError
-from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.migrations import check_identifier
-from agent.plugin_api import BaseSink, PluginContext
-from agent.rows import COLUMNS, sqlstate_retryable, to_record
+from agent.plugin import (
+    BaseSink,
+    COLUMNS,
+    Event,
+    PermanentError,
+    PluginContext,
+    RetryableError,
+    check_identifier,
+    hookimpl,
+    sqlstate_retryable,
+    to_record,
+)
 
 
 class PostgresOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -21,9 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.plugin_api import Emit, PluginContext, PollingSource, ThrottledLog
+from agent.plugin import Emit, Event, PluginContext, PollingSource, ThrottledLog, hookimpl
 
 ACCEPT = "text/plain;version=0.0.4;q=1.0, application/openmetrics-text;q=0.5, */*;q=0.1"
 SCRAPE_ERRORS = "sidecar_agent.scrape_errors"

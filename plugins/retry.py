@@ -22,10 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from agent.errors import CircuitOpenError, RetryableError
-from agent.hookspecs import hookimpl
-from agent.plugin_api import PluginContext
-from agent.resilience import probing
+from agent.plugin import CircuitOpenError, PluginContext, RetryableError, hookimpl, probing
 
 T = TypeVar("T")
 

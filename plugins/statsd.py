@@ -28,9 +28,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agent.event import MAX_TAGS, Event
-from agent.hookspecs import hookimpl
-from agent.plugin_api import Emit, PluginContext, ThrottledLog
+from agent.plugin import Emit, Event, MAX_TAGS, PluginContext, ThrottledLog, hookimpl
 
 # Loss ledger reasons this plugin counts under (see docs/operations.md).
 MALFORMED = "malformed_statsd"

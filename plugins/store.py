@@ -14,11 +14,7 @@ from typing import Any
 
 import msgspec
 
-from agent.errors import RetryableError
-from agent.event import Event
-from agent.history_store import STORE_FILE, HistoryStore
-from agent.hookspecs import hookimpl
-from agent.plugin_api import BaseSink, PluginContext
+from agent.plugin import BaseSink, Event, HistoryStore, PluginContext, RetryableError, STORE_FILE, hookimpl
 
 
 class StoreOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -14,12 +14,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from agent.errors import PermanentError, PluginError, RetryableError
-from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.migrations import check_identifier
-from agent.plugin_api import BaseSink, PluginContext, parse_retry_after
-from agent.rows import sqlstate_retryable, to_rest_row
+from agent.plugin import (
+    BaseSink,
+    Event,
+    PermanentError,
+    PluginContext,
+    PluginError,
+    RetryableError,
+    check_identifier,
+    hookimpl,
+    parse_retry_after,
+    sqlstate_retryable,
+    to_rest_row,
+)
 
 if TYPE_CHECKING:  # httpx and supabase-py are imported on first use: they take ~0.3 s to import
     import httpx

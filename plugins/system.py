@@ -9,9 +9,7 @@ from typing import Annotated
 import msgspec
 import psutil
 
-from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.plugin_api import PluginContext, PollingSource
+from agent.plugin import Event, PluginContext, PollingSource, hookimpl
 
 
 class SystemOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

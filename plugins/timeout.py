@@ -17,9 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from agent.errors import RetryableError
-from agent.hookspecs import hookimpl
-from agent.plugin_api import PluginContext
+from agent.plugin import PluginContext, RetryableError, hookimpl
 
 T = TypeVar("T")
 

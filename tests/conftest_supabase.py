@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from agent import migrations
+from agent.table import ddl as migrations
 from tests.supabase_emulator import SupabaseEmulator
 
 ADMIN_DSN = os.environ.get("SIDECAR_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -76,10 +76,10 @@ def plan_error(tmp_path: Path, toml: str) -> str:
     """The ConfigError message that loading and planning `toml` (as agent.toml) gives."""
     import pytest
 
-    from agent.build import plan
+    from agent.plan import plan
     from agent.config import load
     from agent.errors import ConfigError
-    from agent.plugins import PluginHost
+    from agent.plugin.host import PluginHost
 
     p = tmp_path / "agent.toml"
     p.write_text(toml)

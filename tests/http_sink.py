@@ -14,7 +14,7 @@ import msgspec
 
 from agent.errors import PermanentError, RetryableError
 from agent.event import Event
-from agent.plugin_api import BaseSink, parse_retry_after  # noqa: F401 (tests import it from here)
+from agent.plugin.base import BaseSink, parse_retry_after  # noqa: F401 (tests import it from here)
 
 _encode = msgspec.json.Encoder().encode
 

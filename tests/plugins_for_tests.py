@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from agent.errors import PermanentError, RetryableError
 from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.plugin_api import BaseSink, PluginContext
+from agent.plugin.hookspecs import hookimpl
+from agent.plugin.base import BaseSink, PluginContext
 
 
 @dataclass

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from agent.event import Event, new_ids
-from agent.plugin_api import PluginContext
+from agent.plugin.base import PluginContext
 
 
 def make_ctx(name: str = "test") -> PluginContext:

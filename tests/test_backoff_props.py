@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.retry import backoff_ceiling, retry_delay
+from agent.builtin_plugins.retry import backoff_ceiling, retry_delay
 
 index = st.integers(min_value=0, max_value=10_000)
 ms = st.floats(min_value=0, max_value=3_600, allow_nan=False)

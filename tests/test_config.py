@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
-from agent.build import plan
+from agent.plan import plan
 from agent.config import Config, from_dict, load, resolve
 from agent.errors import ConfigError
-from agent.plugins import PluginHost
+from agent.plugin.host import PluginHost
 from tests.helpers import plan_error, run_cli
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.dirlock import DataDirInUse, DataDirLock
+from agent.storage.dirlock import DataDirInUse, DataDirLock
 from agent.flags import FlagService, core_flags
 from agent.runtime import Agent
 from tests.durability_helpers import WORKTREE, free_port, wait_for
@@ -184,7 +184,7 @@ async def test_events_recorded_around_a_start_that_fails_late_are_journaled_or_c
 async def test_a_journal_write_cut_off_by_a_failed_start_is_counted(tmp_path, monkeypatch):
     """The drain of a failed start has a deadline: a write still running then (a stalled
     disk, here a write that takes 5 s) is abandoned, and its events are counted."""
-    from agent.journal import Journal
+    from agent.pipeline.journal import Journal
 
     async def broken_server(self):
         raise RuntimeError("injected: the server could not start")

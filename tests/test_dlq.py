@@ -214,8 +214,8 @@ async def test_http_list_pagination_and_purge(tmp_path):
 
 
 async def test_purging_settled_entries_is_not_a_second_loss_and_failing_entries_rotate(tmp_path):
-    from agent.db import Database
-    from agent.dlq import DeadLetterQueue
+    from agent.storage.database import Database
+    from agent.storage.dlq import DeadLetterQueue
     from agent.errors import RetryableError
     from agent.event import Event
     from agent.losses import LossLedger

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import hookspecs
+from agent.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugins.md"

@@ -362,7 +362,7 @@ def test_unwritable_override_file_refuses_the_change(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("agent.flag_store.atomic_write", fail)
+    monkeypatch.setattr("agent.flags.overrides.atomic_write", fail)
     with pytest.raises(FlagError, match="cannot save overrides"):
         svc.set("test.level", 3, "a")
     assert svc.get("test.level") == 0 and svc.audit() == []

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from agent.event import Event
-from agent.history_store import HistoryStore
-from agent.sketch import Sketch
+from agent.history.store import HistoryStore
+from agent.history.sketch import Sketch
 
 NOW = 1_700_002_800.0  # a fixed, hour-aligned clock
 

@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 
 from agent import losses
-from agent.db import Database
+from agent.storage.database import Database
 from agent.errors import JournalFullError
 from agent.event import Event
-from agent.journal import Journal
+from agent.pipeline.journal import Journal
 from agent.losses import LossLedger
 from tests.durability_helpers import make_agent, wait_for
 

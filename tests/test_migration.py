@@ -7,7 +7,7 @@ import uuid
 import asyncpg
 import pytest
 
-from agent import migrations
+from agent.table import ddl as migrations
 
 INDEXES = {
     "timestamp_idx": '("timestamp" DESC)',

@@ -16,7 +16,7 @@ import pytest
 
 from agent.api import create_app
 from agent.config import PluginsSection
-from agent.plugins import ENTRY_POINT_GROUP, PluginHost
+from agent.plugin.host import ENTRY_POINT_GROUP, PluginHost
 from agent.runtime import Agent
 
 MODULES = {
@@ -24,7 +24,7 @@ MODULES = {
         raise ImportError("No module named 'frobnicate'")
     """,
     "sc_register_raises": """
-        from agent.hookspecs import hookimpl
+        from agent.plugin.hookspecs import hookimpl
 
         class S:
             async def run(self, emit):
@@ -36,8 +36,8 @@ MODULES = {
             raise RuntimeError("register hook exploded")
     """,
     "sc_bad_components": """
-        from agent.hookspecs import hookimpl
-        from agent.plugin_api import BaseSink
+        from agent.plugin.hookspecs import hookimpl
+        from agent.plugin.base import BaseSink
 
         class FlakySource:
             def __init__(self, name, options, ctx):
@@ -62,7 +62,7 @@ MODULES = {
     "sc_good": """
         import asyncio
         from agent.event import Event
-        from agent.hookspecs import hookimpl
+        from agent.plugin.hookspecs import hookimpl
 
         class Ticker:
             def __init__(self, name, options, ctx):
@@ -79,14 +79,14 @@ MODULES = {
             register("ticker", Ticker)
     """,
     "sc_dup": """
-        from agent.hookspecs import hookimpl
+        from agent.plugin.hookspecs import hookimpl
 
         @hookimpl
         def register_sinks(register):
             register("jsonl", object)
     """,
     "sc_misspelled": """
-        from agent.hookspecs import hookimpl
+        from agent.plugin.hookspecs import hookimpl
 
         @hookimpl
         def register_sink(register):  # should be register_sinks
@@ -94,7 +94,7 @@ MODULES = {
     """,
     "sc_extras": """
         from aiohttp import web
-        from agent.hookspecs import hookimpl
+        from agent.plugin.hookspecs import hookimpl
         from agent.flags import Flag
 
         CALLS = []
@@ -305,7 +305,7 @@ async def test_register_policies_flags_and_routes(third_party, tmp_path, aiohttp
 
 def test_route_path_must_start_with_slash(third_party, tmp_path):
     (tmp_path / "plugins_src" / "sc_badroute.py").write_text(textwrap.dedent("""
-        from agent.hookspecs import hookimpl
+        from agent.plugin.hookspecs import hookimpl
 
         @hookimpl
         def register_routes(register):
@@ -323,7 +323,7 @@ def _route_plugin(name: str, routes: list[tuple[str, str]]):
 
     from aiohttp import web
 
-    from agent.hookspecs import hookimpl
+    from agent.plugin.hookspecs import hookimpl
 
     mod = types.ModuleType(name)
 

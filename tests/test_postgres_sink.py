@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from agent.errors import PermanentError, RetryableError
-from plugins.postgres import PostgresOptions, PostgresSink, map_pg_error
+from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink, map_pg_error
 from tests.sink_helpers import make_ctx, make_events
 
 
@@ -48,7 +48,7 @@ async def test_row_mapping(pg_table):
 
 async def test_same_rows_as_supabase_mapping(pg_table):
     """Both sinks share agent.rows: the REST row and the asyncpg record agree."""
-    from agent.rows import COLUMNS, to_record, to_rest_row
+    from agent.table.rows import COLUMNS, to_record, to_rest_row
 
     (e,) = make_events(1)
     rest, rec = to_rest_row(e), to_record(e)
@@ -182,7 +182,7 @@ def test_error_mapping(exc, expected):
 def test_both_sinks_register_as_builtin_plugins():
     import msgspec
 
-    from agent.plugins import PluginHost
+    from agent.plugin.host import PluginHost
 
     host = PluginHost().load()
     pg, sb = host.get("sinks", "postgres"), host.get("sinks", "supabase")

@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics_format
 
-from agent.build import plan
+from agent.plan import plan
 from agent.config import load
-from agent.plugins import PluginHost
+from agent.plugin.host import PluginHost
 from agent.runtime import Agent
-from plugins.prometheus import SCRAPE_ERRORS, kind_of, parse
+from agent.builtin_plugins.prometheus import SCRAPE_ERRORS, kind_of, parse
 from tests.dashboard_support import start_agent
 from tests.helpers import plan_error, read_jsonl
 
@@ -243,7 +243,7 @@ async def test_a_dead_url_is_counted_and_does_not_stop_the_others_or_later_scrap
         # the same figures at /metrics, for whoever scrapes the agent itself
         from prometheus_client.parser import text_string_to_metric_families
 
-        from agent.metrics import render
+        from agent.api.metrics import render
         fam = {f.name: f for f in text_string_to_metric_families(render(agent))}["sidecar_agent_source_stat"]
         by_stat = {smp.labels["stat"]: smp.value for smp in fam.samples if smp.labels["source"] == "prom"}
         assert by_stat["scrape_errors"] >= 3 and by_stat["scrapes"] >= 6 and "last_error" not in by_stat

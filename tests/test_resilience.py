@@ -12,14 +12,14 @@ import pytest
 
 from agent.errors import CircuitOpenError, ConfigError, PermanentError, RetryableError
 from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.plugin_api import PluginContext
-from agent.plugins import PluginHost
-from agent.resilience import Chain, build_chain
-from plugins.circuit_breaker import CircuitBreakerOptions, CircuitBreakerPolicy
-from plugins.concurrency import ConcurrencyOptions, ConcurrencyPolicy
-from plugins.retry import RetryOptions, RetryPolicy
-from plugins.timeout import TimeoutOptions, TimeoutPolicy
+from agent.plugin.hookspecs import hookimpl
+from agent.plugin.base import PluginContext
+from agent.plugin.host import PluginHost
+from agent.pipeline.resilience import Chain, build_chain
+from agent.builtin_plugins.circuit_breaker import CircuitBreakerOptions, CircuitBreakerPolicy
+from agent.builtin_plugins.concurrency import ConcurrencyOptions, ConcurrencyPolicy
+from agent.builtin_plugins.retry import RetryOptions, RetryPolicy
+from agent.builtin_plugins.timeout import TimeoutOptions, TimeoutPolicy
 
 # -- helpers ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import types
 import msgspec
 import pytest
 
-from agent.hookspecs import hookimpl
+from agent.plugin.hookspecs import hookimpl
 from tests import plugins_for_tests
 from tests.durability_helpers import wait_for
 from tests.faultserver import FaultServer, Phase

@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.plugin_api import ThrottledLog
+from agent.plugin.base import ThrottledLog
 from agent.runtime import Agent
-from plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
+from agent.builtin_plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
 from tests.dashboard_support import start_agent
 from tests.helpers import plan_error, read_jsonl
 

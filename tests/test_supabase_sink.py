@@ -10,7 +10,7 @@ import pytest
 from postgrest.exceptions import APIError
 
 from agent.errors import PermanentError, RetryableError
-from plugins.supabase import SupabaseOptions, SupabaseSink, map_api_error, parse_retry_after
+from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink, map_api_error, parse_retry_after
 from tests.sink_helpers import make_ctx, make_events
 
 

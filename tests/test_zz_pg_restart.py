@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 
 from agent.errors import RetryableError
-from plugins.postgres import PostgresOptions, PostgresSink
-from plugins.supabase import SupabaseOptions, SupabaseSink
+from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink
+from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink
 from tests.conftest_supabase import ADMIN_DSN
 from tests.sink_helpers import make_ctx, make_events
 

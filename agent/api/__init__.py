@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
-from . import dlq, flags, health, history, ingest, stream, ui
-from .keys import AGENT, WEBSOCKETS
+from agent.api import dlq, flags, health, history, ingest, stream, ui
+from agent.api.keys import AGENT, WEBSOCKETS
 
 if TYPE_CHECKING:
-    from ..runtime import Agent
+    from agent.runtime import Agent
 
 log = logging.getLogger("sidecar_agent.api")
 _VARIABLE = re.compile(r"\{[^}]*\}")  # a {name} or {name:regex} in a route path

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from ..dlq import STATUSES
-from .keys import AGENT
+from agent.storage.dlq import STATUSES
+from agent.api.keys import AGENT
 
 
 def _filters(request: web.Request) -> tuple[str | None, str | None]:

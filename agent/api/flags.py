@@ -7,8 +7,8 @@ import hmac
 import msgspec
 from aiohttp import web
 
-from ..flags import FlagError, UnknownFlagError
-from .keys import AGENT
+from agent.flags import FlagError, UnknownFlagError
+from agent.api.keys import AGENT
 
 
 def _service(request: web.Request):

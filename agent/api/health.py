@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import metrics
-from .keys import AGENT
+from agent.api import metrics
+from agent.api.keys import AGENT
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -37,7 +37,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def sinks(request: web.Request) -> web.Response:
     """Per-sink state, lag (events and seconds), counters, breaker and DLQ depth."""
-    from .history import lag_seconds
+    from agent.api.history import lag_seconds
 
     agent = request.app[AGENT]
     out = []

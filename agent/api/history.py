@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..history_store import AGGS, HistoryStore, decode_cursor
-from .keys import AGENT
+from agent.history.store import AGGS, HistoryStore, decode_cursor
+from agent.api.keys import AGENT
 
 MAX_LIMIT = 1000
 DATA_SOURCE_FLAG = "dashboard.data_source"
@@ -24,7 +24,7 @@ DATA_SOURCE_FLAG = "dashboard.data_source"
 
 async def _store(request: web.Request) -> HistoryStore:
     """The running store; waits a moment for one that is still opening (agent start-up)."""
-    from plugins.store import find_store
+    from agent.builtin_plugins.store import find_store
 
     agent = request.app[AGENT]
     for _ in range(50):

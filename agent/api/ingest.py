@@ -6,9 +6,9 @@ import time
 
 from aiohttp import web
 
-from ..errors import JournalFullError
-from ..event import InvalidEvent, decode_input, json_encoder, normalize
-from .keys import AGENT
+from agent.errors import JournalFullError
+from agent.event import InvalidEvent, decode_input, json_encoder, normalize
+from agent.api.keys import AGENT
 
 MAX_ERRORS_SHOWN = 100
 

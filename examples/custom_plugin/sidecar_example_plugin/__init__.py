@@ -13,8 +13,8 @@ import msgspec
 
 from agent.errors import RetryableError
 from agent.event import Event
-from agent.hookspecs import hookimpl
-from agent.plugin_api import BaseSink, PluginContext, PollingSource
+from agent.plugin.hookspecs import hookimpl
+from agent.plugin.base import BaseSink, PluginContext, PollingSource
 
 
 class HeartbeatOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

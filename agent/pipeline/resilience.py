@@ -21,24 +21,19 @@ after the first) and the policies' own coroutines.
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import convert_section
-from .errors import ConfigError, PluginError
-from .plugin_api import Policy, PluginContext
+from agent.config import convert_section
+from agent.errors import ConfigError, PluginError
+from agent.plugin.base import Policy, PluginContext
 
 if TYPE_CHECKING:
-    from .plugins import PluginHost
+    from agent.plugin.host import PluginHost
 
 T = TypeVar("T")
 
-# True while a circuit breaker is sending its half-open probe. Policies that would
-# multiply requests (retry) read it and make a single attempt instead, so a probe is
-# exactly one request to the sink whatever the chain order.
-probing: contextvars.ContextVar[bool] = contextvars.ContextVar("sidecar_agent_probing", default=False)
 
 
 class Chain:
@@ -132,7 +127,7 @@ def build_chain(
 
 def chain_from_specs(specs: Sequence[tuple[str, Any, Any]], ctx: PluginContext) -> Chain:
     """Compose a chain from already validated (name, registration, options) triples,
-    as agent.build.plan produces them."""
+    as agent.plan.plan produces them."""
     policies: list[Policy] = []
     for pname, reg, options in specs:
         policy = reg.factory(ctx.name, options, ctx)

@@ -9,9 +9,9 @@ import logging
 import signal
 import sys
 
-from . import __version__
-from .config import Config, load, resolve
-from .errors import AgentError, ConfigError
+from agent import __version__
+from agent.config import Config, load, resolve
+from agent.errors import AgentError, ConfigError
 
 
 def _config(path: str | None) -> Config:
@@ -20,7 +20,7 @@ def _config(path: str | None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT, then stop gracefully and exit 0."""
-    from .runtime import Agent
+    from agent.runtime import Agent
 
     cfg = _config(args.config)
 
@@ -43,10 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file, plugin options included."""
-    from .build import plan
-    from .plugins import PluginHost
+    from agent.plan import plan
+    from agent.plugin.host import PluginHost
 
-    from .build import build_flags
+    from agent.plan import build_flags
 
     cfg = load(args.file)
     host = PluginHost(cfg.plugins).load()
@@ -59,7 +59,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List plugins: name, package, version, state and what each provides."""
-    from .plugins import PluginHost
+    from agent.plugin.host import PluginHost
 
     cfg = _config(args.config)
     host = PluginHost(cfg.plugins).load()
@@ -78,7 +78,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .cli_dlq import run
+    from agent.cli.dlq import run
 
     return run(args, _config(args.config))
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=50)
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dlq)
-    from .cli_more import add_parsers
+    from agent.cli.flags import add_parsers
 
     add_parsers(sub, _config)
     return p
@@ -128,6 +128,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,11 +19,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import losses
-from .errors import JournalFullError
-from .event import KINDS, Event, assign_ids, default_kind
-from .journal import Journal
-from .losses import LossLedger
+from agent import losses
+from agent.errors import JournalFullError
+from agent.event import KINDS, Event, assign_ids, default_kind
+from agent.pipeline.journal import Journal
+from agent.losses import LossLedger
 
 log = logging.getLogger("sidecar_agent.intake")
 

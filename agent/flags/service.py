@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import FlagError
-from .event import Event
-from .flag_def import ENV_PREFIX, Flag, FlagConfigError, UnknownFlagError, _show, env_var
-from .flag_store import AuditLog, OverrideFile
+from agent.errors import FlagError
+from agent.event import Event
+from agent.flags.definition import ENV_PREFIX, Flag, FlagConfigError, UnknownFlagError, _show, env_var
+from agent.flags.overrides import AuditLog, OverrideFile
 
 log = logging.getLogger("sidecar_agent.flags")
 

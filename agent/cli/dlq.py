@@ -13,14 +13,14 @@ from typing import Any
 
 import msgspec
 
-from . import client
-from .config import Config
+from agent.cli import client
+from agent.config import Config
 
 
 async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
-    from .db import Database, DataDirInUse
-    from .dlq import DeadLetterQueue
-    from .losses import LossLedger
+    from agent.storage.database import Database, DataDirInUse
+    from agent.storage.dlq import DeadLetterQueue
+    from agent.losses import LossLedger
 
     db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync, cli=True)
     try:

@@ -19,11 +19,11 @@ import logging
 import time
 from collections import OrderedDict, deque
 
-from . import losses
-from .db import Database
-from .errors import JournalFullError
-from .event import Event, msgpack_encoder, stored_batch_decoder
-from .losses import LossLedger
+from agent import losses
+from agent.storage.database import Database
+from agent.errors import JournalFullError
+from agent.event import Event, msgpack_encoder, stored_batch_decoder
+from agent.losses import LossLedger
 
 log = logging.getLogger("sidecar_agent.journal")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from .dirlock import DataDirInUse, DataDirLock  # noqa: F401  (DataDirInUse: re-exported)
+from agent.storage.dirlock import DataDirInUse, DataDirLock  # noqa: F401  (DataDirInUse: re-exported)
 
 log = logging.getLogger("sidecar_agent.db")
 

@@ -7,14 +7,14 @@ import asyncio
 import json
 from pathlib import Path
 
-from . import client
-from .config import Config
+from agent.cli import client
+from agent.config import Config
 
 
 def _offline_flags(cfg: Config):
-    from .build import plan
-    from .flags import FlagService, core_flags
-    from .plugins import PluginHost
+    from agent.plan import plan
+    from agent.flags import FlagService, core_flags
+    from agent.plugin.host import PluginHost
 
     host = PluginHost(cfg.plugins).load()
     sinks = [s.name for s in plan(cfg, host) if s.kind == "sinks"]
@@ -26,8 +26,8 @@ def _flags_offline(cfg: Config, action: str, name: str | None, value: object) ->
     """No agent answered: work on the data dir's flag files under the data-dir lock, so an
     agent starting meanwhile reads them before or after the change, never in between.
     Listing takes the lock too: loading may clean up or compact those files."""
-    from .dirlock import DataDirInUse, DataDirLock
-    from .flags import FlagError
+    from agent.storage.dirlock import DataDirInUse, DataDirLock
+    from agent.flags import FlagError
 
     lock = DataDirLock(Path(cfg.agent.data_dir), cli=True)
     try:
@@ -81,7 +81,7 @@ def flags(args: argparse.Namespace, cfg: Config) -> int:
 
 def supabase_sql(args: argparse.Namespace) -> int:
     """Print the migration SQL for Supabase's SQL editor."""
-    from .migrations import migration_sql
+    from agent.table.ddl import migration_sql
 
     print(migration_sql(schema=args.schema, table=args.table))
     return 0
@@ -89,7 +89,7 @@ def supabase_sql(args: argparse.Namespace) -> int:
 
 def postgres_migrate(args: argparse.Namespace) -> int:
     """Apply the migration to a Postgres database (idempotent)."""
-    from .migrations import apply
+    from agent.table.ddl import apply
 
     asyncio.run(apply(args.dsn, args.schema, args.table))
     print(f"migrated {args.schema}.{args.table}")

@@ -19,10 +19,10 @@ from typing import Any
 import msgspec
 import pluggy
 
-from . import hookspecs
-from .config import PluginsSection
-from .errors import PluginError
-from .plugin_api import NoOptions
+from agent.plugin import hookspecs
+from agent.config import PluginsSection
+from agent.errors import PluginError
+from agent.plugin.base import NoOptions
 
 log = logging.getLogger("sidecar_agent.plugins")
 
@@ -55,10 +55,12 @@ class PluginInfo:
     provides: list[str] = field(default_factory=list)
 
 
-def _builtin_modules() -> list[str]:
-    import plugins
+BUILTIN_PACKAGE = "agent.builtin_plugins"  # the repository's plugins/ folder, installed under agent/
 
-    return list(plugins.BUILTIN)
+
+def _builtin_modules() -> list[str]:
+    # Loaded by name, like an entry point: the core has no static import of a built-in.
+    return list(importlib.import_module(BUILTIN_PACKAGE).BUILTIN)
 
 
 class PluginHost:
@@ -99,7 +101,7 @@ class PluginHost:
         if self._loaded:
             return self
         self._loaded = True
-        from . import __version__
+        from agent import __version__
 
         for modname in _builtin_modules():
             short = modname.rsplit(".", 1)[-1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from .event import Event
+from agent.event import Event
 
 CLIENT_QUEUE = 10_000
 

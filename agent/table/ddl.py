@@ -1,6 +1,6 @@
 """The Postgres / Supabase schema for the postgres and supabase sinks.
 
-`migration_sql()` renders agent/sql/monitoring_events.sql for a schema and table
+`migration_sql()` renders agent/table/sql/monitoring_events.sql for a schema and table
 (`sidecar-agent supabase sql` prints it for the Supabase SQL editor); `apply()` runs
 it against a database with asyncpg (`sidecar-agent postgres migrate --dsn DSN`).
 The SQL is idempotent, so applying it twice is harmless.
@@ -31,7 +31,7 @@ def migration_sql(schema: str = "public", table: str = "monitoring_events") -> s
     """The idempotent DDL for the events table in `schema`.`table`."""
     check_identifier(schema, "schema")
     check_identifier(table, "table")
-    text = resources.files("agent").joinpath("sql", _TEMPLATE).read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("sql", _TEMPLATE).read_text(encoding="utf-8")
     for token, value in (
         ("{{schema_lit}}", f"'{schema}'"),
         ("{{table_lit}}", f"'{table}'"),

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_POLICIES, Config, convert_section
-from .errors import ConfigError, PluginError
-from .event import Event
-from .flags import FlagService, core_flags, data_source_check
-from .plugins import PluginHost, Registration
+from agent.config import DEFAULT_POLICIES, Config, convert_section
+from agent.errors import ConfigError, PluginError
+from agent.event import Event
+from agent.flags import FlagService, core_flags, data_source_check
+from agent.plugin.host import PluginHost, Registration
 
 
 @dataclass

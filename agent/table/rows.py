@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from .event import Event
+from agent.event import Event
 
 COLUMNS: tuple[str, ...] = (
     "id",

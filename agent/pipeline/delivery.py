@@ -22,12 +22,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dlq import DeadLetterQueue
-from .errors import CircuitOpenError, PermanentError, RetryableError
-from .event import Event
-from .flags import in_rollout
-from .journal import Journal
-from .plugin_api import PluginContext, Sink
+from agent.storage.dlq import DeadLetterQueue
+from agent.errors import CircuitOpenError, PermanentError, RetryableError
+from agent.event import Event
+from agent.flags import in_rollout
+from agent.pipeline.journal import Journal
+from agent.plugin.base import PluginContext, Sink
 
 log = logging.getLogger("sidecar_agent.delivery")
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 
-from .errors import FlagError
-from .flag_def import ENV_PREFIX, TYPES, Flag, FlagConfigError, UnknownFlagError, env_var
-from .flag_service import CHANGED_EVENT, LAYERS, FlagService, flatten
+from agent.errors import FlagError
+from agent.flags.definition import ENV_PREFIX, TYPES, Flag, FlagConfigError, UnknownFlagError, env_var
+from agent.flags.service import CHANGED_EVENT, LAYERS, FlagService, flatten
 
 __all__ = [
     "CHANGED_EVENT",

@@ -9,7 +9,7 @@ roll-ups in their own SQLite file (`data_dir/store.db`, WAL).
   (counted in `stats["skipped_old"]`): once their raw row is gone their id could no
   longer be checked, and counting them twice would be worse than not storing them.
 - Roll-up rows are keyed by (name, tag set, bucket) and hold count, valued count, sum,
-  min, max and, for gauges and histograms, a mergeable quantile sketch (agent.sketch).
+  min, max and, for gauges and histograms, a mergeable quantile sketch (agent.history.sketch).
 - Compaction deletes expired rows in small chunks, each its own short transaction, so
   writes interleave with it and are never held up for long.
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 import aiosqlite
 
-from .event import Event
-from .sketch import Sketch
+from agent.event import Event
+from agent.history.sketch import Sketch
 
 STORE_FILE = "store.db"
 SKETCH_KINDS = frozenset({"gauge", "histogram"})

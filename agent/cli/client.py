@@ -9,8 +9,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from .config import Config
-from .dirlock import DataDirInUse
+from agent.config import Config
+from agent.storage.dirlock import DataDirInUse
 
 
 class AgentUnreachable(Exception):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .errors import ConfigError, FlagError
+from agent.errors import ConfigError, FlagError
 
 ENV_PREFIX = "SIDECAR_AGENT_FLAG_"
 TYPES = ("bool", "int", "float", "enum")

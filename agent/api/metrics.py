@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .runtime import Agent
+    from agent.runtime import Agent
 
 PREFIX = "sidecar_agent_"
 BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
@@ -44,7 +44,7 @@ class _Writer:
 
 def render(agent: Agent) -> str:
     """Every counter and gauge the agent keeps, as Prometheus text."""
-    from . import __version__
+    from agent import __version__
 
     w = _Writer()
     w.metric("info", "gauge", "Agent identity.", [({"agent_id": agent.id, "version": __version__}, 1)])

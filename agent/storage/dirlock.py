@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import AgentError
+from agent.errors import AgentError
 
 log = logging.getLogger("sidecar_agent.db")
 

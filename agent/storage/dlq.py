@@ -15,10 +15,10 @@ from typing import Any
 
 import msgspec
 
-from . import losses
-from .db import Database
-from .event import Event, encode_msgpack_batch, stored_batch_decoder
-from .losses import LossLedger
+from agent import losses
+from agent.storage.database import Database
+from agent.event import Event, encode_msgpack_batch, stored_batch_decoder
+from agent.losses import LossLedger
 
 STATUSES = ("pending", "replaying", "delivered", "expired", "purged")
 REPLAY_KEY = "dlq.replay_requested"  # meta row: sinks to replay at the next start (offline CLI)

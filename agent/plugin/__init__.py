@@ -1,0 +1,54 @@
+"""The plugin API: the one module a plugin imports.
+
+    from agent.plugin import BaseSink, PluginContext, RetryableError, hookimpl
+
+    @hookimpl
+    def register_sinks(register: RegisterComponent) -> None:
+        register("mysink", MySink, options=MyOptions)
+
+Everything a source, sink or policy needs is here: the hook marker, the base classes
+and protocols, the context a plugin instance is given, the error classes it raises,
+the `probing` flag of a breaker's half-open probe, the Postgres table helpers the
+built-in sinks share, and the typed `register` callbacks of each hook. Built-in
+plugins import nothing else from the agent (tests/test_layout.py keeps it so).
+"""
+
+from agent.errors import (
+    AgentError,
+    CircuitOpenError,
+    ConfigError,
+    PermanentError,
+    PluginError,
+    RetryableError,
+    SinkError,
+)
+from agent.event import MAX_TAGS, Event, json_encoder
+from agent.flags.definition import Flag
+from agent.history.store import STORE_FILE, HistoryStore
+from agent.plugin.base import (
+    BaseSink,
+    Emit,
+    NoOptions,
+    PluginContext,
+    Policy,
+    PollingSource,
+    RegisterComponent,
+    RegisterFlag,
+    RegisterRoute,
+    Sink,
+    Source,
+    ThrottledLog,
+    parse_retry_after,
+    probing,
+)
+from agent.plugin.hookspecs import hookimpl
+from agent.table.ddl import check_identifier
+from agent.table.rows import COLUMNS, sqlstate_retryable, to_record, to_rest_row
+
+__all__ = [
+    "COLUMNS", "MAX_TAGS", "STORE_FILE", "HistoryStore", "check_identifier", "sqlstate_retryable", "to_record",
+    "to_rest_row", "AgentError", "BaseSink", "CircuitOpenError", "ConfigError", "Emit", "Event", "Flag", "NoOptions",
+    "PermanentError", "PluginContext", "PluginError", "Policy", "PollingSource", "RegisterComponent",
+    "RegisterFlag", "RegisterRoute", "RetryableError", "Sink", "SinkError", "Source", "ThrottledLog", "hookimpl",
+    "json_encoder", "parse_retry_after", "probing",
+]
