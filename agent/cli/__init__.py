@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=50)
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dlq)
-    from agent.cli.flags import add_parsers
+    from agent.cli import flags, postgres
 
-    add_parsers(sub, _config)
+    flags.add_parser(sub, _config)
+    postgres.add_parsers(sub)
     return p
 
 

@@ -1,4 +1,4 @@
-"""CLI commands for flags and the Postgres/Supabase migration."""
+"""`sidecar-agent flags`: list, set and clear feature flags, online or offline."""
 
 from __future__ import annotations
 
@@ -79,24 +79,8 @@ def flags(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def supabase_sql(args: argparse.Namespace) -> int:
-    """Print the migration SQL for Supabase's SQL editor."""
-    from agent.table.ddl import migration_sql
-
-    print(migration_sql(schema=args.schema, table=args.table))
-    return 0
-
-
-def postgres_migrate(args: argparse.Namespace) -> int:
-    """Apply the migration to a Postgres database (idempotent)."""
-    from agent.table.ddl import apply
-
-    asyncio.run(apply(args.dsn, args.schema, args.table))
-    print(f"migrated {args.schema}.{args.table}")
-    return 0
-
-
-def add_parsers(sub: argparse._SubParsersAction, config_fn) -> None:
+def add_parser(sub: argparse._SubParsersAction, config_fn) -> None:
+    """`sidecar-agent flags list|set|clear [NAME] [VALUE]`."""
     f = sub.add_parser("flags", help="list, set or clear feature flags")
     f.add_argument("action", choices=["list", "set", "clear"])
     f.add_argument("name", nargs="?")
@@ -104,14 +88,3 @@ def add_parsers(sub: argparse._SubParsersAction, config_fn) -> None:
     f.add_argument("--config", "-c")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=lambda a: flags(a, config_fn(a.config)))
-    s = sub.add_parser("supabase", help="Supabase helpers")
-    s.add_argument("action", choices=["sql"])
-    s.add_argument("--schema", default="public")
-    s.add_argument("--table", default="monitoring_events")
-    s.set_defaults(fn=supabase_sql)
-    p = sub.add_parser("postgres", help="Postgres helpers")
-    p.add_argument("action", choices=["migrate"])
-    p.add_argument("--dsn", required=True)
-    p.add_argument("--schema", default="public")
-    p.add_argument("--table", default="monitoring_events")
-    p.set_defaults(fn=postgres_migrate)
