@@ -45,12 +45,46 @@ export function backoffDelay(attempt, { initialMs = 250, maxMs = 10000, random =
   return Math.round(cap / 2 + random() * cap / 2);
 }
 
-// The agent's /api/v1/stream, with reconnect and a history backfill of the gap.
-export class WebSocketSource {
-  constructor({ url, httpBase = "", WebSocketImpl, fetchImpl, timers, backoff, onEvents, onStatus, pageLimit = 1000, maxPages = 5 }) {
-    Object.assign(this, { url, httpBase, WebSocketImpl, fetchImpl, timers, backoff, onEvents, onStatus, pageLimit, maxPages });
-    this.name = "websocket";
+// The newest `limit` rows of the Supabase events table (only those since `since`, in
+// seconds, when given) as agent Events, newest first: the page's first history load and
+// the Realtime source's backfill both read history through this one query.
+export async function supabaseHistory(client, table, { since = null, limit = 1000 } = {}) {
+  let query = client.from(table).select("*");
+  if (since != null) query = query.gte("timestamp", new Date(since * 1000).toISOString());
+  const { data, error } = await query.order("timestamp", { ascending: false }).limit(limit);
+  if (error) throw new Error(error.message);
+  return (data || []).map(rowToEvent);
+}
+
+// What every source shares: it remembers the newest event time it delivered, and once
+// (re)connected after a drop or a live switch it backfills history from there.
+class Source {
+  constructor(name, onEvents, onStatus) {
+    Object.assign(this, { name, onEvents, onStatus });
     this.lastTs = null;
+    this.resuming = false; // set by RealtimeAdapter.resumeFrom after a live switch
+  }
+
+  _deliver(events) {
+    for (const e of events) if (this.lastTs == null || e.ts > this.lastTs) this.lastTs = e.ts;
+    this.onEvents(events, this.name);
+  }
+
+  // Connected: `again` is true after a reconnect; the first connect after a live switch
+  // counts as one.
+  _live(again) {
+    const backfill = (again || this.resuming) && this.lastTs != null;
+    this.resuming = false;
+    this.onStatus?.(this.name, "live");
+    if (backfill) this.backfill(this.lastTs).catch((err) => this.onStatus?.(this.name, "live", `backfill failed: ${err?.message || err}`));
+  }
+}
+
+// The agent's /api/v1/stream, with reconnect and a history backfill of the gap.
+export class WebSocketSource extends Source {
+  constructor({ url, httpBase = "", WebSocketImpl, fetchImpl, timers, backoff, onEvents, onStatus, pageLimit = 1000, maxPages = 5 }) {
+    super("websocket", onEvents, onStatus);
+    Object.assign(this, { url, httpBase, WebSocketImpl, fetchImpl, timers, backoff, pageLimit, maxPages });
     this.attempt = 0;
     this.ws = null;
     this.stopped = false;
@@ -65,11 +99,8 @@ export class WebSocketSource {
     const ws = new this.WebSocketImpl(this.url);
     this.ws = ws;
     ws.onopen = () => {
-      const reconnect = this.connects++ > 0 || this.resuming;
-      this.resuming = false;
       this.attempt = 0;
-      this.onStatus?.(this.name, "live");
-      if (reconnect && this.lastTs != null) this.backfill(this.lastTs).catch((err) => this.onStatus?.(this.name, "live", `backfill failed: ${err}`));
+      this._live(this.connects++ > 0);
     };
     ws.onmessage = (m) => {
       let msg;
@@ -84,11 +115,6 @@ export class WebSocketSource {
       this.timer = this.timers.setTimeout(() => this._connect(), delay);
     };
     ws.onerror = () => {};
-  }
-
-  _deliver(events) {
-    for (const e of events) if (this.lastTs == null || e.ts > this.lastTs) this.lastTs = e.ts;
-    this.onEvents(events, this.name);
   }
 
   // Events since `fromTs` from the agent's history (newest first, paginated), oldest first.
@@ -117,11 +143,10 @@ export class WebSocketSource {
 }
 
 // Supabase Realtime postgres_changes INSERTs on the events table; history by PostgREST.
-export class SupabaseSource {
+export class SupabaseSource extends Source {
   constructor({ client, table = "monitoring_events", schema = "public", onEvents, onStatus, pageLimit = 1000 }) {
-    Object.assign(this, { client, table, schema, onEvents, onStatus, pageLimit });
-    this.name = "supabase";
-    this.lastTs = null;
+    super("supabase", onEvents, onStatus);
+    Object.assign(this, { client, table, schema, pageLimit });
     this.subscribes = 0;
     this.channel = null;
   }
@@ -134,10 +159,7 @@ export class SupabaseSource {
         (payload) => this._deliver([rowToEvent(payload.new)]))
       .subscribe((status, err) => {
         if (status === "SUBSCRIBED") {
-          const again = this.subscribes++ > 0 || this.resuming;
-          this.resuming = false;
-          this.onStatus?.(this.name, "live");
-          if (again && this.lastTs != null) this.backfill(this.lastTs).catch((e) => this.onStatus?.(this.name, "live", `backfill failed: ${e.message || e}`));
+          this._live(this.subscribes++ > 0);
         } else if (status === "CHANNEL_ERROR" || status === "TIMED_OUT" || status === "CLOSED") {
           // realtime-js rejoins by itself with backoff; the backfill above closes the gap.
           this.onStatus?.(this.name, status === "CLOSED" ? "closed" : "reconnecting", err ? String(err.message || err) : undefined);
@@ -145,18 +167,9 @@ export class SupabaseSource {
       });
   }
 
-  _deliver(events) {
-    for (const e of events) if (this.lastTs == null || e.ts > this.lastTs) this.lastTs = e.ts;
-    this.onEvents(events, this.name);
-  }
-
   // Rows since `fromTs` (oldest first) through PostgREST.
   async backfill(fromTs) {
-    const { data, error } = await this.client.from(this.table).select("*")
-      .gte("timestamp", new Date((fromTs - 1) * 1000).toISOString())
-      .order("timestamp", { ascending: false }).limit(this.pageLimit);
-    if (error) throw new Error(error.message);
-    const events = (data || []).map(rowToEvent).reverse();
+    const events = (await supabaseHistory(this.client, this.table, { since: fromTs - 1, limit: this.pageLimit })).reverse();
     if (events.length) this._deliver(events);
     return events.length;
   }

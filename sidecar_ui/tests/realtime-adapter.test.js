@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { IdWindow, RealtimeAdapter, backoffDelay, rowToEvent } from "../realtime-adapter.js";
+import { IdWindow, RealtimeAdapter, SupabaseSource, WebSocketSource, backoffDelay, rowToEvent, supabaseHistory } from "../realtime-adapter.js";
 
 class FakeWS {
   static all = [];
@@ -28,7 +28,7 @@ function fakeSupabase(rows = []) {
   sb.removeChannel = () => { sb.removed++; };
   sb.from = (table) => {
     const q = { table, filters: [], select() { return q; }, gte(c, v) { q.filters.push([c, v]); return q; },
-      order() { return q; }, limit() { return Promise.resolve({ data: rows, error: null }); } };
+      order(col, opts) { q.order = [col, opts]; return q; }, limit(n) { q.limit = n; return Promise.resolve({ data: rows, error: sb.error ?? null }); } };
     sb.lastQuery = q;
     return q;
   };
@@ -169,4 +169,27 @@ test("a successor adapter sharing the seen window drops what its predecessor sho
   FakeWS.all[1].send([ev("b"), ev("c")]);
   FakeWS.all[0].send([ev("c")]);
   assert.deepEqual(got, ["a", "b", "c"]);
+});
+
+test("one Supabase history query: the newest rows, optionally since a time, as events", async () => {
+  const sb = fakeSupabase([row("n2", "2024-01-01T00:00:03Z"), row("n1", "2024-01-01T00:00:02Z")]);
+  const newest = await supabaseHistory(sb, "t", { limit: 50 });
+  assert.deepEqual(newest.map((e) => e.id), ["n2", "n1"]);
+  assert.equal(sb.lastQuery.table, "t");
+  assert.deepEqual(sb.lastQuery.filters, []);
+  assert.deepEqual(sb.lastQuery.order, ["timestamp", { ascending: false }]);
+  assert.equal(sb.lastQuery.limit, 50);
+  await supabaseHistory(sb, "t", { since: 1704067200 });
+  assert.deepEqual(sb.lastQuery.filters, [["timestamp", "2024-01-01T00:00:00.000Z"]]);
+  sb.error = { message: "permission denied" };
+  await assert.rejects(supabaseHistory(sb, "t"), /permission denied/);
+});
+
+test("both sources deliver through one _deliver that tracks the newest event time", () => {
+  assert.equal(WebSocketSource.prototype._deliver, SupabaseSource.prototype._deliver);
+  const got = [];
+  const s = new SupabaseSource({ client: fakeSupabase(), onEvents: (events, source) => got.push([source, events.length]) });
+  s._deliver([ev("a", 5), ev("b", 7), ev("c", 6)]);
+  assert.equal(s.lastTs, 7);
+  assert.deepEqual(got, [["supabase", 3]]);
 });
