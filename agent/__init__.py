@@ -7,10 +7,9 @@
 In asyncio apps: ``async with agent.Agent(config) as a: a.record(...)``.
 """
 
-__version__ = "0.1.0"
-
-from agent.embed import counter, current, flush, gauge, histogram, record, start, stop, timer  # noqa: E402
-from agent.runtime import Agent  # noqa: E402
+from agent.embed import counter, current, flush, gauge, histogram, record, start, stop, timer
+from agent.runtime import Agent
+from agent.version import __version__
 
 __all__ = ["Agent", "counter", "current", "flush", "gauge", "histogram", "record", "start", "stop", "timer",
            "__version__"]

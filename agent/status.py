@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__
+from agent.version import __version__
 
 if TYPE_CHECKING:
     from agent.runtime import Agent

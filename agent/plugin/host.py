@@ -1,6 +1,6 @@
 """A typed wrapper around pluggy's PluginManager: one per Agent, loaded explicitly.
 
-Built-in plugins (the `plugins` package) and third-party ones (entry-point group
+Built-in plugins (the repository's plugins/ folder, installed as `agent.builtin_plugins`) and third-party ones (entry-point group
 `sidecar_agent`) load the same way. A plugin that fails to import or to register is
 recorded with its error and skipped; the agent keeps running without it.
 """
@@ -19,10 +19,11 @@ from typing import Any
 import msgspec
 import pluggy
 
-from agent.plugin import hookspecs
 from agent.config import PluginsSection
 from agent.errors import PluginError
+from agent.plugin import hookspecs
 from agent.plugin.base import NoOptions
+from agent.version import __version__
 
 log = logging.getLogger("sidecar_agent.plugins")
 
@@ -101,8 +102,6 @@ class PluginHost:
         if self._loaded:
             return self
         self._loaded = True
-        from agent import __version__
-
         for modname in _builtin_modules():
             short = modname.rsplit(".", 1)[-1]
             self._add(short, "sidecar-agent", __version__, lambda m=modname: importlib.import_module(m))
