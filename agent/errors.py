@@ -44,3 +44,15 @@ class JournalFullError(AgentError):
 
 class FlagError(AgentError):
     """A feature flag is unknown, badly defined, or given a bad value; the message names the flag and layer."""
+
+
+class SchemaVersionError(AgentError):
+    """One of the agent's SQLite files was written by a newer release (a higher schema
+    version than this code knows); it is refused rather than downgraded."""
+
+    def __init__(self, file: str, found: int, known: int) -> None:
+        self.file, self.found, self.known = file, found, known
+        super().__init__(
+            f"{file} has schema version {found}, but this release knows versions up to {known}: it was written"
+            " by a newer sidecar-agent; run that release (or newer) on this data dir, or restore a backup"
+        )

@@ -12,6 +12,7 @@ roll-ups in their own SQLite file (`data_dir/store.db`, WAL).
   min, max and, for gauges and histograms, a mergeable quantile sketch (agent.history.sketch).
 - Compaction deletes expired rows in small chunks, each its own short transaction, so
   writes interleave with it and are never held up for long.
+- The schema is versioned: `MIGRATIONS` are applied in order by agent.storage.migrations.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import aiosqlite
 
 from agent.event import Event
 from agent.history.sketch import Sketch
+from agent.storage.migrations import Migration, migrate
 
 STORE_FILE = "store.db"
 SKETCH_KINDS = frozenset({"gauge", "histogram"})
@@ -37,7 +39,8 @@ MAX_POINTS = 2000
 COMPACT_CHUNK = 5000
 ID_CHUNK = 500
 
-SCHEMA = """
+# Release 0.1.0's schema, exactly: its files have these tables and no version table.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS events (
     id TEXT PRIMARY KEY, ts REAL NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     value REAL, source TEXT NOT NULL, agent_id TEXT NOT NULL, session_id TEXT,
@@ -59,6 +62,11 @@ CREATE TABLE IF NOT EXISTS rollup_{level} (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollup_{level}_bucket ON rollup_{level} (bucket);
 """
+# Append new steps; never edit one that has shipped.
+MIGRATIONS = [
+    Migration(1, "initial schema (release 0.1.0)",
+              SCHEMA_V1 + "".join(ROLLUP_SCHEMA.format(level=lv) for lv, _ in LEVELS)),
+]
 
 
 def tagset_key(tags: dict[str, str]) -> str:
@@ -106,10 +114,10 @@ class HistoryStore:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Open the file, apply pending migrations (SchemaVersionError if it is newer), load the catalogue."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = await self._connect()
-        await self.writer.executescript(SCHEMA + "".join(ROLLUP_SCHEMA.format(level=lv) for lv, _ in LEVELS))
-        await self.writer.commit()
+        await migrate(self.writer, MIGRATIONS, f"history store {self.path}")
         self.reader = await self._connect()
         async with self.reader.execute("SELECT name, kind, tag_keys, last_value, last_ts, count FROM names") as cur:
             for name, kind, keys, last_value, last_ts, count in await cur.fetchall():

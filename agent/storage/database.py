@@ -1,7 +1,8 @@
 """The agent's SQLite database (WAL): journal, cursors, loss ledger and DLQ share one file.
 
 Opening runs `PRAGMA quick_check`; a corrupt file is moved aside (kept, with a
-timestamp in its name) and a fresh one is created. Writes go through `tx()`, which
+timestamp in its name) and a fresh one is created. The schema is versioned: `MIGRATIONS`
+are applied in order by agent.storage.migrations. Writes go through `tx()`, which
 serializes transactions on the single writer connection.
 """
 
@@ -18,10 +19,12 @@ from pathlib import Path
 import aiosqlite
 
 from agent.storage.dirlock import DataDirInUse, DataDirLock  # noqa: F401  (DataDirInUse: re-exported)
+from agent.storage.migrations import Migration, migrate
 
 log = logging.getLogger("sidecar_agent.db")
 
-SCHEMA = """
+# Release 0.1.0's schema, exactly: its files have these tables and no version table.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS journal (
     -- One row per group commit (a segment): events first_seq..seq, in order.
     seq       INTEGER PRIMARY KEY AUTOINCREMENT,  -- the segment's last event seq; AUTOINCREMENT
@@ -61,6 +64,9 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+# Append new steps; never edit one that has shipped.
+MIGRATIONS = [Migration(1, "initial schema (release 0.1.0)", SCHEMA_V1)]
+
 DB_FILE = "agent.db"
 
 
@@ -80,13 +86,14 @@ class Database:
 
     async def open(self) -> None:
         """Lock the data dir (unless `dir_lock` is held already), open (checking integrity
-        first), apply the schema, open the reader."""
+        first), apply pending migrations, open the reader. A file from a newer release
+        raises SchemaVersionError."""
         if not self.dir_lock.held:
             await self.dir_lock.acquire()
         if self.path.exists() and not await self._healthy():
             self._move_aside()
         self.writer = await self._connect()
-        await self.writer.executescript(SCHEMA)
+        await migrate(self.writer, MIGRATIONS, f"agent database {self.path}")
         self.reader = await self._connect()
 
     async def _connect(self) -> aiosqlite.Connection:
