@@ -117,7 +117,11 @@ class HistoryStore:
         """Open the file, apply pending migrations (SchemaVersionError if it is newer), load the catalogue."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = await self._connect()
-        await migrate(self.writer, MIGRATIONS, f"history store {self.path}")
+        try:
+            await migrate(self.writer, MIGRATIONS, f"history store {self.path}")
+        except BaseException:
+            await self.close()  # the sink retries its start: leave no connection behind
+            raise
         self.reader = await self._connect()
         async with self.reader.execute("SELECT name, kind, tag_keys, last_value, last_ts, count FROM names") as cur:
             for name, kind, keys, last_value, last_ts, count in await cur.fetchall():
