@@ -212,3 +212,16 @@ async def test_a_new_step_upgrades_an_old_file_when_the_agent_opens_it(tmp_path:
     assert [v for v, _, _ in versions(data / "agent.db")] == [1, 2]
     assert "note" in [c[1] for c in sql(data / "agent.db", "PRAGMA table_info(dlq)")]
     assert len(journal_ids(data / "agent.db")) == 50
+
+
+async def test_a_corrupt_file_is_still_moved_aside_and_a_fresh_one_starts_at_the_latest_version(tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "agent.db").write_bytes(b"not a database" * 500)
+    db = Database(data)
+    try:
+        await db.open()
+        assert db.recovered_from is not None and Path(db.recovered_from).exists()
+    finally:
+        await db.close()
+    assert [v for v, _, _ in versions(data / "agent.db")] == list(range(1, len(database.MIGRATIONS) + 1))
