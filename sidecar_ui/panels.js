@@ -90,3 +90,9 @@ export function flagRow(f, onSet, onClear) {
   name.title = f.description || "";
   return row([name, show(f.value), f.layer, show(f.default), tools], { flag: f.name });
 }
+
+// The Sessions tab: active sessions and the agents seen, from a SessionTracker.
+export function fillSessions(sessionsTable, agentsTable, tracker) {
+  fill(sessionsTable, tracker.activeSessions().map((s) => row([s.id, num(s.count), cell(num(s.errors), s.errors ? "bad" : ""), time(s.first), time(s.last)], { session: s.id })), "no active sessions");
+  fill(agentsTable, tracker.agentList().map((a) => row([a.id, time(a.last), num(a.count), a.rate.toFixed(1)], { agent: a.id })), "no agents seen yet");
+}
