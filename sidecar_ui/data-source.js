@@ -78,6 +78,7 @@ export class DataSource {
 
   // Follows a change of the data source (or of the Supabase settings) without a reload.
   async poll() {
+    if (!this.uiConfig) return; // not connected yet: start() reads ui-config itself
     let cfg;
     try { cfg = await this.api.get("/api/v1/ui-config"); } catch { return; }
     const changed = cfg.data_source !== this.uiConfig.data_source
