@@ -24,6 +24,7 @@ from agent.storage.dlq import DeadLetterQueue
 from agent.event import Event
 from agent.pipeline.intake import Committer
 from agent.pipeline.journal import Journal
+from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
 from agent.plugin.base import PluginContext
 from agent.plugin.host import PluginHost
@@ -49,6 +50,7 @@ class Agent:
         self.require_server = require_server
         self.ledger = LossLedger()
         self._shared: dict[str, Any] = {}  # PluginContext.shared: one dict for all plugin instances
+        self.history = HistoryBoard()  # where the store sink publishes its store for the API
         # `plugins`: extra plugin modules/objects (tests, embedders), loaded like built-ins.
         self.host = PluginHost(self.config.plugins, extra=plugins)
         self.stream = StreamHub()
@@ -231,7 +233,7 @@ class Agent:
     def _context(self, name: str, data_dir: Path) -> PluginContext:
         return PluginContext(name=name, agent_id=self.id, data_dir=data_dir,
                              log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit, ledger=self.ledger,
-                             shared=self._shared)
+                             shared=self._shared, history=self.history)
 
     def _component(self, spec: ComponentSpec, state: str, error: str | None = None) -> None:
         self.components[f"{spec.kind[:-1]}:{spec.name}"] = {

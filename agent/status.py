@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def status_of(agent: Agent) -> dict[str, Any]:
     """The whole status of `agent`."""
-    j = agent.journal
+    j, c = agent.journal, agent.committer
     return {
         "agent_id": agent.id,
         "version": __version__,
@@ -25,10 +25,10 @@ def status_of(agent: Agent) -> dict[str, Any]:
         "components": [_component(agent, c) for c in agent.components.values()],
         "sinks": [w.describe() for w in agent.workers.values()],
         "intake": {
-            "queued": len(agent._records),
-            "capacity": agent._cap,
-            "committed": agent.committer.committed if agent.committer else 0,
-            "commits": agent.committer.commits if agent.committer else 0,
+            "queued": len(c.records) if c else 0,
+            "capacity": agent.config.agent.intake_capacity,
+            "committed": c.committed if c else 0,
+            "commits": c.commits if c else 0,
         },
         "journal": j.stats() if j else None,
         "database": {"path": str(agent.db.path) if agent.db else None,

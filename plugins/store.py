@@ -1,8 +1,9 @@
-"""`store` sink: the local history behind the dashboard (agent.history_store).
+"""`store` sink: the local history behind the dashboard (a HistoryStore).
 
-The agent adds it implicitly (agent.build.plan) unless `[dashboard] store = false`;
-it has no policies, because it is a local file: a failure is a disk problem, and the
-journal keeps the backlog until it is solved.
+The agent adds it implicitly unless `[dashboard] store = false`; it has no policies,
+because it is a local file: a failure is a disk problem, and the journal keeps the
+backlog until it is solved. Once open, the store is published on `ctx.history` (the
+agent's history board), where the HTTP API finds it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from typing import Any
 
 import msgspec
 
-from agent.plugin import BaseSink, Event, HistoryStore, PluginContext, RetryableError, STORE_FILE, hookimpl
+from agent.plugin import (
+    STORE_FILE,
+    BaseSink,
+    Event,
+    HistoryStore,
+    PluginContext,
+    RegisterComponent,
+    RetryableError,
+    hookimpl,
+)
 
 
 class StoreOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -39,10 +48,12 @@ class StoreSink(BaseSink):
         )
         self._compactor: asyncio.Task[None] | None = None
         ctx.stats["store"] = lambda: dict(self.store.stats)
+        ctx.history.expect()  # the API waits for this store while it opens
 
     async def start(self) -> None:
         await self.store.open()
         self._compactor = asyncio.get_running_loop().create_task(self._compact_loop(), name="store-compact")
+        self.ctx.history.serve(self.store)
 
     async def send(self, events: list[Event]) -> None:
         try:
@@ -59,6 +70,7 @@ class StoreSink(BaseSink):
             await asyncio.sleep(self.options.compact_interval_s)
 
     async def close(self) -> None:
+        self.ctx.history.withdraw(self.store)
         if self._compactor is not None:
             self._compactor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -66,14 +78,6 @@ class StoreSink(BaseSink):
         await self.store.close()
 
 
-def find_store(agent: Any) -> HistoryStore | None:
-    """The agent's history store (the first running sink of type store), if any."""
-    for worker in agent.workers.values():
-        if isinstance(worker.sink, StoreSink) and worker.started:
-            return worker.sink.store
-    return None
-
-
 @hookimpl
-def register_sinks(register):
+def register_sinks(register: RegisterComponent) -> None:
     register("store", StoreSink, options=StoreOptions)

@@ -7,15 +7,12 @@ import logging
 import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
 from agent.api import dlq, flags, health, history, ingest, stream, ui
 from agent.api.keys import AGENT, WEBSOCKETS
-
-if TYPE_CHECKING:
-    from agent.runtime import Agent
+from agent.api.view import AgentView
 
 log = logging.getLogger("sidecar_agent.api")
 _VARIABLE = re.compile(r"\{[^}]*\}")  # a {name} or {name:regex} in a route path
@@ -86,7 +83,7 @@ async def _close_websockets(app: web.Application) -> AsyncIterator[None]:
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent shutting down")
 
 
-def create_app(agent: Agent) -> web.Application:
+def create_app(agent: AgentView) -> web.Application:
     """The app factory: routes, middlewares and typed state for one Agent."""
     app = web.Application(
         middlewares=[error_middleware, auth_middleware],

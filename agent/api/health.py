@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from agent.api import metrics
+from agent.api.history import lag_seconds
 from agent.api.keys import AGENT
 
 
@@ -37,8 +38,6 @@ async def status(request: web.Request) -> web.Response:
 
 async def sinks(request: web.Request) -> web.Response:
     """Per-sink state, lag (events and seconds), counters, breaker and DLQ depth."""
-    from agent.api.history import lag_seconds
-
     agent = request.app[AGENT]
     out = []
     for name, worker in agent.workers.items():

@@ -8,33 +8,27 @@ GET /api/v1/ui-config  data source (flag) and the public Supabase settings, neve
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from typing import Any
 
 from aiohttp import web
 
-from agent.history.store import AGGS, HistoryStore, decode_cursor
 from agent.api.keys import AGENT
+from agent.api.view import AgentView
+from agent.history.store import AGGS, HistoryStore, decode_cursor
 
 MAX_LIMIT = 1000
 DATA_SOURCE_FLAG = "dashboard.data_source"
+STORE_WAIT_S = 2.5  # how long a request waits for a store that is still opening (start-up)
 
 
 async def _store(request: web.Request) -> HistoryStore:
-    """The running store; waits a moment for one that is still opening (agent start-up)."""
-    from agent.builtin_plugins.store import find_store
-
-    agent = request.app[AGENT]
-    for _ in range(50):
-        store = find_store(agent)
-        if store is not None:
-            return store
-        if not any(w.sink.__class__.__name__ == "StoreSink" for w in agent.workers.values()):
-            break
-        await asyncio.sleep(0.05)
-    raise web.HTTPServiceUnavailable(reason="the history store is not running (is [dashboard] store = false?)")
+    """The store the history board serves; waits (bounded) for one that is still opening."""
+    store = await request.app[AGENT].history.wait(STORE_WAIT_S)
+    if store is None:
+        raise web.HTTPServiceUnavailable(reason="the history store is not running (is [dashboard] store = false?)")
+    return store
 
 
 def _num(request: web.Request, key: str, default: float | None = None) -> float | None:
@@ -106,14 +100,13 @@ async def names(request: web.Request) -> web.Response:
     return web.json_response({"names": (await _store(request)).names()})
 
 
-def ui_config(agent: Any) -> dict[str, Any]:
+def ui_config(agent: AgentView) -> dict[str, Any]:
     """What the page needs to choose and build its data source. Only public values:
     the Supabase URL, the anon key and the table; never the service key or the token."""
-    flags = getattr(agent, "flags", None)
-    source = flags.get(DATA_SOURCE_FLAG) if flags is not None else "websocket"
-    dash = getattr(agent.config, "dashboard", None)
+    source = agent.flags.get(DATA_SOURCE_FLAG) if agent.flags is not None else "websocket"
+    dash = agent.config.dashboard
     supabase = None
-    if dash is not None and dash.supabase_url and dash.supabase_anon_key:
+    if dash.supabase_url and dash.supabase_anon_key:
         table, schema = "monitoring_events", "public"
         for sink_name, t in agent.config.sinks.items():
             if (t.get("type") or sink_name) == "supabase":
@@ -125,7 +118,7 @@ def ui_config(agent: Any) -> dict[str, Any]:
         "data_source": source,
         "supabase": supabase,
         "token_required": bool(agent.config.server.token),
-        "store": any(w.sink.__class__.__name__ == "StoreSink" for w in agent.workers.values()),
+        "store": agent.history.expected,
     }
 
 
@@ -134,7 +127,7 @@ async def get_ui_config(request: web.Request) -> web.Response:
     return web.json_response(ui_config(request.app[AGENT]), headers={"Cache-Control": "no-store"})
 
 
-async def lag_seconds(agent: Any, sink: str) -> float | None:
+async def lag_seconds(agent: AgentView, sink: str) -> float | None:
     """Age in seconds of the oldest journaled event `sink` has not confirmed (None: none)."""
     journal = agent.journal
     if journal is None or journal.lag(sink) == 0:

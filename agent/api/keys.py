@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import weakref
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    pass
+from agent.api.view import AgentView
 
-AGENT = web.AppKey("agent", "Agent")
-WEBSOCKETS = web.AppKey("websockets", "weakref.WeakSet[web.WebSocketResponse]")
+AGENT = web.AppKey("agent", AgentView)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from agent.runtime import Agent
+from agent.api.view import AgentView
+from agent.version import __version__
 
 PREFIX = "sidecar_agent_"
-BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 def _escape(v: str) -> str:
@@ -42,10 +41,9 @@ class _Writer:
         return "\n".join(self.lines) + "\n"
 
 
-def render(agent: Agent) -> str:
+def render(agent: AgentView) -> str:
     """Every counter and gauge the agent keeps, as Prometheus text."""
-    from agent import __version__
-
+    status = agent.status()
     w = _Writer()
     w.metric("info", "gauge", "Agent identity.", [({"agent_id": agent.id, "version": __version__}, 1)])
     w.metric("uptime_seconds", "gauge", "Seconds since the agent started.",
@@ -53,7 +51,7 @@ def render(agent: Agent) -> str:
     c = agent.committer
     w.metric("events_committed", "counter", "Events committed to the journal.", [({}, c.committed if c else 0)])
     w.metric("journal_commits", "counter", "Journal group commits.", [({}, c.commits if c else 0)])
-    w.metric("intake_queued", "gauge", "Events recorded but not yet committed.", [({}, len(agent._records))])
+    w.metric("intake_queued", "gauge", "Events recorded but not yet committed.", [({}, status["intake"]["queued"])])
     lost = [({"reason": r, "sink": s}, n) for (r, s), n in sorted(agent.ledger.snapshot().items())]
     w.metric("events_lost", "counter", "Events dropped, by reason (the loss ledger).", lost)
     j = agent.journal
@@ -61,7 +59,7 @@ def render(agent: Agent) -> str:
         w.metric("journal_events", "gauge", "Events held in the journal.", [({}, j.rows)])
         w.metric("journal_bytes", "gauge", "Approximate journal payload size.", [({}, j.bytes)])
         w.metric("journal_max_bytes", "gauge", "Journal size cap.", [({}, j.max_bytes)])
-    sinks = [w_.describe() for w_ in agent.workers.values()]
+    sinks = status["sinks"]
 
     def per_sink(key: str) -> list[tuple[dict[str, str], float]]:
         return [({"sink": s["name"]}, s[key] or 0) for s in sinks]
@@ -74,27 +72,30 @@ def render(agent: Agent) -> str:
     w.metric("sink_lag_events", "gauge", "Journaled events the sink has not confirmed.", per_sink("lag_events"))
     w.metric("dlq_pending_events", "gauge", "Events waiting in the DLQ.", per_sink("dlq_pending"))
     w.metric("sink_enabled", "gauge", "1 when the sink's kill switch is on.", per_sink("enabled"))
+    # The breaker plugin declares its figures in ctx.stats (docs/resilience.md): the state
+    # as a number it chose, and the seconds spent open. The core maps no state names.
     state, open_s = [], []
     for s in sinks:
         pol: dict[str, Any] = s["policies"]
-        if "breaker_state" in pol:
-            state.append(({"sink": s["name"]}, BREAKER_CODES.get(str(pol["breaker_state"]), 0)))
+        if "breaker_state_code" in pol:
+            state.append(({"sink": s["name"]}, pol["breaker_state_code"]))
             open_s.append(({"sink": s["name"]}, float(pol.get("breaker_open_seconds_total", 0.0))))
     w.metric("breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", state)
     w.metric("breaker_open_seconds", "counter", "Seconds each sink's breaker has spent open.", open_s)
     w.metric("stream_dropped_messages", "counter", "Live-stream messages dropped for slow clients.",
              [({}, agent.stream.dropped)])
     w.metric("source_stat", "gauge", "A source's own figures (ctx.stats: packets, scrapes, scrape errors, ...).",
-             source_stats(agent))
+             source_stats(status))
     return w.text()
 
 
-def source_stats(agent: Agent) -> list[tuple[dict[str, str], float]]:
-    """Every numeric figure a source keeps in ctx.stats, labelled by source and stat."""
+def source_stats(status: dict[str, Any]) -> list[tuple[dict[str, str], float]]:
+    """Every numeric figure a source keeps in ctx.stats (as the status shows them),
+    labelled by source and stat."""
     out: list[tuple[dict[str, str], float]] = []
-    for source, stats in sorted(agent._source_stats.items()):
+    sources = {c["name"]: c.get("stats") or {} for c in status["components"] if c["kind"] == "source"}
+    for source, stats in sorted(sources.items()):
         for stat, value in sorted(stats.items()):
-            value = value() if callable(value) else value
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out.append(({"source": source, "stat": stat}, value))
     return out

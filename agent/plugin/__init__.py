@@ -24,8 +24,10 @@ from agent.errors import (
 )
 from agent.event import MAX_TAGS, Event, json_encoder
 from agent.flags.definition import Flag
+from agent.history.board import HistoryBoard
 from agent.history.store import STORE_FILE, HistoryStore
 from agent.plugin.base import (
+    BasePolicy,
     BaseSink,
     Emit,
     NoOptions,
@@ -46,9 +48,39 @@ from agent.table.ddl import check_identifier
 from agent.table.rows import COLUMNS, sqlstate_retryable, to_record, to_rest_row
 
 __all__ = [
-    "COLUMNS", "MAX_TAGS", "STORE_FILE", "HistoryStore", "check_identifier", "sqlstate_retryable", "to_record",
-    "to_rest_row", "AgentError", "BaseSink", "CircuitOpenError", "ConfigError", "Emit", "Event", "Flag", "NoOptions",
-    "PermanentError", "PluginContext", "PluginError", "Policy", "PollingSource", "RegisterComponent",
-    "RegisterFlag", "RegisterRoute", "RetryableError", "Sink", "SinkError", "Source", "ThrottledLog", "hookimpl",
-    "json_encoder", "parse_retry_after", "probing",
+    "COLUMNS",
+    "MAX_TAGS",
+    "STORE_FILE",
+    "AgentError",
+    "BasePolicy",
+    "BaseSink",
+    "CircuitOpenError",
+    "ConfigError",
+    "Emit",
+    "Event",
+    "Flag",
+    "HistoryBoard",
+    "HistoryStore",
+    "NoOptions",
+    "PermanentError",
+    "PluginContext",
+    "PluginError",
+    "Policy",
+    "PollingSource",
+    "RegisterComponent",
+    "RegisterFlag",
+    "RegisterRoute",
+    "RetryableError",
+    "Sink",
+    "SinkError",
+    "Source",
+    "ThrottledLog",
+    "check_identifier",
+    "hookimpl",
+    "json_encoder",
+    "parse_retry_after",
+    "probing",
+    "sqlstate_retryable",
+    "to_record",
+    "to_rest_row",
 ]

@@ -23,6 +23,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import msgspec
 
 from agent.event import Event
+from agent.flags.definition import Flag
+from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
 
 T = TypeVar("T")
@@ -60,9 +62,23 @@ class Sink(Protocol):
 
 @runtime_checkable
 class Policy(Protocol):
-    """Wraps one attempt (or a sequence of attempts) at a sink call."""
+    """Wraps one attempt (or a sequence of attempts) at a sink call.
+
+    A policy may also define ``async def close(self) -> None`` (connections, tasks): the
+    agent calls it once at stop, after the sink is closed. BasePolicy gives a no-op one.
+    """
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T: ...
+
+
+class BasePolicy:
+    """Convenience base: a no-op close()."""
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
 
 
 @dataclass
@@ -82,6 +98,8 @@ class PluginContext:
     # Objects the plugin instances of one agent share (never across agents): e.g. one
     # concurrency limit for several sinks. Keys start with the plugin's own name.
     shared: dict[str, Any] = field(default_factory=dict)
+    # Where a sink publishes the agent's history store for the dashboard's HTTP API.
+    history: HistoryBoard = field(default_factory=HistoryBoard)
 
     def lost(self, reason: str, n: int = 1) -> None:
         """Count n events this plugin dropped (e.g. unparsable input) in the loss ledger."""
@@ -185,9 +203,9 @@ class RegisterComponent(Protocol):
 
 
 class RegisterFlag(Protocol):
-    """The callback `register_flags` passes: ``register(flag)`` with an ``agent.flags.Flag``."""
+    """The callback `register_flags` passes: ``register(flag)`` with an ``agent.plugin.Flag``."""
 
-    def __call__(self, flag: Any) -> None: ...
+    def __call__(self, flag: Flag) -> None: ...
 
 
 class RegisterRoute(Protocol):
