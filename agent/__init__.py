@@ -11,5 +11,6 @@ from agent.embed import counter, current, flush, gauge, histogram, record, start
 from agent.runtime import Agent
 from agent.version import __version__
 
-__all__ = ["Agent", "counter", "current", "flush", "gauge", "histogram", "record", "start", "stop", "timer",
-           "__version__"]
+__all__ = [
+    "Agent", "__version__", "counter", "current", "flush", "gauge", "histogram", "record", "start", "stop", "timer",
+]

@@ -43,24 +43,28 @@ def plan(config: Config, host: PluginHost) -> list[ComponentSpec]:
             tables.update(_implicit_store(config, host))
         for name, table in tables.items():
             specs.append(_spec(kind, name, dict(table), config, host))
-    _check_shared_limits(specs, config.origin)
+    _check_together(specs, config.origin)
     return specs
 
 
-def _check_shared_limits(specs: list[ComponentSpec], origin: str) -> None:
-    """Sinks sharing a concurrency `group` must agree on its limit. Checked here, before
-    anything starts (and by check-config), not when the second sink is built."""
-    first: dict[str, tuple[str, int]] = {}  # group -> (sink, max_in_flight)
+def _check_together(specs: list[ComponentSpec], origin: str) -> None:
+    """Give each plugin's options struct that defines ``check_together(uses)`` every
+    configured use of its type at once, as (instance name, options) pairs (for a policy,
+    the sink's name): it raises ConfigError for a combination that cannot work, e.g. two
+    limits for one concurrency group. Checked here, before anything starts (and by
+    check-config), not when the second component is built."""
+    uses: dict[tuple[str, str], tuple[Registration, list[tuple[str, Any]]]] = {}
     for spec in specs:
-        for pname, _reg, options in spec.policies:
-            group = getattr(options, "group", None)
-            if pname != "concurrency" or group is None:
-                continue
-            sink, limit = first.setdefault(group, (spec.name, options.max_in_flight))
-            if limit != options.max_in_flight:
-                raise ConfigError(
-                    f"{origin}: sinks.{spec.name}.concurrency.max_in_flight: group {group!r} is already limited "
-                    f"to {limit} by sink {sink}; every sink of a group must give the same limit")
+        for reg, options in [(spec.registration, spec.options), *[(r, o) for _, r, o in spec.policies]]:
+            uses.setdefault((reg.kind, reg.type_name), (reg, []))[1].append((spec.name, options))
+    for reg, pairs in uses.values():
+        check = getattr(reg.options, "check_together", None)
+        if check is None:
+            continue
+        try:
+            check(pairs)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
 
 
 def _implicit_store(config: Config, host: PluginHost) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,15 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from agent.plugin import CircuitOpenError, PermanentError, PluginContext, hookimpl, probing
+from agent.plugin import (
+    BasePolicy,
+    CircuitOpenError,
+    PermanentError,
+    PluginContext,
+    RegisterComponent,
+    hookimpl,
+    probing,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar_agent.circuit_breaker")
@@ -114,7 +122,7 @@ class RedisBreakerStore:
         await self.repo.redis.aclose()
 
 
-class CircuitBreakerPolicy:
+class CircuitBreakerPolicy(BasePolicy):
     """A circuit breaker whose half-open state admits exactly one probe at a time."""
 
     def __init__(
@@ -144,11 +152,14 @@ class CircuitBreakerPolicy:
         self._not_closed_since = 0.0
         self._open_total = 0.0
         self.stats: dict[str, Any] = ctx.stats if ctx is not None else {}
+        # Declared figures (docs/resilience.md): /metrics serves `breaker_state_code` as
+        # sidecar_agent_breaker_state and `breaker_open_seconds_total` as ..._open_seconds;
+        # the latter is a callable, so every read includes the current open period.
         self.stats.update(
             breaker_state=CLOSED,
-            breaker_state_code=0,
+            breaker_state_code=STATE_CODES[CLOSED],
             breaker_transitions=0,
-            breaker_open_seconds_total=0.0,
+            breaker_open_seconds_total=self.open_seconds_total,
         )
 
     # -- reading state ---------------------------------------------------------------
@@ -168,9 +179,8 @@ class CircuitBreakerPolicy:
         return 0.0
 
     def snapshot(self) -> dict[str, Any]:
-        """Refresh and return ctx.stats' breaker figures (open seconds include now)."""
-        self.stats["breaker_open_seconds_total"] = self.open_seconds_total()
-        return {k: v for k, v in self.stats.items() if k.startswith("breaker_")}
+        """ctx.stats' breaker figures as values (open seconds include now)."""
+        return {k: v() if callable(v) else v for k, v in self.stats.items() if k.startswith("breaker_")}
 
     # -- calls -----------------------------------------------------------------------
 
@@ -300,7 +310,6 @@ class CircuitBreakerPolicy:
         stats["breaker_state"] = to
         stats["breaker_state_code"] = code
         stats["breaker_transitions"] += 1
-        stats["breaker_open_seconds_total"] = self.open_seconds_total()
         log.info("sink %s: circuit %s -> %s", self.name, frm, to)
         if self.ctx is not None:
             self.ctx.event(EVENT_NAME, float(code), from_state=frm, to_state=to, sink=self.name)
@@ -329,12 +338,12 @@ class CircuitBreakerPolicy:
             self.stats["breaker_store_errors"] = self.stats.get("breaker_store_errors", 0) + 1
             return default
 
-    async def aclose(self) -> None:
-        """Close the shared store's connection, if any."""
+    async def close(self) -> None:
+        """Close the shared store's connection, if any (the agent calls it at stop)."""
         if self._store is not None:
             await self._store_op(self._store.close(), None)
 
 
 @hookimpl
-def register_policies(register):
+def register_policies(register: RegisterComponent) -> None:
     register("circuit_breaker", CircuitBreakerPolicy, options=CircuitBreakerOptions)

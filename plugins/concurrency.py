@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-from agent.plugin import ConfigError, PluginContext, hookimpl
+from agent.plugin import BasePolicy, ConfigError, PluginContext, RegisterComponent, hookimpl
 
 T = TypeVar("T")
 
@@ -22,6 +22,22 @@ class ConcurrencyOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     # database with few connections to spare). None: this sink's own limit.
     group: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
+    @classmethod
+    def check_together(cls, uses: list[tuple[str, ConcurrencyOptions]]) -> None:
+        """Every sink of a group must give the same limit (the agent calls this with all
+        sinks' options before anything starts, and check-config does)."""
+        first: dict[str, tuple[str, int]] = {}  # group -> (sink, max_in_flight)
+        for sink, options in uses:
+            if options.group is not None:
+                owner, limit = first.setdefault(options.group, (sink, options.max_in_flight))
+                if limit != options.max_in_flight:
+                    raise ConfigError(_clash(sink, options.group, limit, owner))
+
+
+def _clash(sink: str, group: str, limit: int, owner: str) -> str:
+    return (f"sinks.{sink}.concurrency.max_in_flight: group {group!r} is already limited to {limit} by sink "
+            f"{owner}; every sink of a group must give the same limit")
+
 
 class _Limit:
     """A semaphore that knows its size, so in-flight calls can be reported."""
@@ -32,7 +48,7 @@ class _Limit:
         self.sinks: list[str] = []
 
 
-class ConcurrencyPolicy:
+class ConcurrencyPolicy(BasePolicy):
     """An asyncio.Semaphore around the wrapped call; excess callers wait their turn."""
 
     def __init__(self, name: str, options: ConcurrencyOptions, ctx: PluginContext | None = None) -> None:
@@ -47,10 +63,8 @@ class ConcurrencyPolicy:
             limit = ctx.shared.get(key)
             if limit is None:
                 limit = ctx.shared[key] = _Limit(options.max_in_flight)
-            elif limit.size != options.max_in_flight:
-                raise ConfigError(
-                    f"sinks.{name}.concurrency.max_in_flight: group {options.group!r} is already limited to "
-                    f"{limit.size} by sink {limit.sinks[0]}; every sink of a group must give the same limit")
+            elif limit.size != options.max_in_flight:  # a policy built outside a checked plan
+                raise ConfigError(_clash(name, options.group, limit.size, limit.sinks[0]))
             limit.sinks.append(name)
             self._limit = limit
         if ctx is not None:
@@ -67,5 +81,5 @@ class ConcurrencyPolicy:
 
 
 @hookimpl
-def register_policies(register):
+def register_policies(register: RegisterComponent) -> None:
     register("concurrency", ConcurrencyPolicy, options=ConcurrencyOptions)

@@ -8,7 +8,16 @@ import sys
 
 import msgspec
 
-from agent.plugin import BaseSink, Event, PermanentError, PluginContext, RetryableError, hookimpl, json_encoder
+from agent.plugin import (
+    BaseSink,
+    Event,
+    PermanentError,
+    PluginContext,
+    RegisterComponent,
+    RetryableError,
+    hookimpl,
+    json_encoder,
+)
 
 
 class JsonlOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -56,5 +65,5 @@ class JsonlSink(BaseSink):
 
 
 @hookimpl
-def register_sinks(register):
+def register_sinks(register: RegisterComponent) -> None:
     register("jsonl", JsonlSink, options=JsonlOptions)

@@ -17,11 +17,12 @@ import asyncpg
 import msgspec
 
 from agent.plugin import (
-    BaseSink,
     COLUMNS,
+    BaseSink,
     Event,
     PermanentError,
     PluginContext,
+    RegisterComponent,
     RetryableError,
     check_identifier,
     hookimpl,
@@ -164,5 +165,5 @@ def _inserted(status: Any) -> int:
 
 
 @hookimpl
-def register_sinks(register):
+def register_sinks(register: RegisterComponent) -> None:
     register("postgres", PostgresSink, options=PostgresOptions)

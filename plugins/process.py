@@ -9,7 +9,7 @@ from typing import Annotated
 import msgspec
 import psutil
 
-from agent.plugin import Event, PluginContext, PollingSource, hookimpl
+from agent.plugin import Event, PluginContext, PollingSource, RegisterComponent, hookimpl
 
 
 class ProcessOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,5 +42,5 @@ class ProcessSource(PollingSource):
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: RegisterComponent) -> None:
     register("process", ProcessSource, options=ProcessOptions)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from agent.plugin import Emit, Event, PluginContext, PollingSource, ThrottledLog, hookimpl
+from agent.plugin import Emit, Event, PluginContext, PollingSource, RegisterComponent, ThrottledLog, hookimpl
 
 ACCEPT = "text/plain;version=0.0.4;q=1.0, application/openmetrics-text;q=0.5, */*;q=0.1"
 SCRAPE_ERRORS = "sidecar_agent.scrape_errors"
@@ -166,5 +166,5 @@ def public_url(url: str) -> str:
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: RegisterComponent) -> None:
     register("prometheus", PrometheusSource, options=PrometheusOptions)

@@ -22,7 +22,15 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from agent.plugin import CircuitOpenError, PluginContext, RetryableError, hookimpl, probing
+from agent.plugin import (
+    BasePolicy,
+    CircuitOpenError,
+    PluginContext,
+    RegisterComponent,
+    RetryableError,
+    hookimpl,
+    probing,
+)
 
 T = TypeVar("T")
 
@@ -135,7 +143,7 @@ class RetryBudget:
         }
 
 
-class RetryPolicy:
+class RetryPolicy(BasePolicy):
     """Retries RetryableError with full-jitter backoff, Retry-After, elapsed cap and budget."""
 
     def __init__(
@@ -212,5 +220,5 @@ class RetryPolicy:
 
 
 @hookimpl
-def register_policies(register):
+def register_policies(register: RegisterComponent) -> None:
     register("retry", RetryPolicy, options=RetryOptions)

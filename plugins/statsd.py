@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agent.plugin import Emit, Event, MAX_TAGS, PluginContext, ThrottledLog, hookimpl
+from agent.plugin import MAX_TAGS, Emit, Event, PluginContext, RegisterComponent, ThrottledLog, hookimpl
 
 # Loss ledger reasons this plugin counts under (see docs/operations.md).
 MALFORMED = "malformed_statsd"
@@ -259,5 +259,5 @@ class StatsdSource:
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: RegisterComponent) -> None:
     register("statsd", StatsdSource, options=StatsdOptions)

@@ -20,6 +20,7 @@ from agent.plugin import (
     PermanentError,
     PluginContext,
     PluginError,
+    RegisterComponent,
     RetryableError,
     check_identifier,
     hookimpl,
@@ -160,5 +161,5 @@ class SupabaseSink(BaseSink):
 
 
 @hookimpl
-def register_sinks(register):
+def register_sinks(register: RegisterComponent) -> None:
     register("supabase", SupabaseSink, options=SupabaseOptions)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from agent.plugin import PluginContext, RetryableError, hookimpl
+from agent.plugin import BasePolicy, PluginContext, RegisterComponent, RetryableError, hookimpl
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ class _Attempt:
         self.expired = False
 
 
-class TimeoutPolicy:
+class TimeoutPolicy(BasePolicy):
     """Cancel an attempt after `timeout_s` and raise RetryableError("timed out after Xs")."""
 
     def __init__(self, name: str, options: TimeoutOptions, ctx: PluginContext | None = None) -> None:
@@ -89,5 +89,5 @@ class TimeoutPolicy:
 
 
 @hookimpl
-def register_policies(register):
+def register_policies(register: RegisterComponent) -> None:
     register("timeout", TimeoutPolicy, options=TimeoutOptions)

@@ -511,8 +511,8 @@ async def test_breaker_state_is_shared_through_redis() -> None:
         assert fn.count == 2
     finally:
         await a._store.repo.redis.delete(f"cbr::{circuit}", f"cbr::{circuit}::failure_count", f"cbr::{circuit}::probe")
-        await a.aclose()
-        await b.aclose()
+        await a.close()
+        await b.close()
 
 
 # -- end to end: a scripted outage against a fault-injecting HTTP server -------------------

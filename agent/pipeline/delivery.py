@@ -22,12 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.storage.dlq import DeadLetterQueue
 from agent.errors import CircuitOpenError, PermanentError, RetryableError
 from agent.event import Event
 from agent.flags import in_rollout
 from agent.pipeline.journal import Journal
+from agent.pipeline.resilience import Chain
 from agent.plugin.base import PluginContext, Sink
+from agent.storage.dlq import DeadLetterQueue
 
 log = logging.getLogger("sidecar_agent.delivery")
 
@@ -58,7 +59,7 @@ class SinkWorker:
         self,
         name: str,
         sink: Sink,
-        chain: Any,
+        chain: Chain,
         ctx: PluginContext,
         journal: Journal,
         dlq: DeadLetterQueue,
@@ -296,7 +297,8 @@ class SinkWorker:
         self._probe_delay = min(self._probe_delay * 2, 60.0)
 
     async def close(self) -> None:
-        """Close the sink (after the worker task is done), also when a stop interrupted its start."""
+        """Close the sink (after the worker task is done), also when a stop interrupted its
+        start; then its policies (whether or not the sink ever started)."""
         starting = self._starting
         if starting is not None and not starting.done():
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -307,13 +309,11 @@ class SinkWorker:
                 await self.sink.close()
             except Exception as exc:
                 log.error("sink %s failed to close: %s", self.name, exc)
+        await self.chain.close()
 
     def describe(self) -> dict[str, Any]:
         """State, counters and lag for /api/v1/sinks."""
         lag = self.journal.lag(self.name)
-        breaker = self.chain.get("circuit_breaker") if hasattr(self.chain, "get") else None
-        if breaker is not None and hasattr(breaker, "snapshot"):
-            breaker.snapshot()  # refresh time-spent-open to include the current open period
         s = self.stats
         return {
             "name": self.name,

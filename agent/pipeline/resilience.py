@@ -21,31 +21,47 @@ after the first) and the policies' own coroutines.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import convert_section
 from agent.errors import ConfigError, PluginError
-from agent.plugin.base import Policy, PluginContext
+from agent.plugin.base import PluginContext, Policy
 
 if TYPE_CHECKING:
     from agent.plugin.host import PluginHost
 
 T = TypeVar("T")
-
+log = logging.getLogger("sidecar_agent.resilience")
 
 
 class Chain:
     """A sink's composed policies. Await ``chain.call(fn)``; fn makes ONE attempt."""
 
-    __slots__ = ("names", "policies", "call")
+    __slots__ = ("_closed", "call", "names", "policies")
 
     def __init__(self, names: Sequence[str], policies: Sequence[Policy]) -> None:
         self.names: tuple[str, ...] = tuple(names)
-        # Innermost first, as configured. The core reads breaker state from here.
-        self.policies: tuple[Policy, ...] = tuple(policies)
+        self.policies: tuple[Policy, ...] = tuple(policies)  # innermost first, as configured
         self.call: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] = _compose(self.policies)
+        self._closed = False
+
+    async def close(self) -> None:
+        """Close every policy that has an async ``close()`` (optional on the Protocol), once,
+        outermost first; one that fails is logged and the others still close."""
+        if self._closed:
+            return
+        self._closed = True
+        for name, policy in reversed(list(zip(self.names, self.policies, strict=True))):
+            close = getattr(policy, "close", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception as exc:  # a policy's cleanup must not stop the others'
+                log.error("policy %s failed to close: %s", name, exc)
 
     def get(self, name: str) -> Policy | None:
         """The first policy configured under `name` (e.g. "circuit_breaker"), or None."""

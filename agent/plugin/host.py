@@ -1,8 +1,9 @@
 """A typed wrapper around pluggy's PluginManager: one per Agent, loaded explicitly.
 
-Built-in plugins (the repository's plugins/ folder, installed as `agent.builtin_plugins`) and third-party ones (entry-point group
-`sidecar_agent`) load the same way. A plugin that fails to import or to register is
-recorded with its error and skipped; the agent keeps running without it.
+Built-in plugins (the repository's plugins/ folder, installed as `agent.builtin_plugins`)
+and third-party ones (entry-point group `sidecar_agent`) load the same way. A plugin that
+fails to import or to register is recorded with its error and skipped; the agent keeps
+running without it.
 """
 
 from __future__ import annotations
