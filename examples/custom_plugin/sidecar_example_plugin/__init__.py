@@ -11,10 +11,16 @@ from typing import Annotated
 
 import msgspec
 
-from agent.errors import RetryableError
-from agent.event import Event
-from agent.plugin.hookspecs import hookimpl
-from agent.plugin.base import BaseSink, PluginContext, PollingSource
+# The one module a plugin imports from the agent.
+from agent.plugin import (
+    BaseSink,
+    Event,
+    PluginContext,
+    PollingSource,
+    RegisterComponent,
+    RetryableError,
+    hookimpl,
+)
 
 
 class HeartbeatOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -66,10 +72,10 @@ class TextFileSink(BaseSink):
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: RegisterComponent) -> None:
     register("heartbeat", HeartbeatSource, options=HeartbeatOptions)
 
 
 @hookimpl
-def register_sinks(register):
+def register_sinks(register: RegisterComponent) -> None:
     register("textfile", TextFileSink, options=TextFileOptions)
