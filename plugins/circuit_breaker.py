@@ -74,7 +74,8 @@ class RedisBreakerStore:
         from purgatory.domain.model import Context
 
         self.uow = AsyncRedisUnitOfWork(url)
-        self.repo = self.uow.contexts
+        # Typed as the abstract repository; the Redis one has `redis` and `prefix`.
+        self.repo: Any = self.uow.contexts
         self.circuit = circuit
         self._context = Context(circuit, threshold, ttl)
         self._ready = False
@@ -214,7 +215,8 @@ class CircuitBreakerPolicy(BasePolicy):
             self._transition(HALF_OPEN, now)
         if self.state is HALF_OPEN:
             if self._probe_in_flight:
-                raise CircuitOpenError(f"{self.name}: circuit half-open, probe in flight", retry_after=self._probe_wait())
+                raise CircuitOpenError(f"{self.name}: circuit half-open, probe in flight",
+                                       retry_after=self._probe_wait())
             if store is not None and not await self._store_op(store.acquire_probe(self.reset_timeout_s), True):
                 raise CircuitOpenError(f"{self.name}: another agent is probing", retry_after=self._probe_wait())
             return await self._probe(fn)
@@ -322,9 +324,9 @@ class CircuitBreakerPolicy(BasePolicy):
         if loaded is None:
             return
         shared_state, shared_opened_at, _ = loaded
-        if shared_state in (OPEN, HALF_OPEN) and self.state is CLOSED:
-            self._transition(OPEN, self._clock(), opened_at=shared_opened_at or self._clock())
-        elif shared_state == OPEN and self.state is HALF_OPEN and not self._probe_in_flight:
+        opened = shared_state in (OPEN, HALF_OPEN) and self.state is CLOSED
+        reopened = shared_state == OPEN and self.state is HALF_OPEN and not self._probe_in_flight
+        if opened or reopened:
             self._transition(OPEN, self._clock(), opened_at=shared_opened_at or self._clock())
         elif shared_state == CLOSED and self.state is not CLOSED and not self._probe_in_flight:
             self._transition(CLOSED, self._clock())

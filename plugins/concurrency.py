@@ -73,7 +73,7 @@ class ConcurrencyPolicy(BasePolicy):
     @property
     def in_flight(self) -> int:
         """Calls currently holding a slot (the group's, when the limit is shared)."""
-        return self._limit.size - self._limit.sem._value  # noqa: SLF001 - no public accessor
+        return self._limit.size - self._limit.sem._value
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         async with self._limit.sem:

@@ -108,6 +108,7 @@ async def test_every_policy_closes_once_at_stop_even_when_its_sink_never_started
 
 async def test_the_circuit_breaker_closes_its_shared_store():
     from agent.builtin_plugins.circuit_breaker import CircuitBreakerOptions, CircuitBreakerPolicy
+
     from agent.pipeline.resilience import Chain
 
     class Store:
@@ -129,7 +130,7 @@ async def test_an_options_struct_checks_every_use_of_its_type_together(tmp_path)
                                          "b": {"type": "pair", "port": 2, "policies": []}}), plugins=[test_plugin])
     await ok.start()
     await ok.stop()
-    assert USES == [[("a", PairOptions(port=1)), ("b", PairOptions(port=2))]]
+    assert len(USES) == 1 and USES[0] == [("a", PairOptions(port=1)), ("b", PairOptions(port=2))]
     clash = Agent(_config(tmp_path / "clash", {"a": {"type": "pair", "port": 1, "policies": []},
                                                "b": {"type": "pair", "port": 1, "policies": []}}),
                   plugins=[test_plugin])

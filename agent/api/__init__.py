@@ -79,7 +79,8 @@ def _keep(headers: object) -> dict[str, str]:
 
 async def _close_websockets(app: web.Application) -> AsyncIterator[None]:
     yield
-    for ws in set(app[WEBSOCKETS]):
+    sockets = app[WEBSOCKETS]
+    for ws in list(sockets):  # a copy: closing one removes it from the set
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent shutting down")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from agent.api.view import AgentView
@@ -27,7 +28,7 @@ class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def metric(self, name: str, mtype: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+    def metric(self, name: str, mtype: str, help_: str, samples: Sequence[tuple[dict[str, str], float]]) -> None:
         # Text format 0.0.4: HELP/TYPE name the sample exactly, so a counter's is `..._total`
         # (otherwise parsers see an untyped `..._total` series next to an empty counter).
         sample_name = PREFIX + name + ("_total" if mtype == "counter" else "")

@@ -65,7 +65,7 @@ class Chain:
 
     def get(self, name: str) -> Policy | None:
         """The first policy configured under `name` (e.g. "circuit_breaker"), or None."""
-        for n, p in zip(self.names, self.policies):
+        for n, p in zip(self.names, self.policies, strict=True):
             if n == name:
                 return p
         return None

@@ -8,6 +8,7 @@ running without it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -105,10 +106,10 @@ class PluginHost:
         self._loaded = True
         for modname in _builtin_modules():
             short = modname.rsplit(".", 1)[-1]
-            self._add(short, "sidecar-agent", __version__, lambda m=modname: importlib.import_module(m))
+            self._add(short, "sidecar-agent", __version__, functools.partial(importlib.import_module, modname))
         for obj in self.extra:  # registered like built-ins, named by __name__
             name = getattr(obj, "__name__", None) or type(obj).__name__
-            self._add(name, "<in-process>", __version__, lambda o=obj: o)
+            self._add(name, "<in-process>", __version__, functools.partial(_itself, obj))
         if self.settings.entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = ep.dist
@@ -141,7 +142,7 @@ class PluginHost:
         for kind in KINDS:
             hook = getattr(self.pm.hook, f"register_{kind}")
             for impl in hook.get_hookimpls():
-                self._call_impl(impl, lambda plugin: self._registrar(kind, plugin))
+                self._call_impl(impl, functools.partial(self._registrar, kind))
         for impl in self.pm.hook.register_flags.get_hookimpls():
             self._call_impl(impl, lambda plugin: lambda flag: self.flags.append((plugin, flag)))
         for impl in self.pm.hook.register_routes.get_hookimpls():
@@ -219,6 +220,10 @@ class _PluginInfoStruct(msgspec.Struct):
 
 def _as_struct(info: PluginInfo) -> _PluginInfoStruct:
     return _PluginInfoStruct(info.name, info.package, info.version, info.state, info.error, list(info.provides))
+
+
+def _itself(obj: Any) -> Any:
+    return obj
 
 
 def _describe(exc: BaseException) -> str:
