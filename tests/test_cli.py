@@ -7,17 +7,14 @@ import signal
 import pytest
 
 import agent
-from tests.helpers import read_jsonl, run_cli, spawn_agent, wait_http
+from tests.helpers import agent_config, jsonl_sink, read_jsonl, run_cli, spawn_agent, wait_http, write_toml
 
 
-def _config(tmp_path, port):
-    p = tmp_path / "agent.toml"
-    p.write_text(
-        f'[agent]\nid = "cli-test"\ndata_dir = "{tmp_path / "data"}"\n'
-        f'[server]\nport = {port}\n'
-        f'[sinks.out]\ntype = "jsonl"\npath = "{tmp_path / "out.jsonl"}"\npolicies = []\n'
-    )
-    return p
+def cli_config(tmp_path, port):
+    """agent.toml: id "cli-test", the server on `port`, one jsonl sink `out`."""
+    cfg = agent_config(tmp_path / "data", {"out": jsonl_sink(tmp_path / "out.jsonl")}, agent={"id": "cli-test"},
+                       server={"port": port})
+    return write_toml(tmp_path / "agent.toml", cfg)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -25,7 +22,7 @@ def test_run_serves_and_stops_on_signal(tmp_path, free_port, sig):
     import json
     import urllib.request
 
-    proc = spawn_agent(_config(tmp_path, free_port), cwd=tmp_path)
+    proc = spawn_agent(cli_config(tmp_path, free_port), cwd=tmp_path)
     try:
         base = f"http://127.0.0.1:{free_port}"
         assert wait_http(base + "/healthz", proc) == {"status": "ok"}

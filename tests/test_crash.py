@@ -27,16 +27,21 @@ import aiohttp
 import pytest
 
 from agent import losses
-from tests.durability_helpers import (
-    WORKTREE,
+from tests.helpers import (
+    agent_config,
+    await_until,
     free_port,
     journal_events,
     journal_ids,
+    jsonl_sink,
     losses_in_db,
     make_agent,
-    wait_for,
+    post_raw,
+    subprocess_env,
+    write_toml,
 )
 from tests.plugins_for_tests import STATE
+
 
 @pytest.fixture(autouse=True)
 def _reset():
@@ -49,20 +54,16 @@ def _reset():
 
 
 def write_config(tmp: Path, port: int) -> Path:
-    cfg = tmp / "agent.toml"
-    cfg.write_text(
-        f'[agent]\ndata_dir = "{tmp / "data"}"\nshutdown_timeout_s = 10\n'
-        f'[server]\nport = {port}\n'
-        f'[sinks.out]\ntype = "jsonl"\npath = "{tmp / "out.jsonl"}"\npolicies = []\n'
-    )
-    return cfg
+    cfg = agent_config(tmp / "data", {"out": jsonl_sink(tmp / "out.jsonl")}, agent={"shutdown_timeout_s": 10},
+                       server={"port": port})
+    return write_toml(tmp / "agent.toml", cfg)
 
 
 def spawn(cfg: Path, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
-            env={**os.environ, "PYTHONPATH": str(WORKTREE)}, stdout=out, stderr=subprocess.STDOUT,
+            env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
         )
 
 
@@ -223,10 +224,7 @@ async def test_corrupt_database_is_moved_aside(tmp_path, caplog, damage):
 # -- a full disk ---------------------------------------------------------------------
 
 
-async def _post(http, agent, n=10, pad=300):
-    items = [{"name": "fill", "value": i, "data": {"pad": "p" * pad}} for i in range(n)]
-    async with http.post(agent.server_url + "/api/v1/events", json=items) as r:
-        return r.status, r.headers.get("Retry-After")
+FILL = [{"name": "fill", "value": i, "data": {"pad": "p" * 300}} for i in range(10)]  # one POST's worth
 
 
 @pytest.fixture
@@ -253,7 +251,8 @@ async def test_real_full_disk_on_tmpfs(tmpfs, overflow):
         async with aiohttp.ClientSession() as http:
             codes = collections.Counter()
             for _ in range(300):
-                status, retry_after = await _post(http, agent)
+                answer = await post_raw(agent, FILL, session=http)
+                status, retry_after = answer.status, answer.headers.get("Retry-After")
                 codes[status] += 1
                 if status == 503:
                     assert retry_after
@@ -264,14 +263,14 @@ async def test_real_full_disk_on_tmpfs(tmpfs, overflow):
                 assert r.status == 503 and "journal" in (await r.json())["problems"][0]
             for i in range(9):
                 agent.record("late", i)
-            await wait_for(lambda: not agent._records, what="the committer to take the records")
+            await await_until(lambda: not agent._records, what="the committer to take the records")
             await agent.committer.drain(5)
             # Whether SQLite can still delete on a full disk depends on how full its WAL is:
             # either drop_oldest made room and the events were stored, or they are counted.
             stored = sum(e.name == "late" for e in journal_events(agent.db.path))
             assert stored + agent.ledger.by_reason().get(losses.DISK_ERROR, 0) == 9
             subprocess.run(["mount", "-o", "remount,size=16m", str(tmpfs)], check=True)  # space returns
-            status, _ = await _post(http, agent)
+            status = (await post_raw(agent, FILL, session=http)).status
             assert status == 202 and agent.journal.disk_error is None
             async with http.get(agent.server_url + "/readyz") as r:
                 assert r.status == 200
@@ -301,21 +300,22 @@ async def test_injected_disk_full_drop_oldest_frees_space_and_counts(tmp_path):
         disk = DiskFull(agent)
         async with aiohttp.ClientSession() as http:
             for _ in range(10):
-                assert (await _post(http, agent))[0] == 202
+                assert (await post_raw(agent, FILL, session=http)).status == 202
             disk.fail = 1  # one failure: the oldest rows are dropped, the retry commits
-            assert (await _post(http, agent))[0] == 202
+            assert (await post_raw(agent, FILL, session=http)).status == 202
             dropped = agent.ledger.by_reason()[losses.JOURNAL_FULL]
             assert dropped > 0 and agent.journal.rows == 110 - dropped
             assert len(journal_ids(agent.db.path)) == 110 - dropped
             disk.fail = 2  # the retry fails too: HTTP gets 503, record() drops are counted
-            status, retry_after = await _post(http, agent)
+            answer = await post_raw(agent, FILL, session=http)
+            status, retry_after = answer.status, answer.headers.get("Retry-After")
             assert status == 503 and retry_after
             disk.fail = 2
             for i in range(5):
                 agent.record("lost", i)
-            await wait_for(lambda: agent.ledger.by_reason().get(losses.DISK_ERROR) == 5, what="disk_error count")
+            await await_until(lambda: agent.ledger.by_reason().get(losses.DISK_ERROR) == 5, what="disk_error count")
             assert agent.state == "running"
-            assert (await _post(http, agent))[0] == 202  # space is back
+            assert (await post_raw(agent, FILL, session=http)).status == 202  # space is back
             assert agent.journal.disk_error is None
             stored = len(journal_ids(agent.db.path))
             by = agent.ledger.by_reason()
@@ -328,15 +328,16 @@ async def test_injected_disk_full_reject_gives_503_and_recovers(tmp_path):
     async with agent:
         disk = DiskFull(agent)
         async with aiohttp.ClientSession() as http:
-            assert (await _post(http, agent))[0] == 202
+            assert (await post_raw(agent, FILL, session=http)).status == 202
             disk.fail = 1
-            status, retry_after = await _post(http, agent)
+            answer = await post_raw(agent, FILL, session=http)
+            status, retry_after = answer.status, answer.headers.get("Retry-After")
             assert status == 503 and retry_after == "1"
             disk.fail = 1
             agent.record("lost", 1)
-            await wait_for(lambda: agent.ledger.total() == 1, what="the record() drop to be counted")
+            await await_until(lambda: agent.ledger.total() == 1, what="the record() drop to be counted")
             assert agent.ledger.by_reason() == {losses.DISK_ERROR: 1}
-            assert (await _post(http, agent))[0] == 202
+            assert (await post_raw(agent, FILL, session=http)).status == 202
             async with http.get(agent.server_url + "/readyz") as r:
                 assert r.status == 200
         assert await agent.flush(5)
@@ -358,7 +359,7 @@ async def test_hanging_sink_stalls_neither_intake_nor_the_other_sink(tmp_path):
                     assert r.status == 202
                     acked += (await r.json())["ids"]
                 agent.record("rec", k)
-        await wait_for(lambda: len(STATE.ids("mem")) == 520, what="the healthy sink to deliver everything")
+        await await_until(lambda: len(STATE.ids("mem")) == 520, what="the healthy sink to deliver everything")
         assert set(acked) <= set(STATE.ids("mem"))
         assert agent.journal.last_seq == 520 and agent.journal.cursors["mem"] == 520
         assert agent.journal.cursors["stuck"] == 0 and agent.journal.lag("stuck") == 520

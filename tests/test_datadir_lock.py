@@ -13,30 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from agent.storage.dirlock import DataDirInUse, DataDirLock
 from agent.flags import FlagService, core_flags
 from agent.runtime import Agent
-from tests.durability_helpers import WORKTREE, free_port, wait_for
+from agent.storage.dirlock import DataDirInUse, DataDirLock
+from tests.helpers import agent_config, await_until, free_port, jsonl_sink, subprocess_env, write_toml
 
 
-def agent_config(tmp_path: Path, port: int | None) -> dict:
+def lock_config(tmp_path: Path, port: int | None) -> dict:
     """One jsonl sink `out`; the HTTP server on `port`, or none."""
-    server = {"port": port} if port else {"enabled": False}
-    return {
-        "agent": {"data_dir": str(tmp_path / "data"), "commit_interval_ms": 2, "shutdown_timeout_s": 1},
-        "server": server,
-        "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": []}},
-    }
+    return agent_config(tmp_path / "data", {"out": jsonl_sink(tmp_path / "out.jsonl")}, agent={"shutdown_timeout_s": 1},
+                        server={"port": port} if port else {"enabled": False})
 
 
 async def start_cli(tmp_path: Path, port: int, *args: str) -> asyncio.subprocess.Process:
     """Start `sidecar-agent ARGS --config` with the agent's data dir and sink, server at `port`."""
-    cfg = tmp_path / "cli.toml"
-    cfg.write_text(f'[agent]\ndata_dir = "{tmp_path / "data"}"\n[server]\nport = {port}\n'
-                   f'[sinks.out]\ntype = "jsonl"\npath = "{tmp_path / "out.jsonl"}"\n')
+    cfg = write_toml(tmp_path / "cli.toml", lock_config(tmp_path, port))
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.cli", *args, "--config", str(cfg), "--json",
-        env={**os.environ, "PYTHONPATH": str(WORKTREE)},
+        env=subprocess_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
 
@@ -53,13 +47,13 @@ def overrides(tmp_path: Path) -> dict:
 
 
 async def test_a_second_agent_on_the_same_data_dir_is_refused(tmp_path):
-    async with Agent(agent_config(tmp_path, None)):
+    async with Agent(lock_config(tmp_path, None)):
         with pytest.raises(DataDirInUse, match=rf"in use by another agent \(pid {os.getpid()}\)"):
-            await Agent(agent_config(tmp_path, None)).start()
+            await Agent(lock_config(tmp_path, None)).start()
 
 
 async def test_offline_flags_set_is_refused_while_an_agent_without_http_holds_the_dir(tmp_path):
-    async with Agent(agent_config(tmp_path, None)) as agent:
+    async with Agent(lock_config(tmp_path, None)) as agent:
         code, _, err = await cli(tmp_path, free_port(), "flags", "set", "sinks.out.enabled", "false")
         assert code == 1
         assert f"in use by an agent (pid {os.getpid()}) that did not answer" in err
@@ -74,7 +68,7 @@ async def test_offline_flags_set_is_refused_while_an_agent_without_http_holds_th
 
 async def test_flags_set_goes_over_http_while_the_agent_runs(tmp_path):
     port = free_port()
-    async with Agent(agent_config(tmp_path, port)) as agent:
+    async with Agent(lock_config(tmp_path, port)) as agent:
         code, out, err = await cli(tmp_path, port, "flags", "set", "sinks.out.enabled", "false")
         assert code == 0, err
         assert "offline" not in json.loads(out)
@@ -96,10 +90,10 @@ async def test_flags_set_goes_over_http_while_the_agent_runs(tmp_path):
 async def test_an_agent_starting_while_a_cli_command_holds_the_dir_waits_and_reads_its_change(tmp_path, caplog):
     lock = await DataDirLock(tmp_path / "data", cli=True).acquire()
     assert (tmp_path / "data" / "agent.lock").read_text() == f"{os.getpid()} cli"
-    agent = Agent(agent_config(tmp_path, None))
+    agent = Agent(lock_config(tmp_path, None))
     starting = asyncio.ensure_future(agent.start())
     try:
-        await wait_for(lambda: "locked by a CLI command" in caplog.text, what="the agent to wait for the lock")
+        await await_until(lambda: "locked by a CLI command" in caplog.text, what="the agent to wait for the lock")
         assert not starting.done()
         # What `flags set` does under the lock, while the agent waits for it.
         FlagService.offline(core_flags(["out", "store"]), tmp_path / "data").set("sinks.out.enabled", False, "cli")
@@ -129,20 +123,20 @@ async def test_an_offline_cli_command_waits_for_another_to_finish(tmp_path):
 async def test_a_failed_start_is_reported_as_failed_and_holds_nothing(tmp_path):
     """A start that raises early (the data dir is taken; a config error) says "failed",
     stop() is a no-op, and the dir and port are usable once freed."""
-    first = await Agent(agent_config(tmp_path, None)).start()
+    first = await Agent(lock_config(tmp_path, None)).start()
     port = free_port()
-    second = Agent(agent_config(tmp_path, port))
+    second = Agent(lock_config(tmp_path, port))
     with pytest.raises(DataDirInUse):
         await second.start()
     assert second.state == "failed"
     await second.stop()  # nothing to do, returns at once
     assert second.state == "failed"
     await first.stop()
-    third = await Agent(agent_config(tmp_path, port)).start()  # the dir and the port are free
+    third = await Agent(lock_config(tmp_path, port)).start()  # the dir and the port are free
     assert third.state == "running" and third.server_url
     await third.stop()
     # a config error (before anything opened) is a failed start too
-    bad = Agent({**agent_config(tmp_path, None), "sinks": {"x": {"type": "no-such-sink"}}})
+    bad = Agent({**lock_config(tmp_path, None), "sinks": {"x": {"type": "no-such-sink"}}})
     with pytest.raises(Exception, match="no-such-sink"):
         await bad.start()
     assert bad.state == "failed"
@@ -155,7 +149,7 @@ async def test_events_recorded_around_a_start_that_fails_late_are_journaled_or_c
     async def broken_server(self):
         raise RuntimeError("injected: the server could not start")
 
-    cfg = agent_config(tmp_path, free_port())
+    cfg = lock_config(tmp_path, free_port())
     good_sink = cfg["sinks"]["out"]
     cfg["sinks"] = {"out": {"type": "hang", "policies": []}}  # nothing leaves the journal meanwhile
     from tests import plugins_for_tests
@@ -195,7 +189,7 @@ async def test_a_journal_write_cut_off_by_a_failed_start_is_counted(tmp_path, mo
         await asyncio.sleep(5)
         await real_append(self, events)
 
-    cfg = agent_config(tmp_path, free_port())
+    cfg = lock_config(tmp_path, free_port())
     cfg["agent"]["shutdown_timeout_s"] = 0.3
     failing = Agent(cfg)
     for i in range(10):
@@ -215,13 +209,13 @@ async def test_a_port_in_use_fails_the_start_of_a_sidecar(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        agent = Agent(agent_config(tmp_path, port), require_server=True)
+        agent = Agent(lock_config(tmp_path, port), require_server=True)
         agent.record("early", 1.0)
         with pytest.raises(OSError):
             await agent.start()
     assert agent.state == "failed" and "cannot listen" in agent.server_error
     agent.record("late", 1.0)
     assert agent.ledger.snapshot() == {("start_failed", ""): 1}  # "early" was journaled
-    async with Agent(agent_config(tmp_path, None)) as again:  # the dir was released
+    async with Agent(lock_config(tmp_path, None)) as again:  # the dir was released
         assert await again.flush(5)
     assert [json.loads(line)["name"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["early"]

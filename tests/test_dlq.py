@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import aiohttp
 import pytest
 
 from agent import losses
-from tests.durability_helpers import WORKTREE, free_port, make_agent, wait_for
+from tests.helpers import await_until, free_port, make_agent, post_events, subprocess_env, write_toml
 from tests.plugins_for_tests import STATE
 
 FAST = {"commit_interval_ms": 2, "shutdown_timeout_s": 1}
@@ -30,13 +29,6 @@ def _reset():
     STATE.reset()
 
 
-async def post(agent, items) -> list[str]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(agent.server_url + "/api/v1/events", json=items) as r:
-            assert r.status == 202, await r.text()
-            return (await r.json())["ids"]
-
-
 async def pending_ids(agent, sink: str) -> set[str]:
     """Ids of the events in `sink`'s pending DLQ entries."""
     return {ev.id for e in await agent.dlq.list(sink=sink, status="pending") for ev in await agent.dlq.events(e.id)}
@@ -44,11 +36,10 @@ async def pending_ids(agent, sink: str) -> set[str]:
 
 async def cli(tmp_path: Path, port: int, *args: str) -> dict:
     """Run `sidecar-agent dlq ...` as a subprocess against the same data dir."""
-    cfg = tmp_path / "cli.toml"
-    cfg.write_text(f'[agent]\ndata_dir = "{tmp_path / "data"}"\n[server]\nport = {port}\n')
+    cfg = write_toml(tmp_path / "cli.toml", {"agent": {"data_dir": str(tmp_path / "data")}, "server": {"port": port}})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.cli", "dlq", *args, "--config", str(cfg), "--json",
-        env={**os.environ, "PYTHONPATH": str(WORKTREE)},
+        env=subprocess_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
@@ -60,7 +51,7 @@ async def test_poison_events_are_bisected_only_offenders_reach_the_dlq(tmp_path)
     agent = make_agent(tmp_path / "data", {"pg": {"type": "poison", "batch_size": 64}}, agent=FAST)
     async with agent:
         items = [{"name": "poison" if i in (3, 17, 18, 40) else "ok", "value": i} for i in range(50)]
-        ids = await post(agent, items)
+        ids = await post_events(agent, items)
         assert await agent.flush(5)
         bad = {ids[i] for i in (3, 17, 18, 40)}
         assert sorted(STATE.ids("pg")) == sorted(set(ids) - bad)  # the rest delivered, once each
@@ -80,15 +71,15 @@ async def test_retryable_failure_parks_then_auto_replays_exactly_once(tmp_path):
     async with agent:
         ids = []
         for k in range(3):
-            ids += await post(agent, [{"name": "m", "value": k * 10 + i} for i in range(10)])
-        await wait_for(lambda: agent.journal.cursors["api"] == agent.journal.last_seq, what="cursor to move on")
+            ids += await post_events(agent, [{"name": "m", "value": k * 10 + i} for i in range(10)])
+        await await_until(lambda: agent.journal.cursors["api"] == agent.journal.last_seq, what="cursor to move on")
         assert STATE.ids("api") == []
         assert agent.dlq.depth("api") == 30
         entries = await agent.dlq.list(sink="api", status="pending")
         assert entries and all(e.error_class == "RetryableError" for e in entries)
         STATE.down.clear()  # the sink recovers; the next live batch proves it healthy
-        ids += await post(agent, [{"name": "after", "value": 1}])
-        await wait_for(lambda: agent.dlq.depth("api") == 0 and len(STATE.ids("api")) == 31, what="replay")
+        ids += await post_events(agent, [{"name": "after", "value": 1}])
+        await await_until(lambda: agent.dlq.depth("api") == 0 and len(STATE.ids("api")) == 31, what="replay")
         counts = collections.Counter(STATE.ids("api"))
         assert set(counts) == set(ids) and max(counts.values()) == 1  # everything, exactly once
         assert all(e.status == "delivered" for e in await agent.dlq.list(sink="api"))
@@ -100,8 +91,8 @@ async def test_manual_replay_over_http(tmp_path):
                        dlq={"replay_per_s": 100})
     STATE.down.add("api")
     async with agent:
-        ids = await post(agent, [{"name": "m", "value": i} for i in range(20)])
-        await wait_for(lambda: agent.dlq.depth("api") == 20, what="the DLQ")
+        ids = await post_events(agent, [{"name": "m", "value": i} for i in range(20)])
+        await await_until(lambda: agent.dlq.depth("api") == 20, what="the DLQ")
         assert sorted(STATE.ids("mem")) == sorted(ids)  # the other sink is not held up
         STATE.down.clear()
         await asyncio.sleep(0.1)
@@ -111,7 +102,7 @@ async def test_manual_replay_over_http(tmp_path):
                 assert r.status == 202 and (await r.json())["replaying"] == ["api"]
             async with http.post(agent.server_url + "/api/v1/dlq/replay?sink=nope") as r:
                 assert r.status == 404
-        await wait_for(lambda: agent.dlq.depth("api") == 0, what="manual replay")
+        await await_until(lambda: agent.dlq.depth("api") == 0, what="manual replay")
         assert sorted(STATE.ids("api")) == sorted(ids)
 
 
@@ -121,19 +112,19 @@ async def test_cli_against_a_running_agent(tmp_path):
                        dlq={"replay_per_s": 100})
     STATE.down.add("api")
     async with agent:
-        ids = await post(agent, [{"name": "m", "value": i} for i in range(5)])
-        await wait_for(lambda: agent.dlq.depth("api") == 5, what="the DLQ")
+        ids = await post_events(agent, [{"name": "m", "value": i} for i in range(5)])
+        await await_until(lambda: agent.dlq.depth("api") == 5, what="the DLQ")
         listed = await cli(tmp_path, port, "list")
         assert "offline" not in listed and listed["pending_events"] == 5
         assert {e["sink"] for e in listed["entries"]} == {"api"}
         STATE.down.clear()
         out = await cli(tmp_path, port, "replay", "--sink", "api")
         assert out["replaying"] == ["api"]
-        await wait_for(lambda: agent.dlq.depth("api") == 0, what="replay requested by the CLI")
+        await await_until(lambda: agent.dlq.depth("api") == 0, what="replay requested by the CLI")
         assert sorted(STATE.ids("api")) == sorted(ids)
         STATE.down.add("api")
-        await post(agent, [{"name": "m", "value": i} for i in range(3)])
-        await wait_for(lambda: agent.dlq.depth("api") == 3, what="the DLQ")
+        await post_events(agent, [{"name": "m", "value": i} for i in range(3)])
+        await await_until(lambda: agent.dlq.depth("api") == 3, what="the DLQ")
         out = await cli(tmp_path, port, "purge", "--sink", "api")
         assert out == {"purged_events": 3}
         assert agent.ledger.snapshot() == {(losses.DLQ_PURGED, "api"): 3}
@@ -144,8 +135,8 @@ async def test_cli_offline_against_the_data_dir(tmp_path):
     agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST, dlq={"replay_per_s": 100})
     STATE.down.add("api")
     async with agent:
-        ids = await post(agent, [{"name": "m", "value": i} for i in range(6)])
-        await wait_for(lambda: agent.dlq.depth("api") == 6, what="the DLQ")
+        ids = await post_events(agent, [{"name": "m", "value": i} for i in range(6)])
+        await await_until(lambda: agent.dlq.depth("api") == 6, what="the DLQ")
     port = free_port()  # nothing listens there: the CLI works on the data dir
     listed = await cli(tmp_path, port, "list")
     assert listed["offline"] is True and sum(e["count"] for e in listed["entries"]) == 6
@@ -155,11 +146,11 @@ async def test_cli_offline_against_the_data_dir(tmp_path):
     STATE.down.clear()
     agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST, dlq={"replay_per_s": 100})
     async with agent:
-        await wait_for(lambda: agent.dlq.depth("api") == 0, what="replay after restart")
+        await await_until(lambda: agent.dlq.depth("api") == 0, what="replay after restart")
         assert sorted(STATE.ids("api")) == sorted(ids)
         STATE.down.add("api")
-        await post(agent, [{"name": "m", "value": i} for i in range(4)])
-        await wait_for(lambda: agent.dlq.depth("api") == 4, what="the DLQ")
+        await post_events(agent, [{"name": "m", "value": i} for i in range(4)])
+        await await_until(lambda: agent.dlq.depth("api") == 4, what="the DLQ")
     out = await cli(tmp_path, port, "purge")
     assert out == {"purged_events": 4, "offline": True}
     agent = make_agent(data, {"api": {"type": "flaky"}}, agent=FAST)
@@ -172,8 +163,8 @@ async def test_ttl_expiry_counts_dlq_expired(tmp_path):
     agent = make_agent(tmp_path / "data", {"api": {"type": "flaky"}}, agent=FAST, dlq={"ttl_hours": 0.1 / 3600})
     STATE.down.add("api")
     async with agent:
-        await post(agent, [{"name": "m", "value": i} for i in range(7)])
-        await wait_for(lambda: agent.dlq.depth("api") == 7, what="the DLQ")
+        await post_events(agent, [{"name": "m", "value": i} for i in range(7)])
+        await await_until(lambda: agent.dlq.depth("api") == 7, what="the DLQ")
         await asyncio.sleep(0.15)
         assert await agent.dlq.expire() == 7
         assert agent.ledger.snapshot() == {(losses.DLQ_EXPIRED, "api"): 7}
@@ -188,7 +179,7 @@ async def test_http_list_pagination_and_purge(tmp_path):
     # auto_replay off: a probe replay in flight would hold an entry out of the purge.
     agent = make_agent(tmp_path / "data", {"pg": {"type": "poison"}}, agent=FAST, dlq={"auto_replay": False})
     async with agent:
-        await post(agent, [{"name": "poison", "value": i} for i in range(7)] + [{"name": "ok"}])
+        await post_events(agent, [{"name": "poison", "value": i} for i in range(7)] + [{"name": "ok"}])
         assert await agent.flush(5)
         seen, before, pages = [], None, 0
         async with aiohttp.ClientSession() as http:
@@ -214,11 +205,11 @@ async def test_http_list_pagination_and_purge(tmp_path):
 
 
 async def test_purging_settled_entries_is_not_a_second_loss_and_failing_entries_rotate(tmp_path):
-    from agent.storage.database import Database
-    from agent.storage.dlq import DeadLetterQueue
     from agent.errors import RetryableError
     from agent.event import Event
     from agent.losses import LossLedger
+    from agent.storage.database import Database
+    from agent.storage.dlq import DeadLetterQueue
 
     db = Database(tmp_path)
     await db.open()
@@ -251,14 +242,14 @@ async def test_dlq_cap_is_per_sink_and_evicts_only_that_sinks_oldest(tmp_path):
     async with agent:
         first = []
         for k in range(2):
-            first += await post(agent, [{"name": "m", "value": k * 4 + i} for i in range(4)])
-        await wait_for(settled, what="both sinks to park their batches")
+            first += await post_events(agent, [{"name": "m", "value": k * 4 + i} for i in range(4)])
+        await await_until(settled, what="both sinks to park their batches")
         # 16 pending events in all, but each sink holds only 8 of its cap of 10: nothing goes.
         assert (agent.dlq.depth("a"), agent.dlq.depth("b")) == (8, 8)
         assert agent.ledger.total() == 0
         STATE.down.discard("b")
-        later = await post(agent, [{"name": "m", "value": 8 + i} for i in range(4)])
-        await wait_for(settled, what="the third batch")
+        later = await post_events(agent, [{"name": "m", "value": 8 + i} for i in range(4)])
+        await await_until(settled, what="the third batch")
         # Sink a is over its own cap: only its oldest entries go, counted against it.
         lost = 12 - agent.dlq.depth("a")
         assert 2 <= lost and agent.dlq.depth("a") <= 10
@@ -276,13 +267,13 @@ async def test_replayed_entry_with_poison_is_bisected_good_events_delivered_once
                        dlq={"replay_per_s": 100})
     STATE.down.add("pg")
     async with agent:
-        ids = await post(agent, [{"name": "poison" if i in (5, 11) else "ok", "value": i} for i in range(16)])
-        await wait_for(lambda: agent.dlq.depth("pg") == 16, what="the outage to park the batch")
+        ids = await post_events(agent, [{"name": "poison" if i in (5, 11) else "ok", "value": i} for i in range(16)])
+        await await_until(lambda: agent.dlq.depth("pg") == 16, what="the outage to park the batch")
         [parked] = await agent.dlq.list(sink="pg", status="pending")
         assert parked.count == 16 and parked.error_class == "RetryableError"
         STATE.down.clear()  # no new traffic: the sink's backoff probe replays the entry
         bad = {ids[5], ids[11]}
-        await wait_for(lambda: len(STATE.ids("pg")) == 14 and agent.dlq.depth("pg") == 2, what="bisected replay")
+        await await_until(lambda: len(STATE.ids("pg")) == 14 and agent.dlq.depth("pg") == 2, what="bisected replay")
         counts = collections.Counter(STATE.ids("pg"))
         assert set(counts) == set(ids) - bad and max(counts.values()) == 1
         pending = await agent.dlq.list(sink="pg", status="pending")
@@ -306,8 +297,8 @@ async def test_offline_replay_is_queued_for_the_next_start_even_with_auto_replay
     agent = make_agent(data, sinks, agent=FAST, dlq={"auto_replay": False})
     STATE.down.update({"api", "other"})
     async with agent:
-        ids = await post(agent, [{"name": "m", "value": i} for i in range(5)])
-        await wait_for(lambda: agent.dlq.depth("api") == 5 and agent.dlq.depth("other") == 5, what="the DLQ")
+        ids = await post_events(agent, [{"name": "m", "value": i} for i in range(5)])
+        await await_until(lambda: agent.dlq.depth("api") == 5 and agent.dlq.depth("other") == 5, what="the DLQ")
     out = await cli(tmp_path, free_port(), "replay", "--sink", "api")
     assert out["offline"] is True and out["queued"] == ["api"] and out["pending_events"] == 5
     with sqlite3.connect(data / "agent.db") as conn:  # the request is kept in the database
@@ -315,7 +306,7 @@ async def test_offline_replay_is_queued_for_the_next_start_even_with_auto_replay
     STATE.down.clear()
     agent = make_agent(data, sinks, agent=FAST, dlq={"auto_replay": False})
     async with agent:
-        await wait_for(lambda: agent.dlq.depth("api") == 0, what="the replay queued offline")
+        await await_until(lambda: agent.dlq.depth("api") == 0, what="the replay queued offline")
         assert sorted(STATE.ids("api")) == sorted(ids)
         assert agent.dlq.depth("other") == 5 and STATE.ids("other") == []  # not asked for: still parked
     with sqlite3.connect(data / "agent.db") as conn:  # the request was used up at that start

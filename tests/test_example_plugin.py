@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, spawn_agent, wait_for, wait_http
+from tests.helpers import ROOT, run_cli, spawn_agent, wait_http, wait_until
 
 EXAMPLE = ROOT / "examples" / "custom_plugin"
 
@@ -64,7 +64,7 @@ def test_source_events_reach_its_sink(installed, tmp_path, free_port):
     proc = spawn_agent(cfg, cwd=tmp_path, extra_path=[installed])
     try:
         wait_http(f"http://127.0.0.1:{free_port}/healthz", proc)
-        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
         status = wait_http(f"http://127.0.0.1:{free_port}/api/v1/status", proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

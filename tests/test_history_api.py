@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from tests.dashboard_support import start_agent
+from tests.helpers import post_events
 
 
 @pytest.fixture
@@ -21,19 +22,13 @@ async def agent(tmp_path):
     await a.stop(timeout=2)
 
 
-async def _post(session, agent, events):
-    async with session.post(agent.server_url + "/api/v1/events", json=events) as r:
-        assert r.status == 202, await r.text()
-        return (await r.json())["ids"]
-
-
 async def test_ingested_events_are_queryable(agent):
     now = time.time()
     async with aiohttp.ClientSession() as s:
-        ids = await _post(s, agent, [{"name": "req.latency", "kind": "histogram", "value": v / 10, "ts": now - 30 + v,
+        ids = await post_events(agent, session=s, events=[{"name": "req.latency", "kind": "histogram", "value": v / 10, "ts": now - 30 + v,
                                       "tags": {"route": "/a" if v % 2 else "/b"}, "session_id": "sess-1"}
                                      for v in range(20)])
-        await _post(s, agent, [{"id": ids[0], "name": "req.latency", "kind": "histogram", "value": 99}])  # a repeat
+        await post_events(agent, session=s, events=[{"id": ids[0], "name": "req.latency", "kind": "histogram", "value": 99}])  # a repeat
         assert await agent.flush(5)
         async with s.get(agent.server_url + "/api/v1/events", params={"name": "req.latency", "limit": "8"}) as r:
             page = await r.json()
@@ -55,7 +50,7 @@ async def test_ingested_events_are_queryable(agent):
         assert names["req.latency"]["kind"] == "histogram" and names["req.latency"]["tag_keys"] == ["route"]
         assert names["req.latency"]["count"] == 20
         # all=1 counts every event of every name, per step, raw and from the roll-ups
-        await _post(s, agent, [{"name": "other", "value": 1, "ts": now - 25 + i} for i in range(5)])
+        await post_events(agent, session=s, events=[{"name": "other", "value": 1, "ts": now - 25 + i} for i in range(5)])
         assert await agent.flush(5)
         for step in ("1", "60"):
             async with s.get(agent.server_url + "/api/v1/series",
@@ -107,7 +102,7 @@ async def test_ui_config_has_public_values_only(agent):
 
 async def test_sinks_report_lag_seconds(agent):
     async with aiohttp.ClientSession() as s:
-        await _post(s, agent, [{"name": "x", "value": 1, "ts": time.time() - 5, "id": str(uuid.uuid4())}])
+        await post_events(agent, session=s, events=[{"name": "x", "value": 1, "ts": time.time() - 5, "id": str(uuid.uuid4())}])
         await agent.flush(1)  # the supabase sink is switched off, so its cursor waits
         async with s.get(agent.server_url + "/api/v1/sinks") as r:
             sinks = {k["name"]: k for k in (await r.json())["sinks"]}

@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from tests.durability_helpers import journal_events, journal_ids, make_agent
+from tests.helpers import journal_events, journal_ids, make_agent, post_raw
 
 
 @pytest.fixture
@@ -28,15 +28,6 @@ async def agent(tmp_path):
 async def http():
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-def url(agent) -> str:
-    return agent.server_url + "/api/v1/events"
-
-
-async def post(http, agent, data: bytes, ctype: str, headers=None):
-    async with http.post(url(agent), data=data, headers={"Content-Type": ctype, **(headers or {})}) as r:
-        return r.status, await r.json(), r.headers
 
 
 def ev(i: int, **kw):
@@ -58,7 +49,7 @@ async def test_formats_202_only_after_commit(agent, http, fmt):
     else:
         items = items[:1]
         body, ctype = msgspec.msgpack.encode(items[0]), "application/msgpack"
-    status, out, _ = await post(http, agent, body, ctype)
+    status, out, _ = await post_raw(agent, body, content_type=ctype, session=http)
     assert status == 202, out
     assert out["accepted"] == len(items) and len(out["ids"]) == len(items)
     # The 202 means committed: a separate connection sees the rows right now.
@@ -72,7 +63,7 @@ async def test_bad_items_are_named_and_nothing_is_accepted(agent, http):
     before = agent.journal.last_seq
     items = [ev(0), {"value": 1}, ev(2), {"name": "x", "kind": "bogus"}, {"name": "y", "extra": 1},
              {"name": "z", "id": "not-a-uuid"}, {"name": "t", "ts": "yesterday"}]
-    status, out, _ = await post(http, agent, json.dumps(items).encode(), "application/json")
+    status, out, _ = await post_raw(agent, json.dumps(items).encode(), content_type="application/json", session=http)
     assert status == 400
     assert out["accepted"] == 0
     assert [e["index"] for e in out["errors"]] == [1, 3, 4, 5, 6]
@@ -81,17 +72,17 @@ async def test_bad_items_are_named_and_nothing_is_accepted(agent, http):
     assert agent.journal.last_seq == before and journal_ids(agent.db.path) == []
     # NDJSON and msgpack name bad items the same way.
     nd = b"\n".join(json.dumps(i).encode() for i in items[:2])
-    status, out, _ = await post(http, agent, nd, "application/x-ndjson")
+    status, out, _ = await post_raw(agent, nd, content_type="application/x-ndjson", session=http)
     assert status == 400 and [e["index"] for e in out["errors"]] == [1]
-    status, out, _ = await post(http, agent, msgspec.msgpack.encode(items[:4]), "application/msgpack")
+    status, out, _ = await post_raw(agent, msgspec.msgpack.encode(items[:4]), content_type="application/msgpack", session=http)
     assert status == 400 and [e["index"] for e in out["errors"]] == [1, 3]
     # A body that does not parse, and an empty array, are 400 too.
     for body in (b"{not json", b"[]"):
-        status, out, _ = await post(http, agent, body, "application/json")
+        status, out, _ = await post_raw(agent, body, content_type="application/json", session=http)
         assert status == 400 and out["errors"]
     # Too many tags and a non-finite ts are rejected after decoding, still all-or-nothing.
     tags = {f"t{i}": "v" for i in range(65)}
-    status, out, _ = await post(http, agent, json.dumps([ev(0), ev(1, tags=tags)]).encode(), "application/json")
+    status, out, _ = await post_raw(agent, json.dumps([ev(0), ev(1, tags=tags)]).encode(), content_type="application/json", session=http)
     assert status == 400 and [e["index"] for e in out["errors"]] == [1]
     assert agent.journal.last_seq == before and journal_ids(agent.db.path) == []
 
@@ -99,7 +90,7 @@ async def test_bad_items_are_named_and_nothing_is_accepted(agent, http):
 async def test_body_over_the_limit_is_413(agent, http):
     big = json.dumps([ev(i, data={"pad": "x" * 1000}) for i in range(100)]).encode()
     assert len(big) > 64 * 1024
-    status, out, _ = await post(http, agent, big, "application/json")
+    status, out, _ = await post_raw(agent, big, content_type="application/json", session=http)
     assert status == 413 and "limit" in out["error"]
     assert journal_ids(agent.db.path) == []
 
@@ -109,26 +100,26 @@ async def test_token_required_when_set(tmp_path, http):
                    server={"token": "s3cret"})
     async with a:
         body = json.dumps([ev(1)]).encode()
-        status, out, hdrs = await post(http, a, body, "application/json")
+        status, out, hdrs = await post_raw(a, body, content_type="application/json", session=http)
         assert status == 401 and hdrs["WWW-Authenticate"] == "Bearer"
-        status, _, _ = await post(http, a, body, "application/json", {"Authorization": "Bearer wrong"})
+        status, _, _ = await post_raw(a, body, content_type="application/json", headers={"Authorization": "Bearer wrong"}, session=http)
         assert status == 401
         assert journal_ids(a.db.path) == []
-        status, out, _ = await post(http, a, body, "application/json", {"Authorization": "Bearer s3cret"})
+        status, out, _ = await post_raw(a, body, content_type="application/json", headers={"Authorization": "Bearer s3cret"}, session=http)
         assert status == 202 and journal_ids(a.db.path) == out["ids"]
-        status, _, _ = await post(http, a, body, "application/json", {"X-Sidecar-Token": "s3cret"})
+        status, _, _ = await post_raw(a, body, content_type="application/json", headers={"X-Sidecar-Token": "s3cret"}, session=http)
         assert status == 202
 
 
 async def test_client_ids_kept_and_lowercased(agent, http):
     given = [str(uuid.uuid4()).upper(), str(uuid.uuid4())]
     items = [ev(0, id=given[0]), ev(1, id=given[1]), ev(2)]
-    status, out, _ = await post(http, agent, json.dumps(items).encode(), "application/json")
+    status, out, _ = await post_raw(agent, json.dumps(items).encode(), content_type="application/json", session=http)
     assert status == 202
     assert out["ids"][:2] == [given[0].lower(), given[1]]
     assert uuid.UUID(out["ids"][2]).version == 7  # generated ids are UUIDv7
     # A retry of the same request keeps the same ids (the sinks' idempotency key).
-    status, again, _ = await post(http, agent, json.dumps(items[:2]).encode(), "application/json")
+    status, again, _ = await post_raw(agent, json.dumps(items[:2]).encode(), content_type="application/json", session=http)
     assert again["ids"] == out["ids"][:2]
     assert journal_ids(agent.db.path) == out["ids"] + again["ids"]
 
@@ -136,7 +127,7 @@ async def test_client_ids_kept_and_lowercased(agent, http):
 async def test_rfc3339_ts_accepted(agent, http):
     items = [ev(0, ts="2024-05-01T12:00:00Z"), ev(1, ts="2024-05-01T14:00:00.250+02:00"),
              ev(2, ts=1714564800.5), ev(3)]
-    status, out, _ = await post(http, agent, json.dumps(items).encode(), "application/json")
+    status, out, _ = await post_raw(agent, json.dumps(items).encode(), content_type="application/json", session=http)
     assert status == 202, out
     stored = journal_events(agent.db.path)
     want = dt.datetime(2024, 5, 1, 12, tzinfo=dt.timezone.utc).timestamp()

@@ -9,7 +9,7 @@ import pytest
 
 from agent.errors import PermanentError, RetryableError
 from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink, map_pg_error
-from tests.sink_helpers import make_ctx, make_events
+from tests.helpers import make_ctx, make_events
 
 
 def sink_for(table, **kw) -> PostgresSink:

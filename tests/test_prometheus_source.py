@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent.builtin_plugins.prometheus import SCRAPE_ERRORS, kind_of, parse
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics_format
 
-from agent.plan import plan
 from agent.config import load
+from agent.plan import plan
 from agent.plugin.host import PluginHost
 from agent.runtime import Agent
-from agent.builtin_plugins.prometheus import SCRAPE_ERRORS, kind_of, parse
-from tests.dashboard_support import start_agent
-from tests.helpers import plan_error, read_jsonl
+from tests.helpers import await_until, free_port, jsonl_sink, plan_error, read_jsonl, start_agent
 
 
 def registry() -> tuple[CollectorRegistry, Counter]:
@@ -177,39 +175,27 @@ class Target:
             await self.runner.cleanup()
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _config(tmp_path: Path, **prom) -> dict:
+def prom_config(tmp_path: Path, **prom) -> dict:
+    """start_agent() arguments: the source `prom` with `prom` options, one jsonl sink `out`."""
     return {"sources": {"prom": {"type": "prometheus", "interval_s": 0.05, **prom}},
-            "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": []}},
-            "dashboard": {"store": False}}
+            "sinks": {"out": jsonl_sink(tmp_path / "out.jsonl")}, "dashboard": {"store": False},
+            "agent": {"id": "test-agent"}}
 
 
 def _stats(agent: Agent) -> dict:
     return next(c for c in agent.status()["components"] if c["name"] == "prom")["stats"]
 
 
-async def _until(predicate, timeout: float = 20.0):
-    async with asyncio.timeout(timeout):
-        while not (value := predicate()):
-            await asyncio.sleep(0.01)
-        return value
-
-
 async def test_scraped_samples_land_in_the_sink_with_kinds_values_and_tags(tmp_path):
     reg, requests = registry()
     target = await Target(reg).start()
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, url=target.url, prefix="app.",
+    agent = await start_agent(tmp_path / "data", **prom_config(tmp_path, url=target.url, prefix="app.",
                                                             tags={"env": "test"}))
     try:
-        await _until(lambda: target.hits >= 1)
+        await await_until(lambda: target.hits >= 1)
         requests.labels("/a", "app-1").inc(2)  # later scrapes see the new total
         hits = target.hits
-        await _until(lambda: target.hits >= hits + 2)
+        await await_until(lambda: target.hits >= hits + 2)
         assert await agent.flush(10)
     finally:
         await agent.stop()
@@ -231,12 +217,12 @@ async def test_scraped_samples_land_in_the_sink_with_kinds_values_and_tags(tmp_p
 async def test_a_dead_url_is_counted_and_does_not_stop_the_others_or_later_scrapes(tmp_path):
     reg, _ = registry()
     live = await Target(reg).start()
-    dead_port = _dead_port()
+    dead_port = free_port()
     dead_url = f"http://127.0.0.1:{dead_port}/metrics"
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, urls=[dead_url, live.url]))
+    agent = await start_agent(tmp_path / "data", **prom_config(tmp_path, urls=[dead_url, live.url]))
     revived = None
     try:
-        await _until(lambda: _stats(agent)["scrape_errors"] >= 3)
+        await await_until(lambda: _stats(agent)["scrape_errors"] >= 3)
         assert live.hits >= 3  # the live target kept being scraped meanwhile
         stats = _stats(agent)
         assert stats["last_error"].startswith(f"{dead_url}: ClientConnectorError")
@@ -249,7 +235,7 @@ async def test_a_dead_url_is_counted_and_does_not_stop_the_others_or_later_scrap
         assert by_stat["scrape_errors"] >= 3 and by_stat["scrapes"] >= 6 and "last_error" not in by_stat
         assert next(c for c in agent.status()["components"] if c["name"] == "prom")["state"] == "running"
         revived = await Target(reg).start(dead_port)  # the dead target comes up
-        await _until(lambda: revived.hits >= 2)
+        await await_until(lambda: revived.hits >= 2)
         assert await agent.flush(10)
     finally:
         await agent.stop()
@@ -266,19 +252,22 @@ async def test_a_dead_url_is_counted_and_does_not_stop_the_others_or_later_scrap
     assert agent.ledger.total() == 0  # a failed scrape loses no event: there was none
 
 
-@pytest.mark.parametrize("mode, error", [("500", "ScrapeError: HTTP 500"), ("garbage", "ValueError"),
-                                         ("hang", "TimeoutError")])
-async def test_bad_answers_are_scrape_errors_and_scraping_resumes(tmp_path, mode, error):
+# Only the hanging target needs a short scrape timeout (the timeout is at most interval_s);
+# the others get a generous one, so a busy machine cannot turn their answer into a timeout.
+@pytest.mark.parametrize("mode, error, interval_s", [("500", "ScrapeError: HTTP 500", 0.5),
+                                                     ("garbage", "ValueError", 0.5), ("hang", "TimeoutError", 0.05)])
+async def test_bad_answers_are_scrape_errors_and_scraping_resumes(tmp_path, mode, error, interval_s):
     reg, _ = registry()
     target = await Target(reg).start()
     target.mode = mode
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, url=target.url, timeout_s=0.1))
+    agent = await start_agent(tmp_path / "data", **prom_config(tmp_path, url=target.url, interval_s=interval_s,
+                                                                timeout_s=interval_s))
     try:
-        await _until(lambda: _stats(agent)["scrape_errors"] >= 2)
+        await await_until(lambda: _stats(agent)["scrape_errors"] >= 2)
         assert _stats(agent)["last_error"].startswith(f"{target.url}: {error}")
         target.mode = "ok"
         target.release.set()
-        await _until(lambda: _stats(agent)["samples"] > 0)
+        await await_until(lambda: _stats(agent)["samples"] > 0)
         assert await agent.flush(10)
     finally:
         await agent.stop()
@@ -292,9 +281,9 @@ async def test_an_openmetrics_answer_is_parsed_as_openmetrics(tmp_path):
     target = await Target(reg).start()
     # OpenMetrics names a counter family without `_total`: read as 0.0.4, its samples would be untyped gauges
     target.mode = "openmetrics"
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, url=target.url))
+    agent = await start_agent(tmp_path / "data", **prom_config(tmp_path, url=target.url))
     try:
-        await _until(lambda: _stats(agent)["samples"] > 0)
+        await await_until(lambda: _stats(agent)["samples"] > 0)
         assert await agent.flush(10)
         assert _stats(agent)["scrape_errors"] == 0
     finally:
@@ -313,9 +302,9 @@ async def test_credentials_in_the_url_are_used_but_never_shown(tmp_path, caplog)
     host = target.url.split("/")[2]
     good = target.url.replace("http://", "http://scraper:s3cret@") + "?token=t0ken"
     bad = target.url.replace("http://", "http://scraper:wr0ng@") + "?token=t0ken"
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, urls=[good, bad]))
+    agent = await start_agent(tmp_path / "data", **prom_config(tmp_path, urls=[good, bad]))
     try:
-        await _until(lambda: _stats(agent)["scrape_errors"] >= 2 and _stats(agent)["samples"] > 0)
+        await await_until(lambda: _stats(agent)["scrape_errors"] >= 2 and _stats(agent)["samples"] > 0)
         stats = _stats(agent)
         assert await agent.flush(10)
     finally:

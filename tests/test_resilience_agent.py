@@ -21,8 +21,8 @@ import pytest
 
 from agent.plugin.hookspecs import hookimpl
 from tests import plugins_for_tests
-from tests.durability_helpers import wait_for
 from tests.faultserver import FaultServer, Phase
+from tests.helpers import await_until
 from tests.http_sink import HttpSink
 from tests.plugins_for_tests import STATE
 
@@ -83,9 +83,12 @@ async def test_outage_is_bounded_and_nothing_is_lost(tmp_path) -> None:
                 local_lag.append(agent.workers["local"].describe()["lag_events"])
             recorded = i
             # Recovery: live batches flow again and the DLQ drains by itself.
-            await wait_for(lambda: len(STATE.ids("local")) >= recorded and agent.dlq.depth("remote") == 0
-                           and agent.journal.lag("remote") == 0, timeout=30, what="recovery")
-            sent_ids = [e.id for e in STATE.delivered["local"] if e.name == "orders.placed"]
+            def app_ids() -> list[str]:  # the sink also gets the agent's own events
+                return [e.id for e in STATE.delivered["local"] if e.name == "orders.placed"]
+
+            await await_until(lambda: len(app_ids()) >= recorded and agent.dlq.depth("remote") == 0
+                              and agent.journal.lag("remote") == 0, timeout=30, what="recovery")
+            sent_ids = app_ids()
             breaker_state = agent.workers["remote"].describe()["policies"]["breaker_state"]
             losses = agent.ledger.total()
 
@@ -167,7 +170,7 @@ async def test_a_sink_that_fails_to_build_keeps_its_backlog(tmp_path) -> None:
     async with Agent(cfg("hang"), plugins=[plugins_for_tests]) as agent:  # b takes nothing
         for i in range(100):
             agent.record("kept", float(i))
-        await wait_for(lambda: len(STATE.delivered.get("a", [])) == 100)
+        await await_until(lambda: len(STATE.delivered.get("a", [])) == 100)
     async with Agent(cfg("broken"), plugins=[plugins_for_tests]) as agent:  # b cannot be built
         comps = {c["name"]: c for c in agent.status()["components"] if c["kind"] == "sink"}
         assert comps["b"]["state"] == "failed"

@@ -5,13 +5,10 @@ bisected into the DLQ while the rest of their batch lands."""
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
 import pytest
 
 from agent.runtime import Agent
-from tests.durability_helpers import wait_for
+from tests.helpers import agent_config, await_until, post_events
 
 
 def _sink(kind: str, emu, table) -> dict:
@@ -20,46 +17,35 @@ def _sink(kind: str, emu, table) -> dict:
     return {"type": "postgres", "dsn": table.dsn, "table": table.table}
 
 
-def _config(tmp_path, sink: dict) -> dict:
-    return {
-        "agent": {"data_dir": str(tmp_path / "data"), "commit_interval_ms": 2},
-        "server": {"port": 0},
-        "dashboard": {"store": False},
-        "dlq": {"replay_per_s": 50},
-        "sinks": {"db": {**sink, "batch_size": 50,
-                         "retry": {"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 20},
-                         "circuit_breaker": {"failure_threshold": 50, "reset_timeout_s": 0.2}}},
-    }
-
-
-async def _post(agent: Agent, events: list[dict]) -> list[str]:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(agent.server_url + "/api/v1/events", json=events) as r:
-            assert r.status == 202, await r.text()
-            return (await r.json())["ids"]
+def e2e_config(tmp_path, sink: dict) -> dict:
+    """The sink as `db` with the default policies (fast retries, a patient breaker); no store."""
+    return agent_config(tmp_path / "data", dashboard={"store": False}, dlq={"replay_per_s": 50},
+                        sinks={"db": {**sink, "batch_size": 50, "policies": ["timeout", "retry", "circuit_breaker"],
+                                      "retry": {"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 20},
+                                      "circuit_breaker": {"failure_threshold": 50, "reset_timeout_s": 0.2}}})
 
 
 @pytest.mark.parametrize("kind", ["supabase", "postgres"])
 async def test_exactly_once_across_retries_dlq_replay_and_restart(tmp_path, supabase_emulator, pg_table, kind):
     emu = supabase_emulator
-    cfg = _config(tmp_path, _sink(kind, emu, pg_table))
+    cfg = e2e_config(tmp_path, _sink(kind, emu, pg_table))
     ids: list[str] = []
     async with Agent(cfg) as agent:
-        ids += await _post(agent, [{"name": "e2e.ok", "value": i} for i in range(120)])
+        ids += await post_events(agent, [{"name": "e2e.ok", "value": i} for i in range(120)])
         assert await agent.flush(20)
         if kind == "supabase":
             emu.fail_next(1, status=503)  # one retry succeeds
-            ids += await _post(agent, [{"name": "e2e.retried", "value": i} for i in range(30)])
+            ids += await post_events(agent, [{"name": "e2e.retried", "value": i} for i in range(30)])
             assert await agent.flush(20)
             emu.drop_next(1, after_commit=True)  # the write landed but the answer was lost
-            ids += await _post(agent, [{"name": "e2e.dropped", "value": i} for i in range(30)])
+            ids += await post_events(agent, [{"name": "e2e.dropped", "value": i} for i in range(30)])
             assert await agent.flush(20)
             emu.fail_next(10, status=503)  # retries spent: the batch goes to the DLQ, then replays
-            ids += await _post(agent, [{"name": "e2e.dlq", "value": i} for i in range(30)])
-            await wait_for(lambda: agent.workers["db"].stats.replayed >= 30, timeout=20, what="DLQ replay")
+            ids += await post_events(agent, [{"name": "e2e.dlq", "value": i} for i in range(30)])
+            await await_until(lambda: agent.workers["db"].stats.replayed >= 30, timeout=20, what="DLQ replay")
         # Unsent events wait in the journal across a restart.
         agent.flags.set("sinks.db.enabled", False, "test")
-        ids += await _post(agent, [{"name": "e2e.restart", "value": i} for i in range(40)])
+        ids += await post_events(agent, [{"name": "e2e.restart", "value": i} for i in range(40)])
     async with Agent(cfg) as agent:
         agent.flags.clear("sinks.db.enabled", "test")
         assert await agent.flush(20)
@@ -71,13 +57,13 @@ async def test_exactly_once_across_retries_dlq_replay_and_restart(tmp_path, supa
 
 @pytest.mark.parametrize("kind", ["supabase", "postgres"])
 async def test_poison_rows_go_to_the_dlq_and_the_rest_land(tmp_path, supabase_emulator, pg_table, kind):
-    cfg = _config(tmp_path, _sink(kind, supabase_emulator, pg_table))
+    cfg = e2e_config(tmp_path, _sink(kind, supabase_emulator, pg_table))
     async with Agent(cfg) as agent:
         events = [{"name": "mixed", "value": i} for i in range(40)]
         events[7]["data"] = {"note": "bad\u0000byte"}  # PostgreSQL rejects NUL in jsonb/text
         events[30]["tags"] = {"k": "also\u0000bad"}
-        ids = await _post(agent, events)
-        await wait_for(lambda: agent.dlq.depth("db") == 2 and agent.journal.lag("db") == 0,
+        ids = await post_events(agent, events)
+        await await_until(lambda: agent.dlq.depth("db") == 2 and agent.journal.lag("db") == 0,
                        timeout=20, what="bisection into the DLQ")
         entries = await agent.dlq.list(sink="db")
         dead = {e.id for entry in entries for e in await agent.dlq.events(entry.id)}
@@ -99,11 +85,12 @@ async def test_realtime_subscriber_receives_rows_written_by_the_agent(tmp_path, 
                                 callback=lambda payload: got.append(payload))
     await channel.subscribe()
     try:
-        await asyncio.sleep(0.3)  # let the join settle
-        async with Agent(_config(tmp_path, _sink("supabase", emu, pg_table))) as agent:
-            ids = await _post(agent, [{"name": "rt", "value": i} for i in range(5)])
+        # joined = the emulator has installed the table's trigger and is listening
+        await await_until(lambda: channel.is_joined, what="the channel join")
+        async with Agent(e2e_config(tmp_path, _sink("supabase", emu, pg_table))) as agent:
+            ids = await post_events(agent, [{"name": "rt", "value": i} for i in range(5)])
             assert await agent.flush(20)
-            await wait_for(lambda: len(got) >= 5, timeout=10, what="realtime inserts")
+            await await_until(lambda: len(got) >= 5, timeout=10, what="realtime inserts")
     finally:
         await client.remove_all_channels()
     seen = {p["data"]["record"]["id"] for p in got}

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
+from agent.builtin_plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
 
 from agent.plugin.base import ThrottledLog
 from agent.runtime import Agent
-from agent.builtin_plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
-from tests.dashboard_support import start_agent
-from tests.helpers import plan_error, read_jsonl
+from tests.helpers import await_until, jsonl_sink, plan_error, read_jsonl, start_agent
 
 NOW = 1_700_000_000.0
 
@@ -158,10 +156,11 @@ def test_option_errors_name_the_key_path(tmp_path, toml, path, problem):
 # -- a real agent, real datagrams -------------------------------------------------------
 
 
-def _config(tmp_path: Path, **statsd) -> dict:
+def statsd_config(tmp_path: Path, **statsd) -> dict:
+    """start_agent() arguments: the source `statsd` with `statsd` options, one jsonl sink `out`."""
     return {"sources": {"statsd": {"port": 0, **statsd}},
-            "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": []}},
-            "dashboard": {"store": False}}
+            "sinks": {"out": jsonl_sink(tmp_path / "out.jsonl")}, "dashboard": {"store": False},
+            "agent": {"id": "test-agent"}}
 
 
 def _stats(agent: Agent, name: str = "statsd") -> dict:
@@ -170,30 +169,19 @@ def _stats(agent: Agent, name: str = "statsd") -> dict:
 
 
 async def _address(agent: Agent) -> tuple[str, int]:
-    for _ in range(500):
-        addr = _stats(agent).get("address")
-        if addr:
-            host, port = addr.rsplit(":", 1)
-            return host, int(port)
-        await asyncio.sleep(0.01)
-    raise AssertionError("the statsd source did not start listening")
-
-
-async def _until(predicate, timeout: float = 20.0):
-    async with asyncio.timeout(timeout):
-        while not (value := predicate()):
-            await asyncio.sleep(0.01)
-        return value
+    addr = await await_until(lambda: _stats(agent).get("address"), what="the statsd source to listen")
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
 
 
 async def test_datagrams_become_journaled_events_with_names_kinds_values_and_tags(tmp_path):
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, tags={"env": "test"}))
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, tags={"env": "test"}))
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"orders:1|c|@0.5|#region:eu\nqueue:10|g\nqueue:-3|g\nlatency:12.5|ms", addr)
             udp.sendto(b"users:alice|s\nusers:bob|s\nusers:alice|s", addr)
-        await _until(lambda: _stats(agent)["packets"] == 2)
+        await await_until(lambda: _stats(agent)["packets"] == 2)
         assert await agent.flush(10)
         events = read_jsonl(tmp_path / "out.jsonl")
         got = [(e["name"], e["kind"], e["value"], e["tags"], e["source"]) for e in events]
@@ -213,12 +201,12 @@ async def test_datagrams_become_journaled_events_with_names_kinds_values_and_tag
 
 
 async def test_sets_are_flushed_every_interval(tmp_path):
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, flush_interval_s=0.05))
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, flush_interval_s=0.05))
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"u:a|s\nu:b|s\nu:c|s", addr)
-        await _until(lambda: _stats(agent)["events"] >= 1)
+        await await_until(lambda: _stats(agent)["events"] >= 1)
         assert await agent.flush(10)
         assert [(e["name"], e["value"]) for e in read_jsonl(tmp_path / "out.jsonl")] == [("u", 3.0)]
     finally:
@@ -226,13 +214,13 @@ async def test_sets_are_flushed_every_interval(tmp_path):
 
 
 async def test_malformed_lines_are_counted_in_the_loss_ledger_by_reason(tmp_path, caplog):
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path))
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path))
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"good:1|c\ngarbage\nbad:x|c\n_sc|db|0", addr)
             udp.sendto(b"a:1|zz", addr)
-        await _until(lambda: _stats(agent)["packets"] == 2)
+        await await_until(lambda: _stats(agent)["packets"] == 2)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{agent.server_url}/api/v1/losses") as resp:
                 losses = await resp.json()
@@ -253,16 +241,16 @@ async def test_malformed_lines_are_counted_in_the_loss_ledger_by_reason(tmp_path
 
 
 async def test_a_full_intake_drops_the_datagram_and_counts_it(tmp_path):
-    cfg = _config(tmp_path)
-    cfg["agent"] = {"intake_capacity": 5}
+    cfg = statsd_config(tmp_path)
+    cfg["agent"]["intake_capacity"] = 5
     agent = await start_agent(tmp_path / "data", **cfg)
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto("\n".join(f"n{i}:1|c" for i in range(10)).encode(), addr)
-            await _until(lambda: _stats(agent)["packets"] == 1)
+            await await_until(lambda: _stats(agent)["packets"] == 1)
             udp.sendto(b"after:1|c", addr)
-        await _until(lambda: _stats(agent)["packets"] == 2)
+        await await_until(lambda: _stats(agent)["packets"] == 2)
         assert await agent.flush(10)
         assert agent.ledger.by_reason() == {"intake_full": 10}
         assert [e["name"] for e in read_jsonl(tmp_path / "out.jsonl")] == ["after"]
@@ -272,7 +260,7 @@ async def test_a_full_intake_drops_the_datagram_and_counts_it(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/net/udp").exists(), reason="the kernel's drop count is read from /proc/net/udp")
 async def test_datagrams_the_kernel_drops_are_counted(tmp_path):
-    agent = await start_agent(tmp_path / "data", **_config(tmp_path, flush_interval_s=0.05))
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, flush_interval_s=0.05))
     try:
         addr = await _address(agent)
         sent = 3000
@@ -282,7 +270,7 @@ async def test_datagrams_the_kernel_drops_are_counted(tmp_path):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             for _ in range(sent):
                 udp.sendto(payload, addr)
-        stats = await _until(lambda: (s := _stats(agent))["packets"] + s["socket_overflow"] == sent and s)
+        stats = await await_until(lambda: (s := _stats(agent))["packets"] + s["socket_overflow"] == sent and s)
         assert stats["socket_overflow"] > 0
         assert agent.ledger.by_reason()[SOCKET_OVERFLOW] == stats["socket_overflow"]
         assert agent.ledger.by_reason()[MALFORMED] == stats["packets"]
@@ -293,18 +281,18 @@ async def test_datagrams_the_kernel_drops_are_counted(tmp_path):
 async def test_a_port_in_use_fails_the_component_not_the_agent(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
-        cfg = _config(tmp_path, port=taken.getsockname()[1])
+        cfg = statsd_config(tmp_path, port=taken.getsockname()[1])
         cfg["sources"]["other"] = {"type": "statsd", "port": 0}
         agent = await start_agent(tmp_path / "data", **cfg)
         try:
-            comp = await _until(lambda: next((c for c in agent.status()["components"]
+            comp = await await_until(lambda: next((c for c in agent.status()["components"]
                                               if c["name"] == "statsd" and c["state"] == "failed"), None))
             assert "OSError" in comp["error"]
             assert agent.state == "running"
-            host, port = (await _until(lambda: _stats(agent, "other").get("address"))).rsplit(":", 1)
+            host, port = (await await_until(lambda: _stats(agent, "other").get("address"))).rsplit(":", 1)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 udp.sendto(b"still:1|c", (host, int(port)))
-            await _until(lambda: _stats(agent, "other")["events"] == 1)
+            await await_until(lambda: _stats(agent, "other")["events"] == 1)
         finally:
             await agent.stop()
 

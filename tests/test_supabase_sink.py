@@ -11,7 +11,7 @@ from postgrest.exceptions import APIError
 
 from agent.errors import PermanentError, RetryableError
 from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink, map_api_error, parse_retry_after
-from tests.sink_helpers import make_ctx, make_events
+from tests.helpers import make_ctx, make_events
 
 
 def sink_for(emu, table, **kw) -> SupabaseSink:

@@ -18,7 +18,7 @@ from agent.errors import RetryableError
 from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink
 from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink
 from tests.conftest_supabase import ADMIN_DSN
-from tests.sink_helpers import make_ctx, make_events
+from tests.helpers import make_ctx, make_events
 
 pytestmark = pytest.mark.pg_restart
 
