@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,8 @@ EventId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 
 MAX_TAGS = 64
+MAX_NAME = 255
+_ID = re.compile(UUID_PATTERN)
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -82,39 +85,78 @@ def default_kind(value: float | None) -> str:
     return "event" if value is None else "gauge"
 
 
+def check(e: Event) -> Event:
+    """The rules every event meets, whichever way it came in (record(), a source, HTTP).
+
+    A name of 1..255 characters, a kind in KINDS, a numeric value or none, a finite ts,
+    at most MAX_TAGS tags, a dict or no data, a UUID or no id. An int value or ts becomes
+    a float and the id is lower-cased, in place. A non-finite value is kept: sinks store
+    it (agent/table/rows.py) and the prometheus source documents keeping NaN.
+    Raises ValueError naming the first rule broken; the same event gets the same answer
+    on every path (record() and sources count it as `invalid`, HTTP answers 400).
+    """
+    name = e.name
+    if name.__class__ is not str or not name or len(name) > MAX_NAME:
+        raise ValueError(f"name must be a string of 1 to {MAX_NAME} characters, got {_short(name)}")
+    if e.kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {_short(e.kind)}")
+    v = e.value
+    if v is not None and v.__class__ is not float:
+        e.value = _number("value", v)
+    ts = e.ts
+    if ts.__class__ is not float:
+        e.ts = ts = _number("ts", ts)
+    if not math.isfinite(ts):
+        raise ValueError("ts must be a finite number")
+    if len(e.tags) > MAX_TAGS:
+        raise ValueError(f"too many tags ({len(e.tags)} > {MAX_TAGS})")
+    if e.data is not None and not isinstance(e.data, dict):
+        raise ValueError(f"data must be an object, got {type(e.data).__name__}")
+    if e.id:
+        if e.id.__class__ is not str or not _ID.match(e.id):
+            raise ValueError(f"id must be a UUID, got {_short(e.id)}")
+        e.id = e.id.lower()
+    return e
+
+
+def _number(field: str, v: Any) -> float:
+    if isinstance(v, (str, bytes, bool)):  # float("3") would pass; HTTP refuses strings too
+        raise ValueError(f"{field} must be a number, got {type(v).__name__}")
+    try:
+        return float(v)  # an int, a numpy number, a Decimal
+    except (TypeError, ValueError):
+        raise ValueError(f"{field} must be a number, got {type(v).__name__}") from None
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def normalize(item: EventIn, *, source: str, agent_id: str, now: float) -> Event:
-    """Fill kind, ts, source and agent of a decoded input item, in place; lower-case the id.
+    """Fill kind, ts, source and agent of a decoded input item, in place, then check() it.
 
     Raises ValueError when the item breaks a rule msgspec cannot express.
     """
-    if len(item.tags) > MAX_TAGS:
-        raise ValueError(f"too many tags ({len(item.tags)} > {MAX_TAGS})")
     ts = item.ts
     if ts is None:
         item.ts = now
-    elif ts.__class__ is not float:
-        if isinstance(ts, _dt.datetime):
-            item.ts = (ts if ts.tzinfo else ts.replace(tzinfo=_dt.timezone.utc)).timestamp()
-        else:
-            item.ts = float(ts)
-    elif not math.isfinite(ts):
-        raise ValueError("ts must be a finite number")
+    elif isinstance(ts, _dt.datetime):
+        item.ts = (ts if ts.tzinfo else ts.replace(tzinfo=_dt.UTC)).timestamp()
     if item.kind is None:
         item.kind = "event" if item.value is None else "gauge"
-    if item.id:
-        item.id = item.id.lower()
     if not item.source:
         item.source = source
     if not item.agent_id:
         item.agent_id = agent_id
-    return item
+    return check(item)
 
 
 def assign_ids(events: list[Event]) -> None:
     """Give every event that has no id a fresh one, in place."""
     missing = [e for e in events if not e.id]
     if missing:
-        for e, i in zip(missing, new_ids(len(missing))):
+        for e, i in zip(missing, new_ids(len(missing)), strict=True):
             e.id = i
 
 

@@ -11,33 +11,31 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import losses
-from agent.plan import ComponentSpec, build_flags, plan
 from agent.config import Config, resolve
-from agent.storage.database import Database
-from agent.pipeline.delivery import SinkWorker
-from agent.storage.dlq import DeadLetterQueue
 from agent.event import Event
-from agent.pipeline.intake import Committer
-from agent.pipeline.journal import Journal
 from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
-from agent.plugin.base import PluginContext
-from agent.plugin.host import PluginHost
+from agent.pipeline.delivery import SinkWorker
+from agent.pipeline.intake import Committer, RecordFn
+from agent.pipeline.journal import Journal
 from agent.pipeline.resilience import chain_from_specs
 from agent.pipeline.stream import StreamHub
+from agent.plan import ComponentSpec, build_flags, plan
+from agent.plugin.base import PluginContext
+from agent.plugin.host import PluginHost
 from agent.status import status_of
+from agent.storage.database import Database
+from agent.storage.dlq import DeadLetterQueue
 from agent.timer import Timer
 
 if TYPE_CHECKING:
     from agent.flags import FlagService
 
 log = logging.getLogger("sidecar_agent")
-_time = time.time
 
 
 class Agent:
@@ -64,29 +62,26 @@ class Agent:
         self.db: Database | None = None
         self.journal: Journal | None = None
         self.dlq: DeadLetterQueue | None = None
-        self.committer: Committer | None = None
         self.flags: FlagService | None = None
-        self._records: deque[tuple[Any, ...]] = deque()
-        self._cap = self.config.agent.intake_capacity
-        self._accepting = True
+        # The intake exists from the start, so record() before start() is queued and
+        # committed once the journal is open.
+        self.committer = Committer(
+            self.ledger, agent_id=self.id, capacity=self.config.agent.intake_capacity,
+            commit_batch=self.config.agent.commit_batch,
+            commit_interval_s=self.config.agent.commit_interval_ms / 1000, on_commit=self.stream.publish,
+        )
+        self._records, self._cap = self.committer.records, self.committer.capacity  # read by status, /metrics
+        # The intake's own bound method: the hot path pays no extra call.
+        self.record: RecordFn = self.committer.record
+        # Set when a sink may have confirmed more, a flag changed or the agent stopped: flush() waits on it.
+        self._progress = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._runner: Any = None
         self._stopped: asyncio.Event | None = None  # created in start(), on the agent's loop
 
     # -- recording (any thread, never blocks) ------------------------------------------
-
-    def record(self, name: str, value: float | None = None, *, kind: str | None = None,
-               tags: dict[str, str] | None = None, ts: float | None = None,
-               data: dict[str, Any] | None = None, session_id: str | None = None) -> None:
-        """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full."""
-        q = self._records
-        if len(q) >= self._cap or not self._accepting:
-            self.ledger.add(losses.INTAKE_FULL if self._accepting
-                            else losses.START_FAILED if self.state == "failed" else losses.STOPPED)
-            return
-        q.append((name, value, kind, tags, ts or _time(), data, session_id))
-        if len(q) == 1 and self.committer is not None:
-            self.committer.wake_threadsafe()
+    # record(name, value=None, *, kind=None, tags=None, ts=None, data=None, session_id=None):
+    # thread-safe, non-blocking; see Committer.record (it is bound in __init__).
 
     def counter(self, name: str, value: float = 1, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
         """Record a counter increment."""
@@ -142,6 +137,7 @@ class Agent:
         await self._wind_down(losses.START_FAILED, loop.time() + self.config.agent.shutdown_timeout_s)
         assert self._stopped is not None
         self._stopped.set()
+        self._progress.set()  # a flush() still waiting gives up
 
     async def _wind_down(self, reason: str, end: float) -> None:
         """Shared by stop() and a failed start: sources, server and intake close; what is
@@ -153,16 +149,9 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()  # no new ingest; open requests finish first
             self._runner = None
-        self._accepting = False
-        if self.committer is not None:
-            self.committer.accepting = False
-            self.committer.cancel_reason = reason
-            await self.committer.drain(max(0.1, end - loop.time()))
-        # Not committed by the deadline:
-        left = len(self._records) + (self.committer.pending_events if self.committer else 0)
-        if left:
-            self.ledger.add(reason, left)
-            self._records.clear()
+        self.committer.close(reason)
+        await self.committer.drain(max(0.1, end - loop.time()))
+        self.committer.discard()  # not committed by the deadline: counted under `reason`
         await self.flush(max(0.0, end - loop.time()))
         for name in list(self._tasks):
             await _cancel(self._tasks.pop(name))
@@ -197,12 +186,7 @@ class Agent:
             self.db, self.ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events
         )
         await self.dlq.open()
-        self.committer = Committer(
-            self.journal, self.ledger, agent_id=self.id, capacity=cfg.agent.intake_capacity,
-            commit_batch=cfg.agent.commit_batch, commit_interval_s=cfg.agent.commit_interval_ms / 1000,
-            on_commit=self.stream.publish,
-        )
-        self.committer.records = self._records
+        self.journal.on_advance = self._progress.set
         for spec in specs:
             if spec.kind == "sinks":
                 self._build_sink(spec, data_dir)
@@ -214,6 +198,7 @@ class Agent:
                 self.workers[name].request_replay()
             else:
                 log.warning("DLQ replay was requested for sink %s, which is not configured", name)
+        self.committer.open(self.journal)
         self._spawn("committer", self.committer.run())
         self._spawn("housekeeping", self._housekeeping())
         for name, worker in self.workers.items():
@@ -221,8 +206,6 @@ class Agent:
         for spec in specs:
             if spec.kind == "sources":
                 self._start_source(spec, data_dir)
-        if self._records:
-            self.committer.wake_threadsafe()
         if cfg.server.enabled:
             await self._start_server()
         self.started_at = time.time()
@@ -262,7 +245,13 @@ class Agent:
         )
         self.workers[name] = worker
         watched = (f"sinks.{name}.enabled", f"sinks.{name}.rollout_percent")
-        flags.subscribe(lambda flag, old, new: worker.nudge() if flag in watched else None)
+
+        def changed(flag: str, old: Any, new: Any) -> None:
+            if flag in watched:
+                worker.nudge()
+                self._progress.set()  # a flush() waiting for this sink may be done
+
+        flags.subscribe(changed)
         self._component(spec, "running")
 
     def _start_source(self, spec: ComponentSpec, data_dir: Path) -> None:
@@ -302,10 +291,8 @@ class Agent:
         self.emit(events)
 
     def emit(self, events: list[Event]) -> None:
-        """Hand events to the journal from the agent's loop thread (sources, plugins)."""
-        if self.committer is None:
-            self.ledger.add(losses.NOT_STARTED, len(events))
-            return
+        """Hand events to the intake from the agent's loop thread (sources, plugins); they
+        are checked like record()'s, and what fails is counted as `invalid`."""
         self.committer.emit(events)
 
     def _spawn(self, name: str, coro: Any) -> None:
@@ -355,21 +342,45 @@ class Agent:
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Commit everything recorded so far and wait until every sink has confirmed it."""
-        if self.committer is None or self.journal is None:
+        if self.journal is None:
             return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if not await self.committer.drain(timeout):
             return False
         target = self.journal.last_seq
-        while loop.time() < deadline:
-            # A sink that is switched off or failing to start cannot confirm anything:
-            # waiting for it would only burn the deadline (its events stay journaled).
-            if all(self.journal.cursors.get(n, target) >= target or not w.enabled()
-                   or (not w.started and w.stats.state == "failed") for n, w in self.workers.items()):
-                return True
-            await asyncio.sleep(0.005)
-        return False
+        try:
+            async with asyncio.timeout_at(deadline):
+                while not self._confirmed(target):
+                    if self._stopped is not None and self._stopped.is_set():
+                        return False
+                    # Cleared before waiting with no await in between, so no signal is missed.
+                    self._progress.clear()
+                    await self._wait_progress()
+            return True
+        except TimeoutError:
+            return False
+
+    def _confirmed(self, target: int) -> bool:
+        assert self.journal is not None
+        # A sink that is switched off or failing to start cannot confirm anything:
+        # waiting for it would only burn the deadline (its events stay journaled).
+        return all(self.journal.cursors.get(n, target) >= target or not w.enabled()
+                   or (not w.started and w.stats.state == "failed") for n, w in self.workers.items())
+
+    async def _wait_progress(self) -> None:
+        """Until a cursor moves, a flag changes, the agent stops, or a sink's start attempt
+        ends (SinkWorker has no signal of its own for that: we await the attempt itself)."""
+        waits: list[asyncio.Future[Any]] = [f for w in self.workers.values() if not w.started
+                                            and (f := w._starting) is not None and not f.done()]
+        if not waits:
+            await self._progress.wait()
+            return
+        progress = asyncio.ensure_future(self._progress.wait())
+        try:
+            await asyncio.wait([progress, *waits], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            progress.cancel()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Graceful stop: stop intake, commit what is in memory, give sinks a deadline,
@@ -378,8 +389,10 @@ class Agent:
             if self._stopped is not None:
                 await self._stopped.wait()
             return
-        if self.state == "new":
+        if self.state == "new":  # never started: what was recorded can go nowhere
             self.state = "stopped"
+            self.committer.close(losses.STOPPED)
+            self.committer.discard()
             return
         if self.state == "failed":  # a start that raised has already released everything
             return
@@ -389,6 +402,7 @@ class Agent:
         self.state = "stopped"
         if self._stopped is not None:
             self._stopped.set()
+        self._progress.set()  # a flush() still waiting gives up
         log.info("agent %s stopped", self.id)
 
     async def wait_stopped(self) -> None:

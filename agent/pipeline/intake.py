@@ -1,11 +1,27 @@
 """Intake: the bounded, non-blocking hand-off into the agent, and the group committer.
 
-`record()` appends a tuple to a deque from any thread (no lock, no allocation beyond
-the tuple) and wakes the loop only when the deque goes from empty to non-empty.
-The Committer drains that deque, source batches and HTTP ingest requests, turns them
-into Events, and commits them to the journal in one transaction per window
-(`commit_interval_ms`) or per `commit_batch` events. HTTP requests are acknowledged
-only after that commit.
+One object owns the way in. `record()` appends a tuple to its deque from any thread
+(no lock, no allocation beyond the tuple); sources' `emit()` appends their Events to
+the same deque, so one capacity rule holds for both; HTTP `submit()` queues a batch
+whose future resolves after its commit. The committer drains all of it, checks every
+event with event.check() (off the caller's thread: record() and sources count what it
+refuses as `invalid`), and commits to the journal in one transaction per window
+(`commit_interval_ms`) or as soon as `commit_batch` events wait. It is the only writer
+of journal segments.
+
+Waking without losing a wake-up, and without a timeout to cover for one:
+`_signal_at` is the deque length at which record() must signal. The committer sets it
+to 1 ("wake me on the first record") just before it drains; the first record() to
+reach it raises it to `commit_batch` and wakes the committer, the first to reach that
+raises it past any length and cuts the commit window short. The raise and the reset
+happen under `_signal_lock`, so a stale raise can never overwrite a reset; the fast
+path reads `_signal_at` without the lock. Why no record() is left waiting: record()
+appends, then reads `_signal_at`. If its length is below it, either the committer
+drained since the append (the record went with it), or another caller raised the
+threshold after the committer's last reset and scheduled a wake-up after that reset,
+so a drain starts after this read. Callbacks run on the loop, the reset and the
+clearing of `_wake` happen there with no await between them, so a wake-up scheduled
+after the reset always finds the committer waiting or about to wait.
 """
 
 from __future__ import annotations
@@ -14,52 +30,52 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent import losses
 from agent.errors import JournalFullError
-from agent.event import KINDS, Event, assign_ids, default_kind
-from agent.pipeline.journal import Journal
+from agent.event import Event, assign_ids, check, default_kind
 from agent.losses import LossLedger
+from agent.pipeline.journal import Journal
 
 log = logging.getLogger("sidecar_agent.intake")
+_time = time.time
 
 # A record() call as stored in the deque: (name, value, kind, tags, ts, data, session_id).
 Recorded = tuple[Any, Any, Any, Any, float, Any, Any]
+_NEVER = 1 << 62  # a _signal_at no deque reaches
+
+
+class RecordFn(Protocol):
+    """The signature of record(): Agent.record is the intake's own bound method."""
+
+    def __call__(self, name: str, value: float | None = None, *, kind: str | None = None,
+                 tags: dict[str, str] | None = None, ts: float | None = None,
+                 data: dict[str, Any] | None = None, session_id: str | None = None) -> None: ...
 
 
 def event_from_record(t: Recorded, agent_id: str) -> Event:
-    """Validate one record() tuple; raises ValueError/TypeError when it is not an event."""
+    """Turn one record() tuple into a checked Event; raises ValueError when it is not one."""
     name, value, kind, tags, ts, data, session_id = t
-    if type(name) is not str or not name or len(name) > 255:
-        raise ValueError(f"name must be a non-empty string of at most 255 characters, got {name!r}")
-    if value is not None:
-        value = float(value)
-    if kind is None:
-        kind = default_kind(value)
-    elif kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if tags:
-        tags = {str(k): str(v) for k, v in tags.items()}
-    if data is not None and not isinstance(data, dict):
-        raise TypeError(f"data must be a dict, got {type(data).__name__}")
-    if session_id is not None:
-        session_id = str(session_id)
-    return Event(
-        name=name, kind=kind, value=value, ts=ts, tags=tags or {}, source="app",
-        agent_id=agent_id, session_id=session_id, data=data,
-    )
+        if not isinstance(tags, dict):
+            raise ValueError(f"tags must be a dict, got {type(tags).__name__}")
+        tags = {str(k): str(v) for k, v in tags.items()}  # a copy: the caller may reuse its dict
+    return check(Event(
+        name=name, kind=default_kind(value) if kind is None else kind, value=value, ts=ts, tags=tags or {},
+        source="app", agent_id=agent_id, session_id=None if session_id is None else str(session_id), data=data,
+    ))
 
 
 class Committer:
-    """Drains intake into the journal with group commit."""
+    """The intake: owns the queue (record(), emit(), submit()) and drains it into the journal."""
 
     def __init__(
         self,
-        journal: Journal,
         ledger: LossLedger,
         *,
         agent_id: str,
@@ -68,73 +84,114 @@ class Committer:
         commit_interval_s: float,
         on_commit: Callable[[list[Event]], None],
     ) -> None:
-        self.journal = journal
         self.ledger = ledger
         self.agent_id = agent_id
         self.capacity = capacity
         self.commit_batch = commit_batch
         self.commit_interval_s = commit_interval_s
         self.on_commit = on_commit
-        self.records: deque[Recorded] = deque()
-        self.batches: list[tuple[list[Event], asyncio.Future[None] | None]] = []
-        self.pending_events = 0
+        self.journal: Journal | None = None  # set by open(); until then records wait
+        # record() tuples and source Events, in arrival order: at most `capacity` wait.
+        self.records: deque[Recorded | Event] = deque()
+        self.batches: list[tuple[list[Event], asyncio.Future[None]]] = []  # HTTP, acked after commit
+        self.pending_events = 0  # events in self.batches
         self.committed = 0
         self.commits = 0
-        self.accepting = True
+        self.wakeups = 0  # times record() or emit() woke the committer (tests, status)
+        # None while accepting; once closed, the ledger reason for a refused record().
+        self.refused: str | None = None
         # The reason counted for events whose journal write is cancelled part-way (a stop or
-        # a failed start whose deadline passed); the agent sets it before cancelling.
+        # a failed start whose deadline passed); close() sets it.
         self.cancel_reason = losses.SHUTDOWN_TIMEOUT
-        self._wake = asyncio.Event()
+        self._signal_at = _NEVER  # nobody to wake before open()
+        self._signal_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()  # something to commit
+        self._full = asyncio.Event()  # a full batch: stop gathering
         self._commit_lock = asyncio.Lock()
-        self._loop = asyncio.get_running_loop()
+
+    @property
+    def accepting(self) -> bool:
+        return self.refused is None
 
     # -- producers -------------------------------------------------------------------
 
-    def wake_threadsafe(self) -> None:
-        """Called from record() on another thread when the deque was empty."""
-        try:
-            self._loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # loop closed: the agent is stopping, the event is counted below
-            pass
+    def record(self, name: str, value: float | None = None, *, kind: str | None = None,
+               tags: dict[str, str] | None = None, ts: float | None = None,
+               data: dict[str, Any] | None = None, session_id: str | None = None) -> None:
+        """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full.
+        It is checked later, on the committer; what fails is counted as `invalid`."""
+        q = self.records
+        if len(q) >= self.capacity or self.refused:
+            self.ledger.add(self.refused or losses.INTAKE_FULL)
+            return
+        q.append((name, value, kind, tags, ts or _time(), data, session_id))
+        if len(q) >= self._signal_at:
+            self._signal()
+
+    def emit(self, events: list[Event]) -> None:
+        """Queue events from a source or the agent itself (on the loop thread); checked
+        on the committer like record()'s, under the same capacity."""
+        if self.refused:
+            self.ledger.add(losses.SHUTDOWN_TIMEOUT, len(events))
+            return
+        if len(self.records) + len(events) > self.capacity:
+            self.ledger.add(losses.INTAKE_FULL, len(events))
+            return
+        self.records.extend(events)
+        if len(self.records) >= self._signal_at:
+            self._signal()
 
     def submit(self, events: list[Event]) -> asyncio.Future[None]:
-        """Queue a batch (HTTP ingest); the future resolves after its journal commit."""
-        fut: asyncio.Future[None] = self._loop.create_future()
-        if not self.accepting:
+        """Queue a checked batch (HTTP ingest); the future resolves after its journal commit."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.refused:
             fut.set_exception(JournalFullError("the agent is shutting down"))
             return fut
         self.batches.append((events, fut))
         self.pending_events += len(events)
-        self._wake.set()
+        self._on_signal()
         return fut
 
-    def emit(self, events: list[Event]) -> None:
-        """Queue events from a source or the agent itself (in the loop thread)."""
-        if not self.accepting:
-            self.ledger.add(losses.SHUTDOWN_TIMEOUT, len(events))
-            return
-        if self.pending_events + len(events) > self.capacity:
-            self.ledger.add(losses.INTAKE_FULL, len(events))
-            return
-        self.batches.append((events, None))
-        self.pending_events += len(events)
+    def _signal(self) -> None:
+        """The deque reached `_signal_at`: wake the committer, or cut its window short."""
+        with self._signal_lock:
+            n = len(self.records)
+            if n < self._signal_at:  # the committer drained, or another caller signalled
+                return
+            self._signal_at = self.commit_batch if n < self.commit_batch else _NEVER
+        # RuntimeError: the loop is closed, the agent stopped (discard() counted the queue).
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._on_signal)  # type: ignore[union-attr]
+
+    def _on_signal(self) -> None:
+        # On the loop thread.
+        self.wakeups += 1
         self._wake.set()
+        if len(self.records) + self.pending_events >= self.commit_batch:
+            self._full.set()
 
     # -- the loop --------------------------------------------------------------------
 
+    def open(self, journal: Journal) -> None:
+        """Attach the journal and this loop; what was recorded before is committed next."""
+        self.journal = journal
+        self._loop = asyncio.get_running_loop()
+        with self._signal_lock:
+            self._signal_at = 1
+        if self.records:
+            self._on_signal()
+
     async def run(self) -> None:
-        """Commit whatever arrives, forever (cancelled at shutdown after a final flush)."""
+        """Commit whatever arrives, forever (cancelled at shutdown after a final drain)."""
         while True:
-            if not self.records and not self.batches:
-                self._wake.clear()
-                # The timeout is a safety net for a wake-up lost to a race in record().
-                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.25):
-                        await self._wake.wait()
-                continue
+            await self._wake.wait()  # no timeout: see the module docstring
             if len(self.records) + self.pending_events < self.commit_batch:
-                await asyncio.sleep(self.commit_interval_s)  # gather a group
+                try:  # gather a group, until the window ends or the batch is full
+                    async with asyncio.timeout(self.commit_interval_s):
+                        await self._full.wait()
+                except TimeoutError:
+                    pass
             await self.commit_once()
 
     async def commit_once(self) -> int:
@@ -143,35 +200,42 @@ class Committer:
         async with self._commit_lock:
             return await self._commit_queued()
 
-    async def _commit_queued(self) -> int:
-        n = len(self.records)
+    def _take(self) -> tuple[list[Event], list[tuple[list[Event], asyncio.Future[None]]]]:
+        """Take everything queued, after re-arming the wake-up (never the other way round)."""
+        with self._signal_lock:
+            self._signal_at = 1
+        self._wake.clear()
+        self._full.clear()
         popleft = self.records.popleft
-        recorded = [popleft() for _ in range(n)]
+        taken = [popleft() for _ in range(len(self.records))]
         batches, self.batches, self.pending_events = self.batches, [], 0
         events: list[Event] = []
-        invalid = 0
-        for t in recorded:
+        invalid: list[str] = []
+        now = _time()
+        for t in taken:
             try:
-                events.append(event_from_record(t, self.agent_id))
-            except (TypeError, ValueError) as exc:
-                invalid += 1
-                if invalid == 1:
-                    log.warning("record() got an invalid event, dropped: %s", exc)
+                if isinstance(t, Event):  # from a source
+                    if not t.agent_id:
+                        t.agent_id = self.agent_id
+                    if not t.ts:
+                        t.ts = now
+                    events.append(check(t))
+                else:
+                    events.append(event_from_record(t, self.agent_id))
+            except (TypeError, ValueError) as exc:  # TypeError: a record() call's odd tags or str()
+                invalid.append(str(exc))
         if invalid:
-            self.ledger.add(losses.INVALID, invalid)
+            self.ledger.add(losses.INVALID, len(invalid))
+            log.warning("%d invalid event(s) dropped, e.g. %s", len(invalid), invalid[0])
+        return events, batches
+
+    async def _commit_queued(self) -> int:
+        events, batches = self._take()
         futures: list[asyncio.Future[None]] = []
         unacked = len(events)  # events with no future: lost if the commit fails
         for batch, fut in batches:
-            for e in batch:
-                if not e.agent_id:
-                    e.agent_id = self.agent_id
-                if not e.ts:
-                    e.ts = time.time()
             events.extend(batch)
-            if fut is None:
-                unacked += len(batch)
-            else:
-                futures.append(fut)
+            futures.append(fut)
         if not events:
             return 0
         assign_ids(events)
@@ -202,6 +266,7 @@ class Committer:
         return len(events)
 
     async def _append(self, events: list[Event]) -> None:
+        assert self.journal is not None
         try:
             await self.journal.append(events)
         except sqlite3.Error as exc:
@@ -216,7 +281,8 @@ class Committer:
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued before this call is committed."""
-        self._wake.set()
+        if self.journal is None:  # never opened: nothing can be committed
+            return not (self.records or self.batches)
         try:
             async with asyncio.timeout(timeout):
                 while self.records or self.batches:
@@ -228,3 +294,19 @@ class Committer:
         except TimeoutError:
             return False
 
+    def close(self, reason: str) -> None:
+        """Refuse new events from now on: record() counts them as `stopped`, or as
+        `start_failed` when `reason` is that; a write cut off later counts as `reason`."""
+        self.cancel_reason = reason
+        self.refused = losses.START_FAILED if reason == losses.START_FAILED else losses.STOPPED
+
+    def discard(self) -> int:
+        """Count what is still queued (not committed by the deadline) as lost; returns it."""
+        left = len(self.records) + self.pending_events
+        self.records.clear()
+        for _, fut in self.batches:
+            if not fut.done():
+                fut.set_exception(JournalFullError("the agent is stopping"))
+        self.batches, self.pending_events = [], 0
+        self.ledger.add(self.cancel_reason, left)
+        return left

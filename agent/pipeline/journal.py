@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from agent import losses
 from agent.storage.database import Database
@@ -34,6 +35,10 @@ COMPACT_CHUNK = 500  # segments deleted per transaction
 
 Segment = tuple[int, int, list[Event]]  # (first_seq, last_seq, events)
 _UPSERT_CURSOR = "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq"
+
+
+def _nothing() -> None:
+    pass
 
 
 class Journal:
@@ -54,6 +59,7 @@ class Journal:
         self.cursors: dict[str, int] = {}
         self._dirty_cursors: set[str] = set()
         self._waiters: set[asyncio.Event] = set()
+        self.on_advance: Callable[[], None] = _nothing  # told when a cursor moves (Agent.flush waits on it)
         self._tail: deque[Segment] = deque()
         self._tail_events = 0
         self._decoded: OrderedDict[int, Segment] = OrderedDict()
@@ -92,6 +98,7 @@ class Journal:
         if seq > self.cursors.get(sink, 0):
             self.cursors[sink] = seq
             self._dirty_cursors.add(sink)
+            self.on_advance()
 
     def lag(self, sink: str) -> int:
         """Events journaled but not yet confirmed by `sink`."""
