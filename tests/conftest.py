@@ -3,7 +3,6 @@ pytest_plugins = ["tests.conftest_supabase", "tests.conftest_leak"]
 
 # -- fixtures for the core tests (appended; keep the line above) ---------------------------
 
-import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,9 +24,9 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.helpers import free_port
+
+    return free_port()
 
 
 @pytest.fixture

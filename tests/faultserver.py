@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP server for resilience tests.
+"""A fault-injecting HTTP server for resilience tests, and `TcpGate`, a TCP forwarder that can cut the network.
 
 It runs a script of phases from the moment it starts (or from ``restart()``):
 
@@ -137,3 +137,70 @@ class FaultServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class TcpGate:
+    """A TCP forwarder in front of a real server (PostgreSQL, the Supabase emulator), so a
+    test can cut the network without touching the server: ``close()`` drops every open
+    connection and refuses new ones (connection reset), ``open()`` lets traffic through again.
+
+        async with TcpGate("127.0.0.1", 5432) as gate:   # gate.port forwards to 5432
+            gate.close(); ...; gate.open()
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.port = 0
+        self.is_open = True
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpGate:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        self.is_open = False
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    def open(self) -> None:
+        self.is_open = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.is_open:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(dst)
+            dst.transport.abort()

@@ -1,14 +1,13 @@
-"""The postgres sink against the real PostgreSQL server."""
+"""The postgres sink against the real PostgreSQL server: what only it does. What every sink
+does (exactly once, bad rows, outages, missing table, non-finite values) is in test_sink_contract.py."""
 
 from __future__ import annotations
 
-import math
-
 import asyncpg
 import pytest
+from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink, map_pg_error
 
 from agent.errors import PermanentError, RetryableError
-from agent.builtin_plugins.postgres import PostgresOptions, PostgresSink, map_pg_error
 from tests.helpers import make_ctx, make_events
 
 
@@ -17,7 +16,8 @@ def sink_for(table, **kw) -> PostgresSink:
     return PostgresSink("postgres", opts, make_ctx("postgres"))
 
 
-async def test_batch_sent_twice_lands_once(pg_table):
+async def test_rows_inserted_counts_only_new_rows(pg_table):
+    """Landing once per id is in test_sink_contract; this is the postgres sink's own stat."""
     sink = sink_for(pg_table)
     await sink.start()
     try:
@@ -32,19 +32,6 @@ async def test_batch_sent_twice_lands_once(pg_table):
     assert sink.ctx.stats["rows_inserted"] == 200
 
 
-async def test_row_mapping(pg_table):
-    sink = sink_for(pg_table)
-    (e,) = make_events(1, session_id="s-9")
-    await sink.start()
-    await sink.send([e])
-    await sink.close()
-    (r,) = await pg_table.fetch("SELECT * FROM {t}")
-    assert str(r["id"]) == e.id and r["event_type"] == "cpu.percent" and r["kind"] == "gauge"
-    assert r["value"] == e.value and r["source"] == "system" and r["agent_id"] == "agent-1"
-    assert r["session_id"] == "s-9" and r["created_at"] is not None and r["metadata"] is None
-    assert abs(r["timestamp"].timestamp() - e.ts) < 1e-3
-    assert r["data"] == '{"k": 0}'
-
 
 async def test_same_rows_as_supabase_mapping(pg_table):
     """Both sinks share agent.rows: the REST row and the asyncpg record agree."""
@@ -56,64 +43,8 @@ async def test_same_rows_as_supabase_mapping(pg_table):
     assert rec[0] == rest["id"] and rec[2] == rest["event_type"] and rec[5].isoformat() == rest["timestamp"]
 
 
-async def test_poison_row_fails_batch_permanently_and_good_rows_go_alone(pg_table):
-    sink = sink_for(pg_table)
-    events = make_events(10)
-    events[3].name = "nul\u0000name"  # text cannot hold NUL: 22021
-    events[7].data = {"bad": "\u0000"}  # jsonb rejects \u0000: 22P05
-    await sink.start()
-    try:
-        with pytest.raises(PermanentError, match="postgres: 22"):
-            await sink.send(events)
-        good = [e for i, e in enumerate(events) if i not in (3, 7)]
-        await sink.send(good)
-        for bad in (events[3], events[7]):
-            with pytest.raises(PermanentError):
-                await sink.send([bad])
-        await sink.send(good)  # the connection is still usable after failures
-    finally:
-        await sink.close()
-    counts = await pg_table.count_ids([e.id for e in events])
-    assert counts[events[3].id] == counts[events[7].id] == 0
-    assert sum(counts.values()) == 8
 
 
-async def test_nonfinite_values_stored_as_null_with_original_kept(pg_table):
-    sink = sink_for(pg_table)
-    events = make_events(3)
-    events[0].value = math.inf
-    events[1].value = math.nan
-    events[2].data = {"nested": math.nan}
-    await sink.start()
-    await sink.send(events)
-    await sink.close()
-    rows = {str(r["id"]): r for r in await pg_table.fetch("SELECT id, value, data->>'value_nonfinite' AS nf, data FROM {t}")}
-    assert rows[events[0].id]["value"] is None and rows[events[0].id]["nf"] == "Infinity"
-    assert rows[events[1].id]["value"] is None and rows[events[1].id]["nf"] == "NaN"
-    assert rows[events[2].id]["data"] == '{"nested": null}'
-    assert sink.ctx.stats["nonfinite_values"] == 2
-
-
-async def test_missing_table_is_permanent(pg_database):
-    from tests.conftest_supabase import PgTable
-
-    sink = sink_for(PgTable(pg_database, "public", "no_such_table"))
-    await sink.start()
-    try:
-        with pytest.raises(PermanentError, match="42P01"):
-            await sink.send(make_events(1))
-    finally:
-        await sink.close()
-
-
-async def test_unreachable_server_is_retryable(pg_table):
-    sink = sink_for(pg_table, dsn="postgresql://postgres@127.0.0.1:9/x", connect_timeout_s=2)
-    await sink.start()  # logs, does not raise: it connects lazily
-    try:
-        with pytest.raises(RetryableError):
-            await sink.send(make_events(1))
-    finally:
-        await sink.close()
 
 
 async def test_bad_credentials_are_permanent(pg_table):

@@ -1,16 +1,17 @@
-"""The supabase sink against the emulator (real supabase-py client, real PostgreSQL)."""
+"""The supabase sink against the emulator (real supabase-py client, real PostgreSQL): what only
+it does. What every sink does (exactly once, bad rows, outages, missing table, non-finite
+values) is in test_sink_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 
 import httpx
 import pytest
+from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink, map_api_error, parse_retry_after
 from postgrest.exceptions import APIError
 
 from agent.errors import PermanentError, RetryableError
-from agent.builtin_plugins.supabase import SupabaseOptions, SupabaseSink, map_api_error, parse_retry_after
 from tests.helpers import make_ctx, make_events
 
 
@@ -19,34 +20,6 @@ def sink_for(emu, table, **kw) -> SupabaseSink:
     return SupabaseSink("supabase", opts, make_ctx("supabase"))
 
 
-async def test_batch_sent_twice_lands_once(supabase_emulator, pg_table):
-    sink = sink_for(supabase_emulator, pg_table)
-    await sink.start()
-    try:
-        events = make_events(50)
-        await sink.send(events)
-        await sink.send(events)
-        await sink.send(events[10:20] + make_events(5))
-    finally:
-        await sink.close()
-    counts = await pg_table.count_ids([e.id for e in events])
-    assert set(counts.values()) == {1}
-    (row,) = await pg_table.fetch("SELECT count(*) AS n FROM {t}")
-    assert row["n"] == 55
-
-
-async def test_row_mapping(supabase_emulator, pg_table):
-    sink = sink_for(supabase_emulator, pg_table)
-    (e,) = make_events(1, session_id="s-1")
-    await sink.start()
-    await sink.send([e])
-    await sink.close()
-    (r,) = await pg_table.fetch("SELECT * FROM {t}")
-    assert str(r["id"]) == e.id and r["event_type"] == "cpu.percent" and r["kind"] == "gauge"
-    assert r["value"] == e.value and r["source"] == "system" and r["agent_id"] == "agent-1"
-    assert r["session_id"] == "s-1" and r["created_at"] is not None
-    assert abs(r["timestamp"].timestamp() - e.ts) < 1e-3
-    assert '"host": "h1"' in r["tags"] and r["data"] == '{"k": 0}'
 
 
 async def test_503_then_retry_lands_once(supabase_emulator, pg_table):
@@ -93,39 +66,6 @@ async def test_timeout_is_retryable(supabase_emulator, pg_table):
         await sink.close()
 
 
-async def test_poison_row_fails_batch_permanently_and_good_rows_go_alone(supabase_emulator, pg_table):
-    sink = sink_for(supabase_emulator, pg_table)
-    events = make_events(10)
-    events[4].data = {"bad": "nul \u0000 byte"}  # PostgreSQL rejects \u0000 in jsonb (22P05)
-    await sink.start()
-    try:
-        with pytest.raises(PermanentError, match="22P05"):
-            await sink.send(events)
-        good = events[:4] + events[5:]
-        await sink.send(good)  # what the core's bisection ends up doing
-        with pytest.raises(PermanentError):
-            await sink.send([events[4]])
-    finally:
-        await sink.close()
-    counts = await pg_table.count_ids([e.id for e in events])
-    assert counts[events[4].id] == 0
-    assert sum(counts.values()) == 9
-
-
-async def test_nonfinite_values_stored_as_null_with_original_kept(supabase_emulator, pg_table):
-    sink = sink_for(supabase_emulator, pg_table)
-    events = make_events(3)
-    events[0].value = math.nan
-    events[1].value = -math.inf
-    events[2].data = {"nested": math.inf}
-    await sink.start()
-    await sink.send(events)
-    await sink.close()
-    rows = {str(r["id"]): r for r in await pg_table.fetch("SELECT id, value, data->>'value_nonfinite' AS nf, data FROM {t}")}
-    assert rows[events[0].id]["value"] is None and rows[events[0].id]["nf"] == "NaN"
-    assert rows[events[1].id]["value"] is None and rows[events[1].id]["nf"] == "-Infinity"
-    assert rows[events[2].id]["data"] == '{"nested": null}'
-    assert sink.ctx.stats["nonfinite_values"] == 2
 
 
 async def test_wrong_key_is_permanent(supabase_emulator, pg_table):
@@ -148,26 +88,6 @@ async def test_anon_key_cannot_write(supabase_emulator, pg_table):
         await sink.close()
 
 
-async def test_missing_table_is_permanent(supabase_emulator, pg_database):
-    opts = SupabaseOptions(url=supabase_emulator.url, key=supabase_emulator.key, table="no_such_table")
-    sink = SupabaseSink("supabase", opts, make_ctx())
-    await sink.start()
-    try:
-        with pytest.raises(PermanentError, match="PGRST205"):
-            await sink.send(make_events(1))
-    finally:
-        await sink.close()
-
-
-async def test_unreachable_server_is_retryable():
-    opts = SupabaseOptions(url="http://127.0.0.1:9", key="k", timeout_s=2)
-    sink = SupabaseSink("supabase", opts, make_ctx())
-    await sink.start()
-    try:
-        with pytest.raises(RetryableError, match="transport"):
-            await sink.send(make_events(1))
-    finally:
-        await sink.close()
 
 
 async def test_realtime_subscriber_receives_inserts(supabase_emulator, pg_table):
