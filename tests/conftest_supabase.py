@@ -22,15 +22,6 @@ from tests.supabase_emulator import SupabaseEmulator
 ADMIN_DSN = os.environ.get("SIDECAR_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "pg_restart: stops and restarts the PostgreSQL server (runs last)")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that restart PostgreSQL run after everything else.
-    items.sort(key=lambda item: item.get_closest_marker("pg_restart") is not None)
-
-
 def dsn_for(database: str) -> str:
     """ADMIN_DSN with the database name replaced."""
     base, _, _ = ADMIN_DSN.rpartition("/")
