@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from agent import __version__
+from agent.version import __version__
 from agent.config import Config, load, resolve
 from agent.errors import AgentError, ConfigError
 
