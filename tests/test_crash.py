@@ -140,7 +140,9 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path):
             await all_delivered(out, acked)  # after each restart, everything acked so far is there
             stop = asyncio.Event()
             clients = [asyncio.create_task(stream(port, acked, stop)) for _ in range(2)]
-            await asyncio.sleep(rng.uniform(0.1, 0.7))
+            before = len(acked)
+            await await_until(lambda: len(acked) > before, what="a batch acked in this round")  # load is on
+            await asyncio.sleep(rng.uniform(0, 0.6))
             proc.kill()  # SIGKILL at a random moment, requests in flight
             await asyncio.to_thread(proc.wait)
             stop.set()
@@ -156,7 +158,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path):
     print(f"\nkill -9 x{ROUNDS} (seed {seed}): {len(acked)} acked ids, all delivered; "
           f"{len(ids)} distinct ids in the file, {dups} duplicate lines, {torn} torn lines")
     assert rc == 0
-    assert len(acked) > ROUNDS * 50
+    assert len(acked) >= ROUNDS * 50  # at least one batch acked in every round
 
 
 async def test_sigterm_under_load_loses_nothing(tmp_path):
@@ -168,7 +170,7 @@ async def test_sigterm_under_load_loses_nothing(tmp_path):
         await wait_healthy(port, proc, log)
         stop = asyncio.Event()
         clients = [asyncio.create_task(stream(port, acked, stop)) for _ in range(3)]
-        await asyncio.sleep(0.7)
+        await await_until(lambda: len(acked) >= 150, what="the load to be on")  # not a wall-clock guess
         proc.send_signal(signal.SIGTERM)  # while the clients keep sending
         rc = await asyncio.wait_for(asyncio.to_thread(proc.wait), 30)
         stop.set()

@@ -94,9 +94,12 @@ async def test_manual_replay_over_http(tmp_path):
         ids = await post_events(agent, [{"name": "m", "value": i} for i in range(20)])
         await await_until(lambda: agent.dlq.depth("api") == 20, what="the DLQ")
         assert sorted(STATE.ids("mem")) == sorted(ids)  # the other sink is not held up
+        # Once a health probe has failed, the next one waits its backoff (1 s)...
+        parked = STATE.calls["api"]
+        await await_until(lambda: STATE.calls["api"] > parked, what="a health probe to fail")
         STATE.down.clear()
-        await asyncio.sleep(0.1)
-        assert agent.dlq.depth("api") == 20  # no live traffic: nothing proves the sink healthy
+        # ...so with no live traffic nothing proves the sink healthy, and nothing replays by itself yet.
+        assert agent.dlq.depth("api") == 20
         async with aiohttp.ClientSession() as http:
             async with http.post(agent.server_url + "/api/v1/dlq/replay?sink=api") as r:
                 assert r.status == 202 and (await r.json())["replaying"] == ["api"]
