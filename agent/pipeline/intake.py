@@ -13,15 +13,16 @@ Waking without losing a wake-up, and without a timeout to cover for one:
 `_signal_at` is the deque length at which record() must signal. The committer sets it
 to 1 ("wake me on the first record") just before it drains; the first record() to
 reach it raises it to `commit_batch` and wakes the committer, the first to reach that
-raises it past any length and cuts the commit window short. The raise and the reset
-happen under `_signal_lock`, so a stale raise can never overwrite a reset; the fast
-path reads `_signal_at` without the lock. Why no record() is left waiting: record()
-appends, then reads `_signal_at`. If its length is below it, either the committer
+raises it past any length and cuts the commit window short. The raise (re-checked)
+and the reset happen under `_signal_lock`, so a stale raise never overwrites a reset;
+the fast path reads `_signal_at` without it. Why no record() is left waiting: under
+the GIL, deque.append and len() are atomic and a thread's append precedes its own read
+of `_signal_at`. If the length it sees is below the threshold, either the committer
 drained since the append (the record went with it), or another caller raised the
-threshold after the committer's last reset and scheduled a wake-up after that reset,
-so a drain starts after this read. Callbacks run on the loop, the reset and the
-clearing of `_wake` happen there with no await between them, so a wake-up scheduled
-after the reset always finds the committer waiting or about to wait.
+threshold after the committer's last reset and so scheduled a wake-up after that
+reset. The reset and the clearing of `_wake` happen on the loop with no await between
+them and callbacks run only between steps, so that wake-up reaches a committer that
+will drain again, after this read.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class Committer:
         # a failed start whose deadline passed); close() sets it.
         self.cancel_reason = losses.SHUTDOWN_TIMEOUT
         self._signal_at = _NEVER  # nobody to wake before open()
-        self._signal_lock = threading.Lock()
+        # Re-entrant: a signal handler may call record() while its thread holds the lock.
+        self._signal_lock = threading.RLock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()  # something to commit
         self._full = asyncio.Event()  # a full batch: stop gathering
