@@ -5,7 +5,6 @@ policy's close(), an options struct's check_together(), figures in ctx.stats tha
 from __future__ import annotations
 
 import asyncio
-import time
 import types
 
 import aiohttp
@@ -15,6 +14,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.plugin import BasePolicy, BaseSink, HistoryBoard, PluginContext, RetryableError, hookimpl
 from agent.runtime import Agent
+from tests.helpers import agent_config
 
 CLOSED: list[tuple[str, str]] = []
 USES: list[list[tuple[str, object]]] = []
@@ -89,8 +89,8 @@ test_plugin = types.SimpleNamespace(__name__="test_plugin", register_policies=re
 
 
 def _config(tmp_path, sinks, **sections):
-    return {"agent": {"data_dir": str(tmp_path / "data"), "shutdown_timeout_s": 0.5},
-            "server": {"enabled": False}, "dashboard": {"store": False}, "sinks": sinks, **sections}
+    sections = {"server": {"enabled": False}, "dashboard": {"store": False}, **sections}
+    return agent_config(tmp_path / "data", sinks, agent={"shutdown_timeout_s": 0.5}, **sections)
 
 
 async def test_every_policy_closes_once_at_stop_even_when_its_sink_never_started(tmp_path):
@@ -158,8 +158,8 @@ async def test_metrics_serve_the_breaker_figures_a_policy_declares(tmp_path):
 
 async def test_the_board_answers_at_once_when_no_store_is_expected():
     board = HistoryBoard()
-    started = time.monotonic()
-    assert await board.wait(5) is None and time.monotonic() - started < 0.5
+    # An hour's timeout: only an answer that does not wait for it can come back in time.
+    assert await asyncio.wait_for(board.wait(3600), 60) is None
 
 
 async def test_the_board_waits_for_an_expected_store_without_polling():
@@ -179,10 +179,9 @@ async def test_without_a_store_the_history_api_answers_503_at_once(tmp_path):
     cfg = _config(tmp_path, {"a": {"type": "pair", "policies": []}},
                   server={"enabled": True, "host": "127.0.0.1", "port": 0})
     async with Agent(cfg, plugins=[test_plugin]) as agent, aiohttp.ClientSession() as s:
-        started = time.monotonic()
+        assert not agent.history.expected  # so the API does not wait for one
         async with s.get(agent.server_url + "/api/v1/names") as r:
             assert r.status == 503 and "history store is not running" in (await r.json())["error"]
-        assert time.monotonic() - started < 1.0
         async with s.get(agent.server_url + "/api/v1/ui-config") as r:
             assert (await r.json())["store"] is False
 

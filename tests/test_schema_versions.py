@@ -18,6 +18,7 @@ from agent.runtime import Agent
 from agent.storage import database
 from agent.storage.database import Database
 from agent.storage.migrations import Migration, current_version, migrate
+from tests.helpers import journal_ids
 
 FIXTURE = Path(__file__).parent / "fixtures" / "datadir_v0_1_0"
 TS0 = 1_780_000_000.0  # the fixture's timestamps (see tests/fixtures/make_datadir_v0_1_0.py)
@@ -30,7 +31,8 @@ def copy_fixture(tmp_path: Path) -> Path:
     return data
 
 
-def agent_config(data: Path, out: Path) -> dict:
+def fixture_config(data: Path, out: Path) -> dict:
+    """The sinks the 0.1.0 fixture was written with, now able to deliver."""
     keep = {"retention_h": FOREVER_H, "minute_retention_h": FOREVER_H, "hour_retention_h": FOREVER_H}
     return {
         "agent": {"data_dir": str(data), "commit_interval_ms": 2},
@@ -42,15 +44,6 @@ def agent_config(data: Path, out: Path) -> dict:
 def sql(path: Path, query: str) -> list[tuple]:
     with sqlite3.connect(path) as conn:
         return conn.execute(query).fetchall()
-
-
-def journal_ids(path: Path) -> list[str]:
-    import msgspec
-
-    from agent.event import Event
-
-    dec = msgspec.msgpack.Decoder(list[Event])
-    return [e.id for (body,) in sql(path, "SELECT body FROM journal ORDER BY seq") for e in dec.decode(body)]
 
 
 def schema_of(path: Path) -> list[tuple]:
@@ -67,12 +60,12 @@ async def test_release_0_1_0_data_dir_is_upgraded_and_delivers_its_backlog(tmp_p
     assert len(pending) == 50  # undelivered to "out" when 0.1.0 stopped
     old_schema = {f: schema_of(data / f) for f in ("agent.db", "store.db")}
 
-    async with Agent(agent_config(data, out)) as agent:
+    async with Agent(fixture_config(data, out)) as agent:
         assert await agent.flush(10)
     delivered = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(delivered) == sorted(pending)  # each once, nothing else
 
-    async with Agent(agent_config(data, out)) as agent:  # a second start sends nothing again
+    async with Agent(fixture_config(data, out)) as agent:  # a second start sends nothing again
         assert await agent.flush(10)
     assert len(out.read_text().splitlines()) == 50
 
@@ -137,7 +130,7 @@ async def test_an_agent_on_a_newer_data_dir_fails_to_start_with_that_error(tmp_p
     await open_database(data)
     with sqlite3.connect(data / "agent.db") as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
-    agent = Agent(agent_config(data, tmp_path / "out.jsonl"))
+    agent = Agent(fixture_config(data, tmp_path / "out.jsonl"))
     with pytest.raises(SchemaVersionError, match="version 99"):
         await agent.start()
     assert agent.state == "failed"
