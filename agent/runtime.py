@@ -70,7 +70,6 @@ class Agent:
             commit_batch=self.config.agent.commit_batch,
             commit_interval_s=self.config.agent.commit_interval_ms / 1000, on_commit=self.stream.publish,
         )
-        self._records, self._cap = self.committer.records, self.committer.capacity  # read by status, /metrics
         # The intake's own bound method: the hot path pays no extra call.
         self.record: RecordFn = self.committer.record
         # Set when a sink may have confirmed more, a flag changed or the agent stopped: flush() waits on it.

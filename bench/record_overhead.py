@@ -84,7 +84,7 @@ def main() -> int:
 
     idle = Agent({"agent": {"intake_capacity": n * 2}, "server": {"enabled": False}})
     idle_rec = idle.record
-    record_idle = best_ns(lambda: idle_rec("http.requests", 1.0, tags=tags), n, r, idle._records.clear)
+    record_idle = best_ns(lambda: idle_rec("http.requests", 1.0, tags=tags), n, r, idle.committer.records.clear)
 
     # the bare cost of the lambda wrapper that every figure above also pays
     noop = best_ns(lambda: None, n, r)

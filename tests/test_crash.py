@@ -265,7 +265,7 @@ async def test_real_full_disk_on_tmpfs(tmpfs, overflow):
                 assert r.status == 503 and "journal" in (await r.json())["problems"][0]
             for i in range(9):
                 agent.record("late", i)
-            await await_until(lambda: not agent._records, what="the committer to take the records")
+            await await_until(lambda: not agent.committer.records, what="the committer to take the records")
             await agent.committer.drain(5)
             # Whether SQLite can still delete on a full disk depends on how full its WAL is:
             # either drop_oldest made room and the events were stored, or they are counted.

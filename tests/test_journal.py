@@ -138,7 +138,7 @@ async def test_reject_http_503_with_retry_after_and_record_drops_counted(tmp_pat
         assert agent.ledger.total() == 0  # a 503 is not a loss: the client still holds the events
         for i in range(37):
             agent.record("dropped", i)
-        await await_until(lambda: not agent._records, what="the committer to take the records")
+        await await_until(lambda: not agent.committer.records, what="the committer to take the records")
         await agent.committer.drain(5)
         assert agent.ledger.by_reason() == {losses.JOURNAL_FULL: 37}
         assert agent.journal.rows == rows_before
