@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 
-.PHONY: run test install bench clean
+.PHONY: run test lint install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,11 +17,21 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
 run: $(STAMP)
 	$(BIN)/sidecar-agent run $(if $(CONFIG),--config $(CONFIG))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format check) and mypy over the agent and the built-in plugins: 0 errors.
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check agent plugins
+	$(BIN)/ruff format --check agent plugins
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/record_overhead.py

@@ -12,5 +12,15 @@ from agent.runtime import Agent
 from agent.version import __version__
 
 __all__ = [
-    "Agent", "__version__", "counter", "current", "flush", "gauge", "histogram", "record", "start", "stop", "timer",
+    "Agent",
+    "__version__",
+    "counter",
+    "current",
+    "flush",
+    "gauge",
+    "histogram",
+    "record",
+    "start",
+    "stop",
+    "timer",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import threading
 from concurrent.futures import Future
@@ -129,10 +130,8 @@ def _register_exit_hook() -> None:
 
     register = getattr(threading, "_register_atexit", None)
     if register is not None:
-        try:
+        with contextlib.suppress(RuntimeError):  # already shutting down
             register(_stop_at_exit)
-        except RuntimeError:  # already shutting down
-            pass
     atexit.register(_stop_at_exit)  # fallback; a no-op once the agent is stopped
 
 
@@ -141,8 +140,16 @@ def _stop_at_exit() -> None:
         stop()
 
 
-def record(name: str, value: float | None = None, *, kind: str | None = None, tags: dict[str, str] | None = None,
-           ts: float | None = None, data: dict[str, Any] | None = None, session_id: str | None = None) -> None:
+def record(
+    name: str,
+    value: float | None = None,
+    *,
+    kind: str | None = None,
+    tags: dict[str, str] | None = None,
+    ts: float | None = None,
+    data: dict[str, Any] | None = None,
+    session_id: str | None = None,
+) -> None:
     """Record an event on the process-wide agent; before start() it is counted as lost."""
     agent = _agent
     if agent is None:

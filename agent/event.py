@@ -77,7 +77,9 @@ def new_ids(n: int, now: float | None = None) -> list[str]:
     head = f"{prefix[:8]}-{prefix[8:12]}-7"
     raw = os.urandom(10 * n).hex()
     var = raw.translate(_VARIANT)  # the variant nibble (10xx), computed for the whole batch at once
-    return [f"{head}{raw[i:i + 3]}-{var[i + 3]}{raw[i + 4:i + 7]}-{raw[i + 8:i + 20]}" for i in range(0, 20 * n, 20)]
+    return [
+        f"{head}{raw[i : i + 3]}-{var[i + 3]}{raw[i + 4 : i + 7]}-{raw[i + 8 : i + 20]}" for i in range(0, 20 * n, 20)
+    ]
 
 
 def default_kind(value: float | None) -> str:

@@ -4,5 +4,6 @@ import warnings
 
 from agent.plugin.hookspecs import hookimpl, hookspec  # noqa: F401
 
-warnings.warn("agent.hookspecs is deprecated; use `from agent.plugin import hookimpl`",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "agent.hookspecs is deprecated; use `from agent.plugin import hookimpl`", DeprecationWarning, stacklevel=2
+)

@@ -114,13 +114,15 @@ def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: Plu
     return spec
 
 
-def build_flags(config: Config, host: PluginHost, specs: list[ComponentSpec],
-                emit: Callable[[list[Event]], None] | None = None) -> FlagService:
+def build_flags(
+    config: Config, host: PluginHost, specs: list[ComponentSpec], emit: Callable[[list[Event]], None] | None = None
+) -> FlagService:
     """The flag service: core flags for the configured sinks plus plugin flags."""
 
     sinks = {s.name: s.registration.type_name for s in specs if s.kind == "sinks"}
     defs: list[Any] = [("core", f) for f in core_flags(list(sinks))] + list(host.flags)
-    service = FlagService(defs, config.flags, os.environ, Path(config.agent.data_dir), emit=emit,
-                          config_origin=config.origin)
+    service = FlagService(
+        defs, config.flags, os.environ, Path(config.agent.data_dir), emit=emit, config_origin=config.origin
+    )
     service.add_check(data_source_check(service, sinks))
     return service

@@ -41,8 +41,13 @@ log = logging.getLogger("sidecar_agent")
 class Agent:
     """One monitoring agent. Construct, then `await start()` (or `async with`)."""
 
-    def __init__(self, config: Config | dict[str, Any] | str | Path | None = None, *, require_server: bool = False,
-                 plugins: list[Any] | None = None):
+    def __init__(
+        self,
+        config: Config | dict[str, Any] | str | Path | None = None,
+        *,
+        require_server: bool = False,
+        plugins: list[Any] | None = None,
+    ):
         self.config = resolve(config)
         self.id = self.config.agent_id()
         self.require_server = require_server
@@ -66,9 +71,12 @@ class Agent:
         # The intake exists from the start, so record() before start() is queued and
         # committed once the journal is open.
         self.committer = Committer(
-            self.ledger, agent_id=self.id, capacity=self.config.agent.intake_capacity,
+            self.ledger,
+            agent_id=self.id,
+            capacity=self.config.agent.intake_capacity,
             commit_batch=self.config.agent.commit_batch,
-            commit_interval_s=self.config.agent.commit_interval_ms / 1000, on_commit=self.stream.publish,
+            commit_interval_s=self.config.agent.commit_interval_ms / 1000,
+            on_commit=self.stream.publish,
         )
         # The intake's own bound method: the hot path pays no extra call.
         self.record: RecordFn = self.committer.record
@@ -181,9 +189,7 @@ class Agent:
             self.db, self.ledger, max_bytes=int(cfg.agent.max_journal_mb * 1024 * 1024), overflow=cfg.agent.overflow
         )
         await self.journal.open()
-        self.dlq = DeadLetterQueue(
-            self.db, self.ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events
-        )
+        self.dlq = DeadLetterQueue(self.db, self.ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events)
         await self.dlq.open()
         self.journal.on_advance = self._progress.set
         for spec in specs:
@@ -209,18 +215,33 @@ class Agent:
             await self._start_server()
         self.started_at = time.time()
         self.state = "running"
-        log.info("agent %s running (%d sources, %d sinks)", self.id,
-                 sum(1 for s in specs if s.kind == "sources"), len(self.workers))
+        log.info(
+            "agent %s running (%d sources, %d sinks)",
+            self.id,
+            sum(1 for s in specs if s.kind == "sources"),
+            len(self.workers),
+        )
 
     def _context(self, name: str, data_dir: Path) -> PluginContext:
-        return PluginContext(name=name, agent_id=self.id, data_dir=data_dir,
-                             log=logging.getLogger(f"sidecar_agent.{name}"), emit=self.emit, ledger=self.ledger,
-                             shared=self._shared, history=self.history)
+        return PluginContext(
+            name=name,
+            agent_id=self.id,
+            data_dir=data_dir,
+            log=logging.getLogger(f"sidecar_agent.{name}"),
+            emit=self.emit,
+            ledger=self.ledger,
+            shared=self._shared,
+            history=self.history,
+        )
 
     def _component(self, spec: ComponentSpec, state: str, error: str | None = None) -> None:
         self.components[f"{spec.kind[:-1]}:{spec.name}"] = {
-            "kind": spec.kind[:-1], "name": spec.name, "type": spec.registration.type_name,
-            "plugin": spec.registration.plugin, "state": state, "error": error,
+            "kind": spec.kind[:-1],
+            "name": spec.name,
+            "type": spec.registration.type_name,
+            "plugin": spec.registration.plugin,
+            "state": state,
+            "error": error,
         }
 
     def _build_sink(self, spec: ComponentSpec, data_dir: Path) -> None:
@@ -236,8 +257,15 @@ class Agent:
         assert self.journal is not None and self.dlq is not None and self.flags is not None
         flags, name = self.flags, spec.name
         worker = SinkWorker(
-            name, sink, chain, ctx, self.journal, self.dlq, batch_size=spec.batch_size,
-            replay_per_s=self.config.dlq.replay_per_s, auto_replay=self.config.dlq.auto_replay,
+            name,
+            sink,
+            chain,
+            ctx,
+            self.journal,
+            self.dlq,
+            batch_size=spec.batch_size,
+            replay_per_s=self.config.dlq.replay_per_s,
+            auto_replay=self.config.dlq.auto_replay,
             plugin=spec.registration.plugin,
             enabled=lambda: flags.get(f"sinks.{name}.enabled"),
             rollout=lambda: flags.get(f"sinks.{name}.rollout_percent"),
@@ -276,8 +304,14 @@ class Agent:
                 self._component(spec, "finished")
                 return
             except Exception as exc:
-                log.error("source %s (plugin %s) failed (restarting in %.0fs): %s", spec.name,
-                          spec.registration.plugin, delay, exc, exc_info=True)
+                log.error(
+                    "source %s (plugin %s) failed (restarting in %.0fs): %s",
+                    spec.name,
+                    spec.registration.plugin,
+                    delay,
+                    exc,
+                    exc_info=True,
+                )
                 self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -364,14 +398,19 @@ class Agent:
         assert self.journal is not None
         # A sink that is switched off or failing to start cannot confirm anything:
         # waiting for it would only burn the deadline (its events stay journaled).
-        return all(self.journal.cursors.get(n, target) >= target or not w.enabled()
-                   or (not w.started and w.stats.state == "failed") for n, w in self.workers.items())
+        return all(
+            self.journal.cursors.get(n, target) >= target
+            or not w.enabled()
+            or (not w.started and w.stats.state == "failed")
+            for n, w in self.workers.items()
+        )
 
     async def _wait_progress(self) -> None:
         """Until a cursor moves, a flag changes, the agent stops, or a sink's start attempt
         ends (SinkWorker has no signal of its own for that: we await the attempt itself)."""
-        waits: list[asyncio.Future[Any]] = [f for w in self.workers.values() if not w.started
-                                            and (f := w._starting) is not None and not f.done()]
+        waits: list[asyncio.Future[Any]] = [
+            f for w in self.workers.values() if not w.started and (f := w._starting) is not None and not f.done()
+        ]
         if not waits:
             await self._progress.wait()
             return

@@ -31,8 +31,10 @@ def status_of(agent: Agent) -> dict[str, Any]:
             "commits": c.commits if c else 0,
         },
         "journal": j.stats() if j else None,
-        "database": {"path": str(agent.db.path) if agent.db else None,
-                     "recovered_from": agent.db.recovered_from if agent.db else None},
+        "database": {
+            "path": str(agent.db.path) if agent.db else None,
+            "recovered_from": agent.db.recovered_from if agent.db else None,
+        },
         "dlq": {"pending_events": agent.dlq.depth() if agent.dlq else 0},
         "losses": agent.ledger.by_reason(),
         "flags": {"problems": agent.flags.health() if agent.flags else []},

@@ -10,8 +10,9 @@ from typing import Any, Protocol
 
 
 class _Records(Protocol):
-    def record(self, name: str, value: float | None = None, *, kind: str | None = None,
-               tags: dict[str, str] | None = None) -> None: ...
+    def record(
+        self, name: str, value: float | None = None, *, kind: str | None = None, tags: dict[str, str] | None = None
+    ) -> None: ...
 
 
 class Timer:
@@ -30,14 +31,17 @@ class Timer:
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if asyncio.iscoroutinefunction(fn):
+
             @functools.wraps(fn)
             async def awrapper(*a: Any, **kw: Any) -> Any:
                 with Timer(self.agent, self.name, self.tags):
                     return await fn(*a, **kw)
+
             return awrapper
 
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
             with Timer(self.agent, self.name, self.tags):
                 return fn(*a, **kw)
+
         return wrapper

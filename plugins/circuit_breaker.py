@@ -215,8 +215,9 @@ class CircuitBreakerPolicy(BasePolicy):
             self._transition(HALF_OPEN, now)
         if self.state is HALF_OPEN:
             if self._probe_in_flight:
-                raise CircuitOpenError(f"{self.name}: circuit half-open, probe in flight",
-                                       retry_after=self._probe_wait())
+                raise CircuitOpenError(
+                    f"{self.name}: circuit half-open, probe in flight", retry_after=self._probe_wait()
+                )
             if store is not None and not await self._store_op(store.acquire_probe(self.reset_timeout_s), True):
                 raise CircuitOpenError(f"{self.name}: another agent is probing", retry_after=self._probe_wait())
             return await self._probe(fn)

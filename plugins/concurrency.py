@@ -35,8 +35,10 @@ class ConcurrencyOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 
 
 def _clash(sink: str, group: str, limit: int, owner: str) -> str:
-    return (f"sinks.{sink}.concurrency.max_in_flight: group {group!r} is already limited to {limit} by sink "
-            f"{owner}; every sink of a group must give the same limit")
+    return (
+        f"sinks.{sink}.concurrency.max_in_flight: group {group!r} is already limited to {limit} by sink "
+        f"{owner}; every sink of a group must give the same limit"
+    )
 
 
 class _Limit:

@@ -95,8 +95,7 @@ class PostgresSink(BaseSink):
         )
         self._prepare = f"SET LOCAL client_min_messages = warning; {self._create_temp}"
         self._insert = (
-            f'INSERT INTO "{schema}"."{table}" ({cols}) SELECT {cols} FROM "{self._temp}" '
-            f'ON CONFLICT ("id") DO NOTHING'
+            f'INSERT INTO "{schema}"."{table}" ({cols}) SELECT {cols} FROM "{self._temp}" ON CONFLICT ("id") DO NOTHING'
         )
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -136,12 +135,11 @@ class PostgresSink(BaseSink):
         records = [to_record(e, self.ctx.stats) for e in events]
         try:
             pool = await self._ensure_pool()
-            async with pool.acquire() as con:
-                async with con.transaction():
-                    # One round trip; SET LOCAL quiets the "already exists" NOTICE.
-                    await con.execute(self._prepare)
-                    await con.copy_records_to_table(self._temp, records=records, columns=COLUMNS)
-                    status = await con.execute(self._insert)
+            async with pool.acquire() as con, con.transaction():
+                # One round trip; SET LOCAL quiets the "already exists" NOTICE.
+                await con.execute(self._prepare)
+                await con.copy_records_to_table(self._temp, records=records, columns=COLUMNS)
+                status = await con.execute(self._insert)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError, TypeError) as exc:
             raise map_pg_error(exc) from exc
         self.ctx.stats["rows_sent"] += len(records)
@@ -152,7 +150,7 @@ class PostgresSink(BaseSink):
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), timeout=self.options.connect_timeout_s)
-            except (asyncio.TimeoutError, OSError, asyncpg.InterfaceError):
+            except (TimeoutError, OSError, asyncpg.InterfaceError):
                 pool.terminate()
 
 

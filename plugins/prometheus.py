@@ -61,12 +61,13 @@ class ScrapeError(Exception):
 
 def kind_of(family_type: str, family_name: str, sample_name: str) -> str:
     """`counter` for the cumulative series of counters, histograms and summaries, else `gauge`."""
-    suffix = sample_name[len(family_name):] if sample_name.startswith(family_name) else None
+    suffix = sample_name[len(family_name) :] if sample_name.startswith(family_name) else None
     return "counter" if suffix in _CUMULATIVE.get(family_type, ()) else "gauge"
 
 
-def parse(text: str, *, openmetrics: bool, now: float, prefix: str = "",
-          tags: dict[str, str] | None = None) -> list[Event]:
+def parse(
+    text: str, *, openmetrics: bool, now: float, prefix: str = "", tags: dict[str, str] | None = None
+) -> list[Event]:
     """Every sample of an exposition as an event; raises ValueError if any line is bad.
 
     `tags` win over scraped labels; a scraped label they replace is kept as
@@ -85,9 +86,15 @@ def parse(text: str, *, openmetrics: bool, now: float, prefix: str = "",
             labels = dict(s.labels)
             for k in tags.keys() & labels.keys():
                 labels[f"exported_{k}"] = labels.pop(k)
-            events.append(Event(
-                name=prefix + s.name, kind=kind_of(family.type, family.name, s.name), value=float(s.value),
-                ts=float(s.timestamp) if s.timestamp is not None else now, tags={**labels, **tags}))
+            events.append(
+                Event(
+                    name=prefix + s.name,
+                    kind=kind_of(family.type, family.name, s.name),
+                    value=float(s.value),
+                    ts=float(s.timestamp) if s.timestamp is not None else now,
+                    tags={**labels, **tags},
+                )
+            )
     return events
 
 
@@ -149,8 +156,15 @@ class PrometheusSource(PollingSource):
         self.stats["scrape_errors"] += 1
         self.stats["last_error"] = f"{shown}: {error}"
         self.warn[url]("scrape of %s failed: %s", shown, error)
-        return Event(name=SCRAPE_ERRORS, kind="counter", value=1.0, ts=now, tags={"url": shown},
-                     source=f"agent.{self.name}", data={"error": error})
+        return Event(
+            name=SCRAPE_ERRORS,
+            kind="counter",
+            value=1.0,
+            ts=now,
+            tags={"url": shown},
+            source=f"agent.{self.name}",
+            data={"error": error},
+        )
 
 
 def instance(url: str) -> str:
@@ -162,7 +176,6 @@ def public_url(url: str) -> str:
     """The URL without its user:password and query (a `?token=` is as secret)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{instance(url)}{parts.path}"
-
 
 
 @hookimpl

@@ -93,7 +93,7 @@ class RetryBudget:
     retries_in_window < allowed. The window slides one bucket at a time.
     """
 
-    __slots__ = ("ratio", "min_retries", "window_s", "_width", "_n", "_req", "_ret", "_bucket")
+    __slots__ = ("_bucket", "_n", "_req", "_ret", "_width", "min_retries", "ratio", "window_s")
 
     def __init__(self, ratio: float, window_s: float, min_retries: int, buckets: int = 10) -> None:
         self.ratio = ratio

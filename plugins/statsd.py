@@ -133,7 +133,9 @@ class Parser:
         if mtype == "c":
             return [Event(name=name, kind="counter", value=v / rate, ts=ts, tags=tags) for v in nums]
         if mtype == "g":
-            return [Event(name=name, kind="gauge", value=v, ts=ts, tags=tags) for v in self._gauge(name, tags, raw, nums)]
+            return [
+                Event(name=name, kind="gauge", value=v, ts=ts, tags=tags) for v in self._gauge(name, tags, raw, nums)
+            ]
         if mtype in ("ms", "h", "d"):
             data = {"sample_rate": rate} if rate != 1.0 else None
             return [Event(name=name, kind="histogram", value=v, ts=ts, tags=tags, data=data) for v in nums]
@@ -156,7 +158,7 @@ class Parser:
         key = (name, tuple(sorted(tags.items())))
         value = self.gauges.pop(key, 0.0)  # re-inserted below: the dict's order is recency
         out = []
-        for text, v in zip(raw, nums):
+        for text, v in zip(raw, nums, strict=True):
             value = value + v if text[0] in "+-" else v
             out.append(value)
         self.gauges[key] = value
@@ -167,8 +169,10 @@ class Parser:
     def flush_sets(self, now: float) -> list[Event]:
         """One gauge per set seen since the last flush: its number of distinct members."""
         sets, self.sets = self.sets, {}
-        return [Event(name=name, kind="gauge", value=float(len(members)), ts=now, tags=tags)
-                for (name, _), (tags, members) in sets.items()]
+        return [
+            Event(name=name, kind="gauge", value=float(len(members)), ts=now, tags=tags)
+            for (name, _), (tags, members) in sets.items()
+        ]
 
 
 def socket_drops(sock: Any) -> int | None:
@@ -215,7 +219,8 @@ class StatsdSource:
         self._emit = emit  # before the socket exists, so no datagram can find it unset
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Receiver(self), local_addr=(self.options.host, self.options.port))
+            lambda: _Receiver(self), local_addr=(self.options.host, self.options.port)
+        )
         sock = transport.get_extra_info("socket")
         host, port = sock.getsockname()[:2]
         self.stats["address"] = f"{host}:{port}"
@@ -254,7 +259,9 @@ class StatsdSource:
             # Each datagram held at least one event: a lower bound on what was lost.
             self.ctx.lost(SOCKET_OVERFLOW, drops - self._drops_seen)
             self.stats["socket_overflow"] += drops - self._drops_seen
-            self.warn_overflow("statsd: the kernel dropped %d datagrams (receive buffer full)", drops - self._drops_seen)
+            self.warn_overflow(
+                "statsd: the kernel dropped %d datagrams (receive buffer full)", drops - self._drops_seen
+            )
             self._drops_seen = drops
 
 

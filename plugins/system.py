@@ -36,13 +36,21 @@ class SystemSource(PollingSource):
         ]
         if hasattr(os, "getloadavg"):
             l1, l5, l15 = os.getloadavg()
-            figures += [("system.load.1m", l1, "gauge"), ("system.load.5m", l5, "gauge"), ("system.load.15m", l15, "gauge")]
+            figures += [
+                ("system.load.1m", l1, "gauge"),
+                ("system.load.5m", l5, "gauge"),
+                ("system.load.15m", l15, "gauge"),
+            ]
         if disk is not None:
-            figures += [("system.disk.read_bytes", disk.read_bytes, "counter"),
-                        ("system.disk.write_bytes", disk.write_bytes, "counter")]
+            figures += [
+                ("system.disk.read_bytes", disk.read_bytes, "counter"),
+                ("system.disk.write_bytes", disk.write_bytes, "counter"),
+            ]
         if net is not None:
-            figures += [("system.net.recv_bytes", net.bytes_recv, "counter"),
-                        ("system.net.sent_bytes", net.bytes_sent, "counter")]
+            figures += [
+                ("system.net.recv_bytes", net.bytes_recv, "counter"),
+                ("system.net.sent_bytes", net.bytes_sent, "counter"),
+            ]
         return [Event(name=n, value=float(v), kind=k, ts=now) for n, v, k in figures]
 
 

@@ -29,7 +29,7 @@ class TimeoutOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class _Attempt:
-    __slots__ = ("deadline", "task", "expired")
+    __slots__ = ("deadline", "expired", "task")
 
     def __init__(self, deadline: float, task: asyncio.Task[Any]) -> None:
         self.deadline = deadline

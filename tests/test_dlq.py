@@ -31,7 +31,7 @@ def _reset():
 
 async def pending_ids(agent, sink: str) -> set[str]:
     """Ids of the events in `sink`'s pending DLQ entries."""
-    return {ev.id for e in await agent.dlq.list(sink=sink, status="pending") for ev in await agent.dlq.events(e.id)}
+    return {ev.id for e in await agent.dlq.entries(sink=sink, status="pending") for ev in await agent.dlq.events(e.id)}
 
 
 async def cli(tmp_path: Path, port: int, *args: str) -> dict:
@@ -55,7 +55,7 @@ async def test_poison_events_are_bisected_only_offenders_reach_the_dlq(tmp_path)
         assert await agent.flush(5)
         bad = {ids[i] for i in (3, 17, 18, 40)}
         assert sorted(STATE.ids("pg")) == sorted(set(ids) - bad)  # the rest delivered, once each
-        entries = await agent.dlq.list(sink="pg")
+        entries = await agent.dlq.entries(sink="pg")
         assert len(entries) == 4 and all(e.count == 1 and e.error_class == "PermanentError" for e in entries)
         parked = {ev.id for e in entries for ev in await agent.dlq.events(e.id)}
         assert parked == bad
@@ -75,14 +75,14 @@ async def test_retryable_failure_parks_then_auto_replays_exactly_once(tmp_path):
         await await_until(lambda: agent.journal.cursors["api"] == agent.journal.last_seq, what="cursor to move on")
         assert STATE.ids("api") == []
         assert agent.dlq.depth("api") == 30
-        entries = await agent.dlq.list(sink="api", status="pending")
+        entries = await agent.dlq.entries(sink="api", status="pending")
         assert entries and all(e.error_class == "RetryableError" for e in entries)
         STATE.down.clear()  # the sink recovers; the next live batch proves it healthy
         ids += await post_events(agent, [{"name": "after", "value": 1}])
         await await_until(lambda: agent.dlq.depth("api") == 0 and len(STATE.ids("api")) == 31, what="replay")
         counts = collections.Counter(STATE.ids("api"))
         assert set(counts) == set(ids) and max(counts.values()) == 1  # everything, exactly once
-        assert all(e.status == "delivered" for e in await agent.dlq.list(sink="api"))
+        assert all(e.status == "delivered" for e in await agent.dlq.entries(sink="api"))
         assert agent.ledger.total() == 0
 
 
@@ -172,7 +172,7 @@ async def test_ttl_expiry_counts_dlq_expired(tmp_path):
         assert await agent.dlq.expire() == 7
         assert agent.ledger.snapshot() == {(losses.DLQ_EXPIRED, "api"): 7}
         assert agent.dlq.depth() == 0
-        entries = await agent.dlq.list(sink="api")
+        entries = await agent.dlq.entries(sink="api")
         assert {e.status for e in entries} == {"expired"}
         for e in entries:
             assert await agent.dlq.events(e.id) == []  # bodies dropped, metadata kept
@@ -272,14 +272,14 @@ async def test_replayed_entry_with_poison_is_bisected_good_events_delivered_once
     async with agent:
         ids = await post_events(agent, [{"name": "poison" if i in (5, 11) else "ok", "value": i} for i in range(16)])
         await await_until(lambda: agent.dlq.depth("pg") == 16, what="the outage to park the batch")
-        [parked] = await agent.dlq.list(sink="pg", status="pending")
+        [parked] = await agent.dlq.entries(sink="pg", status="pending")
         assert parked.count == 16 and parked.error_class == "RetryableError"
         STATE.down.clear()  # no new traffic: the sink's backoff probe replays the entry
         bad = {ids[5], ids[11]}
         await await_until(lambda: len(STATE.ids("pg")) == 14 and agent.dlq.depth("pg") == 2, what="bisected replay")
         counts = collections.Counter(STATE.ids("pg"))
         assert set(counts) == set(ids) - bad and max(counts.values()) == 1
-        pending = await agent.dlq.list(sink="pg", status="pending")
+        pending = await agent.dlq.entries(sink="pg", status="pending")
         assert [e.count for e in pending] == [1, 1]
         assert {e.error_class for e in pending} == {"PermanentError"}
         assert all(e.created == parked.created and e.attempts > parked.attempts for e in pending)  # TTL kept

@@ -277,7 +277,7 @@ async def test_the_agent_bisects_bad_events_into_the_dlq_and_delivers_the_rest(h
         ids = await post_events(agent, events)
         await await_until(lambda: agent.dlq.depth("db") == 2 and agent.journal.lag("db") == 0,
                           what="bisection into the DLQ")
-        entries = await agent.dlq.list(sink="db")
+        entries = await agent.dlq.entries(sink="db")
         dead = {e.id for entry in entries for e in await agent.dlq.events(entry.id)}
         assert dead == {ids[7], ids[30]}
         assert all(e.count == 1 for e in entries)

@@ -35,8 +35,11 @@ def _authorized(request: web.Request) -> bool:
 
 
 def _unauthorized() -> web.Response:
-    return web.json_response({"error": "unauthorized: send the token as 'Authorization: Bearer <token>'"},
-                             status=401, headers={"WWW-Authenticate": "Bearer"})
+    return web.json_response(
+        {"error": "unauthorized: send the token as 'Authorization: Bearer <token>'"},
+        status=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 @web.middleware
@@ -126,5 +129,6 @@ def _refuse_clash(app: web.Application, method: str, path: str) -> None:
             continue
         match = getattr(resource, "_match", None)  # plain and dynamic resources have it
         if _VARIABLE.sub("{}", resource.canonical) == _VARIABLE.sub("{}", path) or (
-                match is not None and match(probe) is not None):
+            match is not None and match(probe) is not None
+        ):
             raise ValueError(f"{route.method} {resource.canonical} already serves it")

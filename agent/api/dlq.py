@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from agent.storage.dlq import STATUSES
 from agent.api.keys import AGENT
+from agent.storage.dlq import STATUSES
 
 
 def _filters(request: web.Request) -> tuple[str | None, str | None]:
@@ -30,12 +30,14 @@ async def list_dlq(request: web.Request) -> web.Response:
     except ValueError:
         raise web.HTTPBadRequest(reason="limit and before must be integers") from None
     assert agent.dlq is not None
-    entries = await agent.dlq.list(sink=sink, status=status, limit=limit, before=before)
-    return web.json_response({
-        "entries": msgspec.to_builtins(entries),
-        "next": entries[-1].id if len(entries) == limit else None,
-        "pending_events": agent.dlq.depth(sink),
-    })
+    entries = await agent.dlq.entries(sink=sink, status=status, limit=limit, before=before)
+    return web.json_response(
+        {
+            "entries": msgspec.to_builtins(entries),
+            "next": entries[-1].id if len(entries) == limit else None,
+            "pending_events": agent.dlq.depth(sink),
+        }
+    )
 
 
 async def replay(request: web.Request) -> web.Response:

@@ -7,8 +7,8 @@ import hmac
 import msgspec
 from aiohttp import web
 
-from agent.flags import FlagError, UnknownFlagError
 from agent.api.keys import AGENT
+from agent.flags import FlagError, UnknownFlagError
 
 
 def _service(request: web.Request):
@@ -22,8 +22,11 @@ def actor(request: web.Request) -> str:
     """Who made a change: the token holder or a client address, and the tool if it says."""
     token = request.app[AGENT].config.server.token
     auth = request.headers.get("Authorization", "")
-    who = "token" if token and hmac.compare_digest(auth.removeprefix("Bearer ").strip().encode(), token.encode()) \
+    who = (
+        "token"
+        if token and hmac.compare_digest(auth.removeprefix("Bearer ").strip().encode(), token.encode())
         else f"http:{request.remote}"
+    )
     tool = request.headers.get("X-Sidecar-Actor")
     return f"{tool} ({who})" if tool else who
 
@@ -41,8 +44,7 @@ async def put_flag(request: web.Request) -> web.Response:
     try:
         value = msgspec.json.decode(await request.read())
     except msgspec.DecodeError:
-        return web.json_response({"error": f"flag {name}: the body must be a JSON value, e.g. true or 25"},
-                                 status=400)
+        return web.json_response({"error": f"flag {name}: the body must be a JSON value, e.g. true or 25"}, status=400)
     try:
         return web.json_response(flags.set(name, value, actor(request)))
     except UnknownFlagError as exc:

@@ -51,17 +51,23 @@ async def losses(request: web.Request) -> web.Response:
     """The loss ledger: events dropped, by reason and sink."""
     agent = request.app[AGENT]
     snap = agent.ledger.snapshot()
-    return web.json_response({
-        "total": sum(snap.values()),
-        "by_reason": agent.ledger.by_reason(),
-        "entries": [{"reason": r, "sink": s or None, "count": n} for (r, s), n in sorted(snap.items())],
-    })
+    return web.json_response(
+        {
+            "total": sum(snap.values()),
+            "by_reason": agent.ledger.by_reason(),
+            "entries": [{"reason": r, "sink": s or None, "count": n} for (r, s), n in sorted(snap.items())],
+        }
+    )
 
 
 async def prometheus(request: web.Request) -> web.Response:
     """The agent's own counters in Prometheus text format."""
-    return web.Response(text=metrics.render(request.app[AGENT]),
-                        content_type="text/plain", charset="utf-8", headers={"X-Content-Version": "0.0.4"})
+    return web.Response(
+        text=metrics.render(request.app[AGENT]),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Version": "0.0.4"},
+    )
 
 
 def add_routes(app: web.Application) -> None:

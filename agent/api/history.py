@@ -59,9 +59,14 @@ async def list_events(request: web.Request) -> web.Response:
         except ValueError:
             raise web.HTTPBadRequest(reason="cursor is malformed (pass back the `next` value)") from None
     events, nxt = await store.events(
-        name=q.get("name") or None, source=q.get("source") or None, agent=q.get("agent") or None,
-        session=q.get("session") or None, start=_num(request, "from"), end=_num(request, "to"),
-        cursor=cursor, limit=limit,
+        name=q.get("name") or None,
+        source=q.get("source") or None,
+        agent=q.get("agent") or None,
+        session=q.get("session") or None,
+        start=_num(request, "from"),
+        end=_num(request, "to"),
+        cursor=cursor,
+        limit=limit,
     )
     return web.json_response({"events": events, "next": nxt})
 

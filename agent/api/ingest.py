@@ -6,9 +6,9 @@ import time
 
 from aiohttp import web
 
+from agent.api.keys import AGENT
 from agent.errors import JournalFullError
 from agent.event import InvalidEvent, decode_input, json_encoder, normalize
-from agent.api.keys import AGENT
 
 MAX_ERRORS_SHOWN = 100
 
@@ -28,8 +28,9 @@ async def post_events(request: web.Request) -> web.Response:
     try:
         items, bad = decode_input(body, request.content_type)
     except InvalidEvent as exc:
-        return web.json_response({"error": exc.message, "errors": [{"index": exc.index, "error": exc.message}]},
-                                 status=400)
+        return web.json_response(
+            {"error": exc.message, "errors": [{"index": exc.index, "error": exc.message}]}, status=400
+        )
     if bad or not items:
         errors = [{"index": b.index, "error": b.message} for b in bad[:MAX_ERRORS_SHOWN]]
         if not items and not bad:

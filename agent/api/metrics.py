@@ -47,8 +47,12 @@ def render(agent: AgentView) -> str:
     status = agent.status()
     w = _Writer()
     w.metric("info", "gauge", "Agent identity.", [({"agent_id": agent.id, "version": __version__}, 1)])
-    w.metric("uptime_seconds", "gauge", "Seconds since the agent started.",
-             [({}, round(time.time() - agent.started_at, 3) if agent.started_at else 0.0)])
+    w.metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+        [({}, round(time.time() - agent.started_at, 3) if agent.started_at else 0.0)],
+    )
     c = agent.committer
     w.metric("events_committed", "counter", "Events committed to the journal.", [({}, c.committed if c else 0)])
     w.metric("journal_commits", "counter", "Journal group commits.", [({}, c.commits if c else 0)])
@@ -83,10 +87,18 @@ def render(agent: AgentView) -> str:
             open_s.append(({"sink": s["name"]}, float(pol.get("breaker_open_seconds_total", 0.0))))
     w.metric("breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", state)
     w.metric("breaker_open_seconds", "counter", "Seconds each sink's breaker has spent open.", open_s)
-    w.metric("stream_dropped_messages", "counter", "Live-stream messages dropped for slow clients.",
-             [({}, agent.stream.dropped)])
-    w.metric("source_stat", "gauge", "A source's own figures (ctx.stats: packets, scrapes, scrape errors, ...).",
-             source_stats(status))
+    w.metric(
+        "stream_dropped_messages",
+        "counter",
+        "Live-stream messages dropped for slow clients.",
+        [({}, agent.stream.dropped)],
+    )
+    w.metric(
+        "source_stat",
+        "gauge",
+        "A source's own figures (ctx.stats: packets, scrapes, scrape errors, ...).",
+        source_stats(status),
+    )
     return w.text()
 
 

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import WSMsgType, web
 
+from agent.api.keys import AGENT, WEBSOCKETS
 from agent.event import json_encoder
 from agent.pipeline.stream import Subscription
-from agent.api.keys import AGENT, WEBSOCKETS
 
 
 def origin_allowed(request: web.Request) -> bool:

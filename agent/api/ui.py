@@ -19,8 +19,16 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self' ws: wss: http: https:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
-TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".json": "application/json",
-         ".png": "image/png", ".svg": "image/svg+xml", ".txt": "text/plain", ".md": "text/plain"}
+TYPES = {
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain",
+    ".md": "text/plain",
+}
 
 
 def ui_root() -> Path:

@@ -9,9 +9,9 @@ import logging
 import signal
 import sys
 
-from agent.version import __version__
 from agent.config import Config, load, resolve
 from agent.errors import AgentError, ConfigError
+from agent.version import __version__
 
 
 def _config(path: str | None) -> Config:
@@ -31,8 +31,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await agent.start()
-        print(f"sidecar-agent {__version__} running as {agent.id}; dashboard at {agent.server_url}",
-              file=sys.stderr, flush=True)
+        print(
+            f"sidecar-agent {__version__} running as {agent.id}; dashboard at {agent.server_url}",
+            file=sys.stderr,
+            flush=True,
+        )
         await stop.wait()
         print("stopping...", file=sys.stderr, flush=True)
         await agent.stop()
@@ -43,17 +46,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file, plugin options included."""
-    from agent.plan import plan
+    from agent.plan import build_flags, plan
     from agent.plugin.host import PluginHost
-
-    from agent.plan import build_flags
 
     cfg = load(args.file)
     host = PluginHost(cfg.plugins).load()
     specs = plan(cfg, host)
     build_flags(cfg, host, specs)  # bad [flags] values and SIDECAR_AGENT_FLAG_* fail here too
-    print(f"{args.file}: ok ({sum(s.kind == 'sources' for s in specs)} sources, "
-          f"{sum(s.kind == 'sinks' for s in specs)} sinks)")
+    print(
+        f"{args.file}: ok ({sum(s.kind == 'sources' for s in specs)} sources, "
+        f"{sum(s.kind == 'sinks' for s in specs)} sinks)"
+    )
     return 0
 
 
@@ -116,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.fn(args) or 0)
     except ConfigError as exc:
@@ -128,4 +132,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-

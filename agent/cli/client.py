@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
@@ -33,13 +34,11 @@ def offline_refused(cfg: Config, exc: DataDirInUse) -> SystemExit:
     )
 
 
-def call(cfg: Config, method: str, path: str, query: dict[str, Any] | None = None,
-         body: Any = None) -> dict[str, Any]:
+def call(cfg: Config, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None) -> dict[str, Any]:
     """Send one request; returns the decoded JSON, raises SystemExit on an HTTP error."""
     q = urllib.parse.urlencode({k: v for k, v in (query or {}).items() if v is not None})
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url(cfg) + path + (f"?{q}" if q else ""),
-                                 method=method, data=data)
+    req = urllib.request.Request(url(cfg) + path + (f"?{q}" if q else ""), method=method, data=data)
     req.add_header("X-Sidecar-Actor", "cli")
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -51,10 +50,8 @@ def call(cfg: Config, method: str, path: str, query: dict[str, Any] | None = Non
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
-        try:
+        with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object: show it as it is
             detail = json.loads(detail).get("error", detail)
-        except (ValueError, AttributeError):
-            pass
         raise SystemExit(f"error: {detail}") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise AgentUnreachable(str(exc)) from None

@@ -18,9 +18,9 @@ from agent.config import Config
 
 
 async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    from agent.losses import LossLedger
     from agent.storage.database import Database, DataDirInUse
     from agent.storage.dlq import DeadLetterQueue
-    from agent.losses import LossLedger
 
     db = Database(Path(cfg.agent.data_dir), sync=cfg.agent.sync, cli=True)
     try:
@@ -36,7 +36,7 @@ async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
         dlq = DeadLetterQueue(db, ledger, ttl_s=cfg.dlq.ttl_hours * 3600, max_events=cfg.dlq.max_events)
         await dlq.open()
         if args.action == "list":
-            entries = await dlq.list(sink=args.sink, status=args.status, limit=args.limit)
+            entries = await dlq.entries(sink=args.sink, status=args.status, limit=args.limit)
             return {"entries": msgspec.to_builtins(entries), "offline": True}
         if args.action == "purge":
             n = await dlq.purge(sink=args.sink, status=args.status or "pending")
@@ -52,8 +52,14 @@ async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
         queued = [s for s in ([args.sink] if args.sink else dlq.sinks()) if dlq.depth(s)]
         if queued:
             await dlq.request_replay(queued)
-        note = ("the agent is not running: the replay is queued and runs when the agent next starts"
-                " (whether or not [dlq] auto_replay is on)") if queued else "nothing is pending"
+        note = (
+            (
+                "the agent is not running: the replay is queued and runs when the agent next starts"
+                " (whether or not [dlq] auto_replay is on)"
+            )
+            if queued
+            else "nothing is pending"
+        )
         return {"queued": queued, "pending_events": dlq.depth(args.sink), "offline": True, "note": note}
     finally:
         await db.close()
@@ -61,8 +67,11 @@ async def _offline(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Dispatch one dlq action; prints JSON with --json, a table otherwise."""
-    method, path = {"list": ("GET", "/api/v1/dlq"), "replay": ("POST", "/api/v1/dlq/replay"),
-                    "purge": ("DELETE", "/api/v1/dlq")}[args.action]
+    method, path = {
+        "list": ("GET", "/api/v1/dlq"),
+        "replay": ("POST", "/api/v1/dlq/replay"),
+        "purge": ("DELETE", "/api/v1/dlq"),
+    }[args.action]
     query = {"sink": args.sink, "status": args.status}
     if args.action == "list":
         query["limit"] = args.limit
@@ -76,6 +85,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     print(f"{'id':>6} {'sink':<14} {'status':<10} {'events':>7} {'attempts':>8}  {'last attempt':<20} error")
     for e in result["entries"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["last_attempt"]))
-        print(f"{e['id']:>6} {e['sink']:<14} {e['status']:<10} {e['count']:>7} {e['attempts']:>8}  {when:<20} "
-              f"{e['error_class']}: {e['error']}")
+        print(
+            f"{e['id']:>6} {e['sink']:<14} {e['status']:<10} {e['count']:>7} {e['attempts']:>8}  {when:<20} "
+            f"{e['error_class']}: {e['error']}"
+        )
     return 0

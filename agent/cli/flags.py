@@ -12,8 +12,8 @@ from agent.config import Config
 
 
 def _offline_flags(cfg: Config):
-    from agent.plan import plan
     from agent.flags import FlagService, core_flags
+    from agent.plan import plan
     from agent.plugin.host import PluginHost
 
     host = PluginHost(cfg.plugins).load()
@@ -26,8 +26,8 @@ def _flags_offline(cfg: Config, action: str, name: str | None, value: object) ->
     """No agent answered: work on the data dir's flag files under the data-dir lock, so an
     agent starting meanwhile reads them before or after the change, never in between.
     Listing takes the lock too: loading may clean up or compact those files."""
-    from agent.storage.dirlock import DataDirInUse, DataDirLock
     from agent.flags import FlagError
+    from agent.storage.dirlock import DataDirInUse, DataDirLock
 
     lock = DataDirLock(Path(cfg.agent.data_dir), cli=True)
     try:
@@ -43,7 +43,11 @@ def _flags_offline(cfg: Config, action: str, name: str | None, value: object) ->
         cleared = service.clear(name, "cli (offline)")
         # The same answer as DELETE /api/v1/flags/NAME: the flag as it now is, and whether
         # an override was removed.
-        return {**service.describe_flag(name), "cleared": cleared} if name in service else {"name": name, "cleared": cleared}
+        return (
+            {**service.describe_flag(name), "cleared": cleared}
+            if name in service
+            else {"name": name, "cleared": cleared}
+        )
     except FlagError as exc:
         raise SystemExit(f"error: {exc}") from None
     finally:
@@ -84,7 +88,7 @@ def add_parser(sub: argparse._SubParsersAction, config_fn) -> None:
     f = sub.add_parser("flags", help="list, set or clear feature flags")
     f.add_argument("action", choices=["list", "set", "clear"])
     f.add_argument("name", nargs="?")
-    f.add_argument("value", nargs="?", help="a JSON value (true, 25, \"dual\") or a bare word")
+    f.add_argument("value", nargs="?", help='a JSON value (true, 25, "dual") or a bare word')
     f.add_argument("--config", "-c")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=lambda a: flags(a, config_fn(a.config)))

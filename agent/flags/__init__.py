@@ -93,8 +93,7 @@ def core_flags(sink_names: Iterable[str]) -> list[Flag]:
             "dashboard.data_source",
             "websocket",
             DATA_SOURCES,
-            "where the dashboard's live data comes from: the agent's WebSocket, Supabase Realtime, "
-            "or both (dual)",
+            "where the dashboard's live data comes from: the agent's WebSocket, Supabase Realtime, or both (dual)",
         )
     )
     return flags

@@ -5,18 +5,19 @@ Import these from agent.flags; this module only keeps agent/flags.py small.
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from agent.errors import ConfigError, FlagError
 
 ENV_PREFIX = "SIDECAR_AGENT_FLAG_"
 TYPES = ("bool", "int", "float", "enum")
 
-_Num = Union[int, float]  # not `float`: the Flag class body defines a `float` helper
+_Num = int | float  # not `float`: the Flag class body defines a `float` helper
 _SEGMENT = r"[a-z0-9]+(?:[_-][a-z0-9]+)*"
 _NAME = re.compile(rf"^{_SEGMENT}(?:\.{_SEGMENT})*$")
 _BOOL_TEXT = {
@@ -193,14 +194,8 @@ class Flag:
             return f if math.isfinite(f) else None
         return s if s in self.choices else None
 
-    def _in_range(self, v: _Num) -> bool:
+    def _in_range(self, v: _Num) -> builtins.bool:  # `bool` here is the class's own helper
         return (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 
 
 def _is_number(v: Any) -> bool:

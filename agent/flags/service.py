@@ -299,10 +299,7 @@ class FlagService:
             remaining = {k: v for k, v in overrides.items() if k != name}
             kept = {k: v for k, v in self._kept.items() if k != name}
             self._save(remaining, kept)
-            if name in self._defs:
-                old = self._values[name]
-            else:
-                old = self._kept[name][0]
+            old = self._values[name] if name in self._defs else self._kept[name][0]
             overrides.pop(name, None)
             self._kept = kept
             if name in self._defs:

@@ -35,7 +35,7 @@ def _value(key: int) -> float:
 class Sketch:
     """Counts per log bucket for positive and negative values, plus zeros."""
 
-    __slots__ = ("pos", "neg", "zero", "n")
+    __slots__ = ("n", "neg", "pos", "zero")
 
     def __init__(self) -> None:
         self.pos: dict[int, int] = {}
@@ -99,8 +99,8 @@ class Sketch:
             return s
         zero, pos, neg = _dec.decode(blob)
         s.zero = zero
-        s.pos = dict(zip(pos[::2], pos[1::2]))
-        s.neg = dict(zip(neg[::2], neg[1::2]))
+        s.pos = dict(zip(pos[::2], pos[1::2], strict=True))
+        s.neg = dict(zip(neg[::2], neg[1::2], strict=True))
         s.n = zero + sum(s.pos.values()) + sum(s.neg.values())
         return s
 

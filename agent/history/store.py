@@ -64,8 +64,9 @@ CREATE INDEX IF NOT EXISTS rollup_{level}_bucket ON rollup_{level} (bucket);
 """
 # Append new steps; never edit one that has shipped.
 MIGRATIONS = [
-    Migration(1, "initial schema (release 0.1.0)",
-              SCHEMA_V1 + "".join(ROLLUP_SCHEMA.format(level=lv) for lv, _ in LEVELS)),
+    Migration(
+        1, "initial schema (release 0.1.0)", SCHEMA_V1 + "".join(ROLLUP_SCHEMA.format(level=lv) for lv, _ in LEVELS)
+    ),
 ]
 
 
@@ -77,7 +78,7 @@ def tagset_key(tags: dict[str, str]) -> str:
 class _Agg:
     """One roll-up cell being built from a batch."""
 
-    __slots__ = ("n", "vn", "sum", "mn", "mx", "sketch")
+    __slots__ = ("mn", "mx", "n", "sketch", "sum", "vn")
 
     def __init__(self, with_sketch: bool) -> None:
         self.n = self.vn = 0
@@ -101,8 +102,14 @@ class _Agg:
 class HistoryStore:
     """Write batches, answer history queries, compact in the background."""
 
-    def __init__(self, path: Path, *, raw_retention_s: float = 86400, minute_retention_s: float = 7 * 86400,
-                 hour_retention_s: float = 90 * 86400) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        raw_retention_s: float = 86400,
+        minute_retention_s: float = 7 * 86400,
+        hour_retention_s: float = 90 * 86400,
+    ) -> None:
         self.path = Path(path)
         self.retention = {"raw": raw_retention_s, "minute": minute_retention_s, "hour": hour_retention_s}
         self.writer: aiosqlite.Connection | None = None
@@ -168,10 +175,24 @@ class HistoryStore:
                 new = list(fresh.values())
                 if new:
                     await conn.executemany(
-                        "INSERT OR IGNORE INTO events (id, ts, name, kind, value, source, agent_id, session_id, tags, data)"
+                        "INSERT OR IGNORE INTO events"
+                        " (id, ts, name, kind, value, source, agent_id, session_id, tags, data)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(e.id, e.ts, e.name, e.kind, _finite(e.value), e.source, e.agent_id, e.session_id,
-                          tagset_key(e.tags), json.dumps(e.data) if e.data is not None else None) for e in new],
+                        [
+                            (
+                                e.id,
+                                e.ts,
+                                e.name,
+                                e.kind,
+                                _finite(e.value),
+                                e.source,
+                                e.agent_id,
+                                e.session_id,
+                                tagset_key(e.tags),
+                                json.dumps(e.data) if e.data is not None else None,
+                            )
+                            for e in new
+                        ],
                     )
                     for level, width in LEVELS:
                         await self._fold(conn, level, width, new)
@@ -198,8 +219,9 @@ class HistoryStore:
         for (name, tagset, bucket), c in cells.items():
             blob = None
             if c.sketch is not None:
-                async with conn.execute(f"SELECT sketch FROM {table} WHERE name=? AND tagset=? AND bucket=?",
-                                        (name, tagset, bucket)) as cur:
+                async with conn.execute(
+                    f"SELECT sketch FROM {table} WHERE name=? AND tagset=? AND bucket=?", (name, tagset, bucket)
+                ) as cur:
                     old = await cur.fetchone()
                 if old is not None and old[0]:
                     c.sketch.merge(Sketch.from_bytes(old[0]))
@@ -209,7 +231,8 @@ class HistoryStore:
             f"INSERT INTO {table} (name, tagset, bucket, n, vn, sum, mn, mx, sketch) VALUES (?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (name, tagset, bucket) DO UPDATE SET n = n + excluded.n, vn = vn + excluded.vn,"
             " sum = sum + excluded.sum, mn = min(coalesce(mn, excluded.mn), coalesce(excluded.mn, mn)),"
-            " mx = max(coalesce(mx, excluded.mx), coalesce(excluded.mx, mx)), sketch = coalesce(excluded.sketch, sketch)",
+            " mx = max(coalesce(mx, excluded.mx), coalesce(excluded.mx, mx)),"
+            " sketch = coalesce(excluded.sketch, sketch)",
             rows,
         )
 
@@ -259,13 +282,23 @@ class HistoryStore:
     async def _fetch(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         assert self.reader is not None
         async with self.reader.execute(sql, tuple(args)) as cur:
-            return list(await cur.fetchall())
+            return [tuple(row) for row in await cur.fetchall()]
 
-    async def events(self, *, name: str | None = None, source: str | None = None, agent: str | None = None,
-                     session: str | None = None, start: float | None = None, end: float | None = None,
-                     cursor: str | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+    async def events(
+        self,
+        *,
+        name: str | None = None,
+        source: str | None = None,
+        agent: str | None = None,
+        session: str | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """Raw events, newest first; returns (events, next cursor or None)."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for col, val in (("name", name), ("source", source), ("agent_id", agent), ("session_id", session)):
             if val is not None:
                 where.append(f"{col} = ?")
@@ -286,8 +319,18 @@ class HistoryStore:
         sql += " ORDER BY ts DESC, id DESC LIMIT ?"
         rows = await self._fetch(sql, [*args, limit])
         out = [
-            {"id": r[0], "ts": r[1], "name": r[2], "kind": r[3], "value": r[4], "source": r[5], "agent_id": r[6],
-             "session_id": r[7], "tags": json.loads(r[8]), "data": json.loads(r[9]) if r[9] else None}
+            {
+                "id": r[0],
+                "ts": r[1],
+                "name": r[2],
+                "kind": r[3],
+                "value": r[4],
+                "source": r[5],
+                "agent_id": r[6],
+                "session_id": r[7],
+                "tags": json.loads(r[8]),
+                "data": json.loads(r[9]) if r[9] else None,
+            }
             for r in rows
         ]
         nxt = f"{rows[-1][1]!r}~{rows[-1][0]}" if len(rows) == limit else None
@@ -308,8 +351,16 @@ class HistoryStore:
             return "minute", 60
         return "hour", 3600
 
-    async def series(self, name: str | None, start: float, end: float, step: float | None = None, agg: str = "avg",
-                     tags: dict[str, str] | None = None, now: float | None = None) -> dict[str, Any]:
+    async def series(
+        self,
+        name: str | None,
+        start: float,
+        end: float,
+        step: float | None = None,
+        agg: str = "avg",
+        tags: dict[str, str] | None = None,
+        now: float | None = None,
+    ) -> dict[str, Any]:
         """Aggregate `name` over [start, end) in `step`-second buckets; `t` and `v` arrays
         cover every bucket (v is None where there is no data). `name` None takes every
         name (meaningful with agg "count": the overview's events/s)."""
@@ -320,7 +371,7 @@ class HistoryStore:
         level, res = self.choose_level(start, end, step, now)
         step = max(res, math.ceil(step / res) * res)
         first = math.floor(start / step) * step
-        nb = int(math.ceil((end - first) / step))
+        nb = math.ceil((end - first) / step)
         cells: list[_Agg | None] = [None] * nb
         want_sketch = agg.startswith("p")
         tag_sql, tag_args = "", []
@@ -374,8 +425,14 @@ class HistoryStore:
                 if want_sketch and cell.sketch is not None and blob:
                     cell.sketch.merge(Sketch.from_bytes(blob))
         return {
-            "name": name, "agg": agg, "level": level, "step": step, "from": first, "to": first + nb * step,
-            "t": [first + i * step for i in range(nb)], "v": [_value_of(c, agg) for c in cells],
+            "name": name,
+            "agg": agg,
+            "level": level,
+            "step": step,
+            "from": first,
+            "to": first + nb * step,
+            "t": [first + i * step for i in range(nb)],
+            "v": [_value_of(c, agg) for c in cells],
         }
 
 
@@ -411,5 +468,3 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     if not sep or not eid:
         raise ValueError("malformed cursor")
     return float(ts), eid
-
-

@@ -147,8 +147,13 @@ class SinkWorker:
             except Exception as exc:
                 self.stats.state = "failed"
                 self.stats.last_error = f"start: {type(exc).__name__}: {exc}"
-                log.error("sink %s (plugin %s) failed to start (retrying in %.0fs): %s", self.name,
-                          self.plugin or "?", delay, exc)
+                log.error(
+                    "sink %s (plugin %s) failed to start (retrying in %.0fs): %s",
+                    self.name,
+                    self.plugin or "?",
+                    delay,
+                    exc,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
@@ -303,8 +308,9 @@ class SinkWorker:
         if starting is not None and not starting.done():
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(starting, 10)
-        if self.started or (starting is not None and starting.done() and not starting.cancelled()
-                            and starting.exception() is None):
+        if self.started or (
+            starting is not None and starting.done() and not starting.cancelled() and starting.exception() is None
+        ):
             try:
                 await self.sink.close()
             except Exception as exc:

@@ -54,9 +54,17 @@ _NEVER = 1 << 62  # a _signal_at no deque reaches
 class RecordFn(Protocol):
     """The signature of record(): Agent.record is the intake's own bound method."""
 
-    def __call__(self, name: str, value: float | None = None, *, kind: str | None = None,
-                 tags: dict[str, str] | None = None, ts: float | None = None,
-                 data: dict[str, Any] | None = None, session_id: str | None = None) -> None: ...
+    def __call__(
+        self,
+        name: str,
+        value: float | None = None,
+        *,
+        kind: str | None = None,
+        tags: dict[str, str] | None = None,
+        ts: float | None = None,
+        data: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None: ...
 
 
 def event_from_record(t: Recorded, agent_id: str) -> Event:
@@ -66,10 +74,19 @@ def event_from_record(t: Recorded, agent_id: str) -> Event:
         if not isinstance(tags, dict):
             raise ValueError(f"tags must be a dict, got {type(tags).__name__}")
         tags = {str(k): str(v) for k, v in tags.items()}  # a copy: the caller may reuse its dict
-    return check(Event(
-        name=name, kind=default_kind(value) if kind is None else kind, value=value, ts=ts, tags=tags or {},
-        source="app", agent_id=agent_id, session_id=None if session_id is None else str(session_id), data=data,
-    ))
+    return check(
+        Event(
+            name=name,
+            kind=default_kind(value) if kind is None else kind,
+            value=value,
+            ts=ts,
+            tags=tags or {},
+            source="app",
+            agent_id=agent_id,
+            session_id=None if session_id is None else str(session_id),
+            data=data,
+        )
+    )
 
 
 class Committer:
@@ -118,9 +135,17 @@ class Committer:
 
     # -- producers -------------------------------------------------------------------
 
-    def record(self, name: str, value: float | None = None, *, kind: str | None = None,
-               tags: dict[str, str] | None = None, ts: float | None = None,
-               data: dict[str, Any] | None = None, session_id: str | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        value: float | None = None,
+        *,
+        kind: str | None = None,
+        tags: dict[str, str] | None = None,
+        ts: float | None = None,
+        data: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
         """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full.
         It is checked later, on the committer; what fails is counted as `invalid`."""
         q = self.records

@@ -18,13 +18,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent import losses
-from agent.storage.database import Database
 from agent.errors import JournalFullError
 from agent.event import Event, msgpack_encoder, stored_batch_decoder
 from agent.losses import LossLedger
+from agent.storage.database import Database
 
 log = logging.getLogger("sidecar_agent.journal")
 
@@ -44,9 +44,7 @@ def _nothing() -> None:
 class Journal:
     """Append, read after a cursor, move cursors, compact, cap."""
 
-    def __init__(
-        self, db: Database, ledger: LossLedger, *, max_bytes: int, overflow: str = "drop_oldest"
-    ) -> None:
+    def __init__(self, db: Database, ledger: LossLedger, *, max_bytes: int, overflow: str = "drop_oldest") -> None:
         self.db = db
         self.ledger = ledger
         self.max_bytes = max_bytes
@@ -70,7 +68,7 @@ class Journal:
         """Read sequence, size, cursors and the persisted loss ledger."""
         rows = await self.db.fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'journal'")
         self.last_seq = rows[0][0] if rows else 0
-        (segments, count, size, low), = await self.db.fetchall(
+        ((segments, count, size, low),) = await self.db.fetchall(
             "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(length(body)), 0), min(first_seq) FROM journal"
         )
         self.segments, self.rows = segments, count
@@ -135,7 +133,8 @@ class Journal:
         moved = [(s, self.cursors[s]) for s in self._dirty_cursors if s in self.cursors]
         async with self.db.tx() as conn:
             await conn.execute(
-                "INSERT INTO journal (seq, first_seq, count, body) VALUES (?, ?, ?, ?)", (last, first, len(events), body)
+                "INSERT INTO journal (seq, first_seq, count, body) VALUES (?, ?, ?, ?)",
+                (last, first, len(events), body),
             )
             if moved:
                 await conn.executemany(_UPSERT_CURSOR, moved)
@@ -167,13 +166,13 @@ class Journal:
                 " RETURNING seq, count, length(body)",
                 (n,),
             )
-            deleted = await cur.fetchall()
+            deleted = list(await cur.fetchall())
         dropped = self._forget(deleted)
         log.warning("journal over its cap: dropped the %d oldest events", dropped)
         self.ledger.add(losses.JOURNAL_FULL, dropped)
         return dropped
 
-    def _forget(self, deleted: list[tuple[int, int, int]]) -> int:
+    def _forget(self, deleted: Sequence[Sequence[int]]) -> int:
         """Account for deleted segments (seq, count, body length); returns their events."""
         if not deleted:
             return 0
@@ -206,7 +205,7 @@ class Journal:
         else:
             segments = await self._read_segments(after, limit)
         out: list[tuple[int, Event]] = []
-        for first, last, events in segments:
+        for first, _last, events in segments:
             start = max(0, after + 1 - first)
             for i in range(start, len(events)):
                 out.append((first + i, events[i]))
@@ -218,9 +217,7 @@ class Journal:
         found: list[Segment] = []
         need, cursor = limit, after
         while need > 0:
-            rows = await self.db.fetchall(
-                "SELECT seq FROM journal WHERE seq > ? ORDER BY seq LIMIT 16", (cursor,)
-            )
+            rows = await self.db.fetchall("SELECT seq FROM journal WHERE seq > ? ORDER BY seq LIMIT 16", (cursor,))
             if not rows:
                 break
             for (seq,) in rows:
@@ -279,7 +276,7 @@ class Journal:
                     " RETURNING seq, count, length(body)",
                     (upto, COMPACT_CHUNK),
                 )
-                deleted = await cur.fetchall()
+                deleted = list(await cur.fetchall())
             if not deleted:
                 break  # the rest of the oldest segment is still needed by some sink
             total += self._forget(deleted)

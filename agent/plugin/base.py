@@ -175,8 +175,13 @@ class ThrottledLog:
     needs enough to diagnose, and must not flood.
     """
 
-    def __init__(self, log: logging.Logger, every_s: float = 10.0, level: int = logging.WARNING,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        every_s: float = 10.0,
+        level: int = logging.WARNING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.log, self.every_s, self.level, self.clock = log, every_s, level, clock
         self._next = float("-inf")
         self._skipped = 0
@@ -198,8 +203,7 @@ class RegisterComponent(Protocol):
     ``register(type_name, factory, options=OptionsStruct)``; `factory(name, options, ctx)`
     returns the source, sink or policy instance."""
 
-    def __call__(self, type_name: str, factory: Callable[..., Any],
-                 options: type[msgspec.Struct] = ...) -> None: ...
+    def __call__(self, type_name: str, factory: Callable[..., Any], options: type[msgspec.Struct] = ...) -> None: ...
 
 
 class RegisterFlag(Protocol):

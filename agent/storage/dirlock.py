@@ -80,8 +80,12 @@ class DataDirLock:
             if loop.time() >= end or (not by_cli and not first):
                 raise DataDirInUse(self.path.parent, holder)
             if by_cli and not logged:
-                log.warning("data dir %s is locked by a CLI command (pid %s); waiting up to %.0fs",
-                            self.path.parent, holder.split()[0], cli_wait_s)
+                log.warning(
+                    "data dir %s is locked by a CLI command (pid %s); waiting up to %.0fs",
+                    self.path.parent,
+                    holder.split()[0],
+                    cli_wait_s,
+                )
                 logged = True
             first = False
             await asyncio.sleep(0.05)

@@ -16,9 +16,9 @@ from typing import Any
 import msgspec
 
 from agent import losses
-from agent.storage.database import Database
 from agent.event import Event, encode_msgpack_batch, stored_batch_decoder
 from agent.losses import LossLedger
+from agent.storage.database import Database
 
 STATUSES = ("pending", "replaying", "delivered", "expired", "purged")
 REPLAY_KEY = "dlq.replay_requested"  # meta row: sinks to replay at the next start (offline CLI)
@@ -85,8 +85,18 @@ class DeadLetterQueue:
             cur = await conn.execute(
                 "INSERT INTO dlq (sink, events, count, error_class, error, attempts, first_attempt,"
                 " last_attempt, status, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (sink, encode_msgpack_batch(events), len(events), type(exc).__name__, message[:2000],
-                 attempts, first_attempt, now, now, now),
+                (
+                    sink,
+                    encode_msgpack_batch(events),
+                    len(events),
+                    type(exc).__name__,
+                    message[:2000],
+                    attempts,
+                    first_attempt,
+                    now,
+                    now,
+                    now,
+                ),
             )
             entry_id = cur.lastrowid
         self._pending[sink] = self._pending.get(sink, 0) + len(events)
@@ -124,11 +134,12 @@ class DeadLetterQueue:
             total += count
         return total
 
-    async def list(
+    async def entries(
         self, *, sink: str | None = None, status: str | None = None, limit: int = 100, before: int | None = None
     ) -> list[DlqEntry]:
         """Entries newest first; `before` is the id to page from."""
-        where, params = ["1=1"], []
+        where: list[str] = ["1=1"]
+        params: list[Any] = []
         if sink:
             where.append("sink = ?")
             params.append(sink)
@@ -164,9 +175,7 @@ class DeadLetterQueue:
             return None
         entry_id, attempts, blob = rows[0]
         async with self.db.tx() as conn:
-            await conn.execute(
-                "UPDATE dlq SET status = 'replaying', updated = ? WHERE id = ?", (time.time(), entry_id)
-            )
+            await conn.execute("UPDATE dlq SET status = 'replaying', updated = ? WHERE id = ?", (time.time(), entry_id))
         return entry_id, attempts, stored_batch_decoder.decode(blob)
 
     async def settle(self, entry_id: int, sink: str, count: int, exc: BaseException | None) -> None:
@@ -201,8 +210,14 @@ class DeadLetterQueue:
         now = time.time()
         async with self.db.tx() as conn:
             for i, (events, exc) in enumerate(parts):
-                values = (encode_msgpack_batch(events), len(events), type(exc).__name__,
-                          (str(exc) or type(exc).__name__)[:2000], now, now)
+                values = (
+                    encode_msgpack_batch(events),
+                    len(events),
+                    type(exc).__name__,
+                    (str(exc) or type(exc).__name__)[:2000],
+                    now,
+                    now,
+                )
                 if i == 0:
                     await conn.execute(
                         "UPDATE dlq SET events = ?, count = ?, error_class = ?, error = ?, last_attempt = ?,"
@@ -225,7 +240,7 @@ class DeadLetterQueue:
         """Remember that `sinks` are to replay their pending entries at the next start
         (the offline CLI asks while no agent runs)."""
         async with self.db.tx() as conn:
-            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,))
+            rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,)))
             requested = sorted(set(json.loads(rows[0][0]) if rows else []) | set(sinks))
             await conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -235,7 +250,7 @@ class DeadLetterQueue:
     async def take_replay_requests(self) -> list[str]:
         """The sinks asked to replay while no agent ran; the request is used up."""
         async with self.db.tx() as conn:
-            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,))
+            rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (REPLAY_KEY,)))
             await conn.execute("DELETE FROM meta WHERE key = ?", (REPLAY_KEY,))
         return json.loads(rows[0][0]) if rows else []
 

@@ -35,7 +35,7 @@ COLUMNS: tuple[str, ...] = (
 NONFINITE_KEY = "value_nonfinite"
 STAT_NONFINITE = "nonfinite_values"
 
-_UTC = _dt.timezone.utc
+_UTC = _dt.UTC
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
