@@ -40,6 +40,7 @@ class AgentSection(_Section):
     overflow: Literal["drop_oldest", "reject"] = "drop_oldest"
     sync: Literal["full", "normal"] = "full"
     shutdown_timeout_s: PositiveFloat = 10.0
+    max_future_s: PositiveFloat = 366 * 86400.0  # an event's ts may be at most this far ahead of now
 
 
 class ServerSection(_Section):

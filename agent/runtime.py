@@ -77,6 +77,7 @@ class Agent:
             commit_batch=self.config.agent.commit_batch,
             commit_interval_s=self.config.agent.commit_interval_ms / 1000,
             on_commit=self.stream.publish,
+            max_future_s=self.config.agent.max_future_s,
         )
         # The intake's own bound method: the hot path pays no extra call.
         self.record: RecordFn = self.committer.record

@@ -5,7 +5,8 @@ several times faster than row-by-row INSERTs), then
 `INSERT INTO target SELECT ... FROM temp ON CONFLICT (id) DO NOTHING`, so re-sending a
 batch never duplicates rows. The pool reconnects after a server restart; connection
 loss, timeouts and transient SQLSTATEs raise RetryableError, bad data and schema or
-permission problems raise PermanentError.
+permission problems raise PermanentError, and so does an event that cannot be converted
+to a row (agent.table.rows), so the core's bisection sends only that event to the DLQ.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class PostgresSink(BaseSink):
     async def send(self, events: list[Event]) -> None:
         if not events:
             return
-        records = [to_record(e, self.ctx.stats) for e in events]
+        records = [to_record(e, self.ctx.stats) for e in events]  # PermanentError for an unconvertible event
         try:
             pool = await self._ensure_pool()
             async with pool.acquire() as con, con.transaction():

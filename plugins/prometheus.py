@@ -14,6 +14,7 @@ the next interval scrapes again.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -22,6 +23,8 @@ import aiohttp
 import msgspec
 
 from agent.plugin import Emit, Event, PluginContext, PollingSource, RegisterComponent, ThrottledLog, hookimpl
+
+NONFINITE_KEY = "value_nonfinite"  # as agent.table.rows names it
 
 ACCEPT = "text/plain;version=0.0.4;q=1.0, application/openmetrics-text;q=0.5, */*;q=0.1"
 SCRAPE_ERRORS = "sidecar_agent.scrape_errors"
@@ -86,13 +89,21 @@ def parse(
             labels = dict(s.labels)
             for k in tags.keys() & labels.keys():
                 labels[f"exported_{k}"] = labels.pop(k)
+            sample = float(s.value)
+            value: float | None = sample
+            data = None
+            if not math.isfinite(sample):  # NaN (no observations, staleness) or +/-Inf: the
+                # agent takes finite values only, so the sample keeps its place without one
+                data = {NONFINITE_KEY: "NaN" if sample != sample else ("Infinity" if sample > 0 else "-Infinity")}
+                value = None
             events.append(
                 Event(
                     name=prefix + s.name,
                     kind=kind_of(family.type, family.name, s.name),
-                    value=float(s.value),
+                    value=value,
                     ts=float(s.timestamp) if s.timestamp is not None else now,
                     tags={**labels, **tags},
+                    data=data,
                 )
             )
     return events

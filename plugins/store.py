@@ -2,14 +2,21 @@
 
 The agent adds it implicitly unless `[dashboard] store = false`; it has no policies,
 because it is a local file: a failure is a disk problem, and the journal keeps the
-backlog until it is solved. Once open, the store is published on `ctx.history` (the
-agent's history board), where the HTTP API finds it.
+backlog until it is solved (RetryableError). An event the store cannot convert (a ts
+whose minute bucket overflows SQLite's INTEGER, data that is not JSON) is the one
+exception: the batch fails with PermanentError naming it, so the core bisects the batch
+and only that event goes to the DLQ. The agent refuses such events at the edge
+(agent.event.check()); this guards against older journal and DLQ entries. Once open, the
+store is published on `ctx.history` (the agent's history board), where the HTTP API
+finds it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import sqlite3
 
 import msgspec
@@ -19,11 +26,30 @@ from agent.plugin import (
     BaseSink,
     Event,
     HistoryStore,
+    PermanentError,
     PluginContext,
     RegisterComponent,
     RetryableError,
     hookimpl,
 )
+
+# The store buckets ts by minute and hour into SQLite INTEGERs (signed 64-bit).
+_MAX_ABS_TS = float(2**62)
+
+
+def unstorable(e: Event) -> str | None:
+    """Why the history store cannot convert this event, or None when it can."""
+    if not (math.isfinite(e.ts) and abs(e.ts) < _MAX_ABS_TS):
+        return f"ts {e.ts!r} is out of range"
+    if e.value is not None and not isinstance(e.value, (int, float)):
+        return f"value is a {type(e.value).__name__}"
+    try:
+        json.dumps(e.tags, sort_keys=True)
+        if e.data is not None:
+            json.dumps(e.data)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        return f"tags or data are not JSON: {exc}"
+    return None
 
 
 class StoreOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +86,14 @@ class StoreSink(BaseSink):
             await self.store.write(events)
         except sqlite3.Error as exc:
             raise RetryableError(f"history store: {exc}") from exc
+        except (OverflowError, TypeError, ValueError, RecursionError) as exc:
+            # A conversion error, or (ValueError) a closed connection: tell them apart by
+            # the events themselves.
+            for e in events:
+                why = unstorable(e)
+                if why is not None:
+                    raise PermanentError(f"history store: event {e.id} cannot be stored: {why}") from exc
+            raise RetryableError(f"history store: {type(exc).__name__}: {exc}") from exc
 
     async def _compact_loop(self) -> None:
         while True:

@@ -3,8 +3,8 @@
 Writes are idempotent: `upsert(..., on_conflict="id", ignore_duplicates=True)` becomes
 `INSERT ... ON CONFLICT (id) DO NOTHING`, so re-sending a batch never duplicates rows.
 Failures are mapped to RetryableError (5xx, 429, timeouts, connection loss) or
-PermanentError (bad data, constraints, auth, missing table); the core retries the
-former and bisects a batch that raised the latter.
+PermanentError (bad data, constraints, auth, missing table, an event that cannot be
+converted to a row); the core retries the former and bisects a batch that raised the latter.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class SupabaseSink(BaseSink):
 
         if self._client is None:
             await self.start()
-        rows = [to_rest_row(e, self.ctx.stats) for e in events]
+        rows = [to_rest_row(e, self.ctx.stats) for e in events]  # PermanentError for an unconvertible event
         _last_response.set(None)
         try:
             await (

@@ -96,7 +96,9 @@ def test_prefix_tags_timestamps_and_conflicting_labels():
     up, other = events
     assert (up.name, up.value, up.ts) == ("app.up", 1.0, 1_700_000_000.5)
     assert up.tags == {"exported_instance": "inner", "job": "j", "instance": "h:1", "env": "t"}
-    assert other.name == "app.other" and other.value != other.value and other.ts == 5.0  # NaN kept
+    # NaN has no finite value: the sample is kept, value None, the NaN named in data.
+    assert other.name == "app.other" and other.value is None and other.ts == 5.0
+    assert other.data == {"value_nonfinite": "NaN"}
 
 
 @pytest.mark.parametrize("body", ["this is { garbage", "<html><body>hi</body></html>", "a{b=\"c\" 1\n"])

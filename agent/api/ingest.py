@@ -40,10 +40,11 @@ async def post_events(request: web.Request) -> web.Response:
             status=400,
         )
     now = time.time()
+    ts_max = now + agent.config.agent.max_future_s
     events = []
     for i, item in enumerate(items):
         try:
-            events.append(normalize(item, source="http", agent_id=agent.id, now=now))
+            events.append(normalize(item, source="http", agent_id=agent.id, now=now, ts_max=ts_max))
         except ValueError as exc:
             bad.append(InvalidEvent(i, str(exc)))
     if bad:

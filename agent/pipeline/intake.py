@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from agent import losses
 from agent.errors import JournalFullError
-from agent.event import Event, assign_ids, check, default_kind
+from agent.event import MAX_FUTURE_S, Event, assign_ids, check, default_kind
 from agent.losses import LossLedger
 from agent.pipeline.journal import Journal
 
@@ -67,7 +67,7 @@ class RecordFn(Protocol):
     ) -> None: ...
 
 
-def event_from_record(t: Recorded, agent_id: str) -> Event:
+def event_from_record(t: Recorded, agent_id: str, ts_max: float | None = None) -> Event:
     """Turn one record() tuple into a checked Event; raises ValueError when it is not one."""
     name, value, kind, tags, ts, data, session_id = t
     if tags:
@@ -85,7 +85,8 @@ def event_from_record(t: Recorded, agent_id: str) -> Event:
             agent_id=agent_id,
             session_id=None if session_id is None else str(session_id),
             data=data,
-        )
+        ),
+        ts_max,
     )
 
 
@@ -101,8 +102,10 @@ class Committer:
         commit_batch: int,
         commit_interval_s: float,
         on_commit: Callable[[list[Event]], None],
+        max_future_s: float = MAX_FUTURE_S,
     ) -> None:
         self.ledger = ledger
+        self.max_future_s = max_future_s  # check(): how far ahead of now a ts may be
         self.agent_id = agent_id
         self.capacity = capacity
         self.commit_batch = commit_batch
@@ -239,6 +242,7 @@ class Committer:
         events: list[Event] = []
         invalid: list[str] = []
         now = _time()
+        ts_max = now + self.max_future_s
         for t in taken:
             try:
                 if isinstance(t, Event):  # from a source
@@ -246,9 +250,9 @@ class Committer:
                         t.agent_id = self.agent_id
                     if not t.ts:
                         t.ts = now
-                    events.append(check(t))
+                    events.append(check(t, ts_max))
                 else:
-                    events.append(event_from_record(t, self.agent_id))
+                    events.append(event_from_record(t, self.agent_id, ts_max))
             except (TypeError, ValueError) as exc:  # TypeError: a record() call's odd tags or str()
                 invalid.append(str(exc))
         if invalid:

@@ -3,9 +3,12 @@ postgres and supabase sinks.
 
 Columns: id, agent_id, event_type (the event name), kind, value, timestamp, source,
 tags, data, metadata, session_id; created_at is left to the database default.
-A non-finite value (NaN, +/-inf) cannot be stored by PostgREST's JSON and is not
-useful in aggregates, so it is stored as NULL and the original is kept in
-data["value_nonfinite"] ("NaN", "Infinity" or "-Infinity").
+The agent refuses non-finite values at the edge (agent.event.check()); an event that
+still has one (an older journal or DLQ entry) is stored with value NULL and the original
+kept in data["value_nonfinite"] ("NaN", "Infinity" or "-Infinity"), counted in the
+sink's `nonfinite_values`. An event that cannot be converted at all (a ts past year
+9999, data the JSON encoder refuses) raises PermanentError naming it, so the core
+bisects its batch and only that event goes to the DLQ.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from agent.errors import PermanentError
 from agent.event import Event
 
 COLUMNS: tuple[str, ...] = (
@@ -61,8 +65,26 @@ def _json_safe(data: dict[str, Any] | None) -> dict[str, Any] | None:
     return _dec.decode(_enc.encode(data))
 
 
+# What converting one event can raise: a ts out of datetime's range (ValueError,
+# OverflowError, OSError), data the encoder refuses (TypeError, EncodeError, RecursionError).
+CONVERSION_ERRORS = (ValueError, TypeError, OverflowError, OSError, RecursionError, msgspec.EncodeError)
+
+
+def _unconvertible(e: Event, exc: BaseException) -> PermanentError:
+    return PermanentError(f"event {e.id} cannot be converted to a row: {type(exc).__name__}: {exc}"[:500])
+
+
 def to_rest_row(e: Event, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON-ready row for PostgREST: timestamp as an ISO 8601 UTC string."""
+    """A JSON-ready row for PostgREST: timestamp as an ISO 8601 UTC string.
+
+    Raises PermanentError when the event cannot be converted."""
+    try:
+        return _rest_row(e, stats)
+    except CONVERSION_ERRORS as exc:
+        raise _unconvertible(e, exc) from exc
+
+
+def _rest_row(e: Event, stats: dict[str, Any] | None) -> dict[str, Any]:
     value, data = _split_value(e, stats)
     return {
         "id": e.id,
@@ -80,7 +102,16 @@ def to_rest_row(e: Event, stats: dict[str, Any] | None = None) -> dict[str, Any]
 
 
 def to_record(e: Event, stats: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    """A record for asyncpg (COPY or executemany) in COLUMNS order; jsonb as JSON text."""
+    """A record for asyncpg (COPY or executemany) in COLUMNS order; jsonb as JSON text.
+
+    Raises PermanentError when the event cannot be converted."""
+    try:
+        return _record(e, stats)
+    except CONVERSION_ERRORS as exc:
+        raise _unconvertible(e, exc) from exc
+
+
+def _record(e: Event, stats: dict[str, Any] | None) -> tuple[Any, ...]:
     value, data = _split_value(e, stats)
     return (
         e.id,
