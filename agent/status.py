@@ -38,6 +38,8 @@ def status_of(agent: Agent) -> dict[str, Any]:
         "dlq": {"pending_events": agent.dlq.depth() if agent.dlq else 0},
         "losses": agent.ledger.by_reason(),
         "flags": {"problems": agent.flags.health() if agent.flags else []},
+        # Processes forwarding to this one (agent.forwarding.owner.Owner, set by agent.start()).
+        "forwarders": fw.describe() if (fw := getattr(agent, "forwarding", None)) is not None else [],
     }
 
 

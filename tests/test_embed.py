@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,9 @@ def test_start_record_flush_stop(embedded, jsonl_config):
     got = {e["name"]: e for e in _events(jsonl_config)}
     assert set(got) == {"orders.placed", "hits", "queue.depth", "latency", "deploy"}
     assert got["orders.placed"]["kind"] == "counter" and got["orders.placed"]["value"] == 2.0
-    assert got["orders.placed"]["tags"] == {"region": "eu"} and got["orders.placed"]["data"] == {"order": 7}
+    pid = str(os.getpid())  # agent.record() tags the producing process
+    assert got["orders.placed"]["tags"] == {"region": "eu", "pid": pid} and got["orders.placed"]["data"] == {"order": 7}
+    assert got["hits"]["tags"] == {"pid": pid}
     assert got["hits"]["kind"] == "counter" and got["hits"]["value"] == 1.0
     assert got["queue.depth"]["value"] == 12.5 and got["queue.depth"].get("kind", "gauge") == "gauge"
     assert got["latency"]["kind"] == "histogram"
@@ -73,7 +76,8 @@ def test_timer_context_manager_and_decorators(embedded, jsonl_config):
     assert set(got) == {"block", "sync.fn", "async.fn", "agent.block"}
     for e in got.values():
         assert e["kind"] == "histogram" and e["value"] >= 0
-    assert got["block"]["tags"] == {"k": "v"}
+    assert got["block"]["tags"] == {"k": "v", "pid": str(os.getpid())}
+    assert got["agent.block"]["tags"] == {}  # Agent.record itself adds no tag
 
 
 def test_timer_made_before_start_records_after(embedded, jsonl_config):
@@ -160,7 +164,10 @@ def _run_script(tmp_path, body, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_fork_child_starts_clean(tmp_path):
+def test_fork_child_forwards_to_the_parent(tmp_path):
+    """A child forked after start() gets a forwarder to the parent's data dir (not the
+    parent's agent, and no agent of its own): start() there returns it, whatever config
+    it is given, and its events land in the parent's sinks with the child's pid."""
     r = _run_script(tmp_path, """
         import os, sys, json
         import agent
@@ -169,17 +176,17 @@ def test_fork_child_starts_clean(tmp_path):
             return {"agent": {"data_dir": name + "-data"}, "server": {"enabled": False},
                     "sinks": {"out": {"type": "jsonl", "path": name + ".jsonl", "policies": []}}}
 
-        agent.start(cfg("parent"))
+        parent = agent.start(cfg("parent"))
         agent.record("before.fork", 1)
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                assert agent.current() is None, "child inherited the parent's agent"
-                agent.record("child.early", 1)  # no agent yet: counted, not sent anywhere
-                a = agent.start(cfg("child"))
-                assert a.ledger.by_reason().get("not_started") == 1
+                fw = agent.current()
+                assert fw is not None and fw is not parent, "child inherited the parent's agent"
+                assert type(fw).__name__ == "Forwarder"
                 agent.record("child.event", 1)
+                assert agent.start(cfg("child")) is fw  # one agent per process, as before
                 assert agent.flush(10)
                 agent.stop()
             except BaseException as exc:
@@ -190,13 +197,15 @@ def test_fork_child_starts_clean(tmp_path):
         _, status = os.waitpid(pid, 0)
         assert agent.flush(10)
         agent.stop()
+        print(pid)
         sys.exit(os.waitstatus_to_exitcode(status))
     """)
     assert r.returncode == 0, r.stderr
-    parent = [e["name"] for e in read_jsonl(tmp_path / "parent.jsonl")]
-    child = [e["name"] for e in read_jsonl(tmp_path / "child.jsonl")]
-    assert sorted(parent) == ["before.fork", "parent.after"]
-    assert child == ["child.event"]
+    parent = {e["name"]: e for e in read_jsonl(tmp_path / "parent.jsonl")}
+    assert sorted(parent) == ["before.fork", "child.event", "parent.after"]
+    assert parent["child.event"]["tags"] == {"pid": r.stdout.split()[-1]}
+    assert parent["before.fork"]["tags"]["pid"] != parent["child.event"]["tags"]["pid"]
+    assert not (tmp_path / "child.jsonl").exists()
 
 
 def test_interpreter_exit_stops_cleanly(tmp_path):

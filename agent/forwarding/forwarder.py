@@ -1,0 +1,423 @@
+"""The forwarder: record() in a process that does not own the data dir.
+
+record() is the committer's fast path: a tuple appended to a bounded deque, with the
+same threshold wake-up (see agent.pipeline.intake: `_signal_at` is re-armed to 1 before
+each drain; the first record wakes the drain thread, the one that fills a batch cuts
+its window short). The drain thread turns tuples into checked Events (event.check(),
+as the committer does; refusals counted as `invalid`), gives them uuid7 ids and the
+`pid` tag, and ships them in batches to the owner over the data dir's Unix socket
+(agent.forwarding.wire). A reader thread takes the owner's acks. A batch stays in
+`unacked` until acked, i.e. journaled by the owner; after a reconnect every unacked
+batch is sent again with the same seq and ids.
+
+Stop and exit: everything is shipped and the acks awaited until the deadline. What is
+still unacked then is spilled to forward/spill/<pid>-<ns>.msgpack (written to a temp
+name, fsynced, renamed) for the owner to take in: a count in a ledger would only say
+what was lost, while the file keeps the events, and it works when no owner is
+reachable at all (which is also when a count could not be reported). Only when the
+spill itself cannot be written are the events counted as `forwarder_unsent` (logged,
+and reported to the owner if the connection still stands).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from agent import losses
+from agent.config import Config
+from agent.event import MAX_TAGS, Event, assign_ids
+from agent.forwarding import wire
+from agent.losses import LossLedger
+from agent.pipeline.intake import Recorded, event_from_record
+from agent.timer import Timer
+
+log = logging.getLogger("sidecar_agent.forwarding")
+
+FORWARDER_UNSENT = "forwarder_unsent"  # could neither be handed over nor spilled
+_NEVER = 1 << 62
+_time = time.time
+RETRY_S = 0.2  # between connection attempts while no owner answers
+WINDOW = 16  # batches in flight before the drain waits for acks
+
+
+class Forwarder:
+    """Ships this process's events to the data dir's owner. Same recording API as Agent."""
+
+    def __init__(self, config: Config, *, pid: int | None = None) -> None:
+        a = config.agent
+        self.config = config
+        self.id = config.agent_id()
+        self.pid = os.getpid() if pid is None else pid
+        self.data_dir = a.data_dir
+        self.path = wire.socket_path(a.data_dir)
+        self.ledger = LossLedger()
+        self.capacity = a.intake_capacity
+        self.commit_batch = a.commit_batch
+        self.interval_s = a.commit_interval_ms / 1000
+        self.max_future_s = a.max_future_s
+        self.state = "new"
+        self.records: deque[Recorded] = deque()
+        self.refused: str | None = None
+        self._signal_at = 1
+        self._signal_lock = threading.RLock()
+        self._wake = threading.Event()
+        self._full = threading.Event()
+        # Guards what follows; notified on every take, ack and connection change.
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._taken = 0  # tuples taken off the deque
+        self._unacked: dict[int, wire.Batch] = {}
+        self._unacked_events = 0
+        self._flushes: dict[int, bool | None] = {}
+        self._reported: dict[str, int] = {}  # loss totals the owner acked
+        self._sent_losses: dict[str, int] = {}
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.sent = self.acked = self.resent = self.connects = 0
+        self.spilled = 0
+
+    # -- recording (any thread, never blocks) ----------------------------------------
+
+    def record(
+        self,
+        name: str,
+        value: float | None = None,
+        *,
+        kind: str | None = None,
+        tags: dict[str, str] | None = None,
+        ts: float | None = None,
+        data: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """Record one event; the same contract (and cost) as the owner's record()."""
+        q = self.records
+        if len(q) >= self.capacity or self.refused:
+            self.ledger.add(self.refused or losses.INTAKE_FULL)
+            return
+        q.append((name, value, kind, tags, ts or _time(), data, session_id))
+        if len(q) >= self._signal_at:
+            self._signal()
+
+    def _signal(self) -> None:
+        with self._signal_lock:
+            n = len(self.records)
+            if n < self._signal_at:
+                return
+            self._signal_at = self.commit_batch if n < self.commit_batch else _NEVER
+        self._wake.set()
+        if n >= self.commit_batch:
+            self._full.set()
+
+    def counter(self, name: str, value: float = 1, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        self.record(name, value, kind="counter", tags=tags, **kw)
+
+    def gauge(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        self.record(name, value, kind="gauge", tags=tags, **kw)
+
+    def histogram(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        self.record(name, value, kind="histogram", tags=tags, **kw)
+
+    def timer(self, name: str, *, tags: dict[str, str] | None = None) -> Timer:
+        return Timer(self, name, tags)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> Forwarder:
+        if self.state == "new":
+            self.state = "running"
+            self._thread = threading.Thread(target=self._run, name="sidecar-agent-forwarder", daemon=True)
+            self._thread.start()
+        return self
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """True once everything recorded before the call is journaled by the owner and
+        the owner's sinks confirmed it (Agent.flush() there)."""
+        end = time.monotonic() + timeout
+        if not self._handed_over(end):
+            return False
+        while (left := end - time.monotonic()) > 0:
+            with self._cond:
+                sock = self._sock
+                if sock is None:
+                    self._cond.wait(min(left, RETRY_S))
+                    continue
+                self._seq += 1
+                seq = self._seq
+                self._flushes[seq] = None
+            try:
+                self._send(sock, wire.Flush(seq=seq, timeout=max(0.0, left - 0.05)))
+            except OSError:
+                self._drop(sock)
+            with self._cond:
+                while self._flushes.get(seq) is None and self._sock is sock and time.monotonic() < end:
+                    self._cond.wait(end - time.monotonic())
+                result = self._flushes.pop(seq, None)
+            if result is not None:
+                return result
+        return False
+
+    def _handed_over(self, end: float) -> bool:
+        """Wait until every tuple recorded before now is taken and its batch acked."""
+        target = len(self.records)
+        with self._cond:
+            target += self._taken
+        self._wake.set()
+        self._full.set()
+        with self._cond:
+            while self._taken < target:
+                if not self._wait(end):
+                    return False
+            last = self._seq
+            while any(s <= last for s in self._unacked):
+                if not self._wait(end):
+                    return False
+        return True
+
+    def _wait(self, end: float) -> bool:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        self._cond.wait(left)
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Hand everything to the owner within `timeout` (default shutdown_timeout_s);
+        spill what was not acked by then. Safe to call twice."""
+        if self.state != "running":
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        t = self.config.agent.shutdown_timeout_s if timeout is None else timeout
+        self.refused = losses.STOPPED
+        self._handed_over(time.monotonic() + t)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        with self._cond:
+            sock, self._sock = self._sock, None
+            batches = [self._unacked[s] for s in sorted(self._unacked)]
+            self._unacked.clear()
+            self._unacked_events = 0
+        if sock is not None:
+            self._close(sock)
+        events = [e for b in batches for e in b.events]
+        rest = self._convert([self.records.popleft() for _ in range(len(self.records))])
+        self._tag(rest)
+        events += rest
+        self._spill(events)
+        self.state = "stopped"
+
+    def forget_in_child(self) -> None:
+        """After fork(), in the child: close its copy of the connection (never shut it
+        down: the parent still uses it). The parent's queue stays the parent's."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            unacked = self._unacked_events
+        return {
+            "role": "forwarder",
+            "pid": self.pid,
+            "state": self.state,
+            "connected": self._sock is not None,
+            "queued": len(self.records),
+            "unacked": unacked,
+            "sent": self.sent,
+            "acked": self.acked,
+            "resent": self.resent,
+            "connects": self.connects,
+            "spilled": self.spilled,
+            "losses": self.ledger.by_reason(),
+        }
+
+    # -- the drain thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing:
+                    return
+            if self._sock is None:
+                self._connect()
+            with self._signal_lock:
+                self._signal_at = 1
+            self._wake.clear()
+            if not self.records:
+                self._wake.wait(RETRY_S if self._sock is None else 1.0)
+            if self.records and len(self.records) < self.commit_batch:
+                self._full.wait(self.interval_s)
+            self._full.clear()
+            try:
+                self._ship()
+            except Exception:  # never let the drain die: log and go on
+                log.exception("forwarder drain failed")
+                time.sleep(RETRY_S)
+
+    def _convert(self, taken: list[Recorded]) -> list[Event]:
+        events: list[Event] = []
+        invalid: list[str] = []
+        ts_max = _time() + self.max_future_s
+        for t in taken:
+            try:
+                events.append(event_from_record(t, self.id, ts_max))
+            except (TypeError, ValueError) as exc:
+                invalid.append(str(exc))
+        if invalid:
+            self.ledger.add(losses.INVALID, len(invalid))
+            log.warning("%d invalid event(s) dropped, e.g. %s", len(invalid), invalid[0])
+        assign_ids(events)
+        return events
+
+    def _ship(self) -> None:
+        """Take what is queued (as far as the in-flight bound allows) and send it."""
+        while True:
+            with self._cond:
+                while self._sock is not None and not self._closing and len(self._unacked) >= WINDOW:
+                    self._cond.wait(1.0)
+                room = self.capacity - self._unacked_events
+                if room <= 0 and self.records:  # the owner is behind or gone: records wait (or overflow)
+                    self._cond.wait(RETRY_S)
+                    return
+            n = min(len(self.records), self.commit_batch, max(0, room))
+            totals = self.ledger.by_reason()
+            if n == 0 and totals == self._sent_losses:
+                return
+            popleft = self.records.popleft
+            events = self._convert([popleft() for _ in range(n)])
+            self._tag(events)
+            with self._cond:
+                self._seq += 1
+                batch = wire.Batch(seq=self._seq, events=events, losses=totals)
+                self._unacked[batch.seq] = batch
+                self._unacked_events += len(events)
+                self._taken += n
+                self._sent_losses = totals
+                sock = self._sock
+                self._cond.notify_all()
+            if sock is not None:
+                try:
+                    self._send(sock, batch)
+                    self.sent += len(events)
+                except OSError:
+                    self._drop(sock)
+            if n < self.commit_batch:
+                return
+
+    def _send(self, sock: socket.socket, msg: wire.Message) -> None:
+        frame = wire.encode(msg)
+        with self._send_lock:
+            sock.sendall(frame)
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with wire.short_path(self.path) as addr:
+                sock.connect(addr)
+            self._send(sock, wire.Hello(pid=self.pid, agent_id=self.id))
+            with self._cond:
+                resend = [self._unacked[s] for s in sorted(self._unacked)]
+            for b in resend:
+                self._send(sock, b)
+        except OSError:
+            sock.close()
+            time.sleep(RETRY_S)
+            return
+        self.connects += 1
+        self.resent += sum(len(b.events) for b in resend)
+        with self._cond:
+            self._sock = sock
+            self._cond.notify_all()
+        threading.Thread(target=self._read, args=(sock,), name="sidecar-agent-forwarder-acks", daemon=True).start()
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                msg = wire.recv_message(sock)
+                if not isinstance(msg, wire.Ack):
+                    raise wire.FrameError(f"unexpected {type(msg).__name__} from the owner")
+                with self._cond:
+                    if msg.seq in self._flushes:
+                        self._flushes[msg.seq] = msg.ok
+                    elif msg.ok and (b := self._unacked.pop(msg.seq, None)) is not None:
+                        self._unacked_events -= len(b.events)
+                        self.acked += len(b.events)
+                        self._reported = b.losses
+                    elif not msg.ok:
+                        # Not taken (the owner is stopping or its journal is full): the
+                        # batch stays unacked and goes again on the next connection.
+                        log.warning("the owner did not take batch %d: %s", msg.seq, msg.error)
+                        time.sleep(RETRY_S)
+                        raise ConnectionError(msg.error)
+                    self._cond.notify_all()
+        except (OSError, wire.FrameError):
+            pass
+        self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._cond:
+            if self._sock is sock:
+                self._sock = None
+            self._cond.notify_all()
+        self._close(sock)
+
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def _tag(self, events: list[Event]) -> None:
+        """The producing process, as the tag `pid` (unless the caller set one, or the
+        event has no room for another tag)."""
+        pid = str(self.pid)
+        for e in events:
+            tags = e.tags
+            if "pid" not in tags and len(tags) < MAX_TAGS:
+                tags["pid"] = pid
+
+    # -- spill -----------------------------------------------------------------------
+
+    def _spill(self, events: list[Event]) -> None:
+        totals = self.ledger.by_reason()
+        unreported = {r: n - self._reported.get(r, 0) for r, n in totals.items() if n > self._reported.get(r, 0)}
+        if not events and not unreported:
+            return
+        d = wire.spill_dir(self.data_dir)
+        path = d / f"{self.pid}-{time.time_ns()}.msgpack"
+        tmp = path.with_suffix(".tmp")
+        try:
+            wire.make_private_dir(d)
+            body = wire.spill_encoder.encode(wire.Spill(pid=self.pid, events=events, losses=unreported))
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except OSError as exc:
+            self.ledger.add(FORWARDER_UNSENT, len(events))
+            log.error(
+                "forwarder pid %d: %d event(s) could not be handed over nor spilled: %s", self.pid, len(events), exc
+            )
+            return
+        self.spilled += len(events)
+        if events:
+            log.warning(
+                "forwarder pid %d: %d event(s) not acked by the owner in time, spilled to %s",
+                self.pid,
+                len(events),
+                path,
+            )

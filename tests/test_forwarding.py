@@ -1,0 +1,380 @@
+"""One data dir, many processes: the owner and its forwarders (agent.forwarding).
+
+Each scenario runs as its own python process (forking a pytest process with threads is
+not something to test through), records events with a unique (worker, k) in `data`,
+and checks the jsonl sink: every recorded event is there, each id once (jsonl is
+at-least-once: a re-sent batch may repeat a line, but with the same id and content),
+nothing counted as lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.event import Event
+from agent.forwarding import wire
+from tests.helpers import read_jsonl, subprocess_env
+
+PRELUDE = """
+import json, os, sys, time
+import agent
+
+CFG = {"agent": {"data_dir": "data", "id": "fw-test", "shutdown_timeout_s": 10},
+       "server": {"enabled": False}, "dashboard": {"store": False},
+       "sinks": {"out": {"type": "jsonl", "path": "out.jsonl", "policies": []}}}
+
+def produce(worker, n):
+    for k in range(n):
+        agent.record("fw.event", k, tags={"worker": str(worker)}, data={"w": worker, "k": k})
+"""
+
+
+def _script(tmp_path: Path, body: str, name: str = "s.py") -> Path:
+    path = tmp_path / name
+    path.write_text(PRELUDE + textwrap.dedent(body))
+    return path
+
+
+def _run(tmp_path: Path, body: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    path = _script(tmp_path, body)
+    r = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def assert_exactly_once(rows: list[dict], expected: set[tuple[int, int]]) -> None:
+    """Every expected (worker, k) arrived, under one id each; repeats only of the same event."""
+    by_id: dict[str, dict] = {}
+    for row in rows:
+        seen = by_id.setdefault(row["id"], row)
+        assert seen == row, f"id {row['id']} carries two different events"
+    got = [(e["data"]["w"], e["data"]["k"]) for e in by_id.values()]
+    assert len(got) == len(set(got)), "an event arrived under two ids"
+    assert set(got) == expected
+
+
+def test_wire_frames_round_trip_and_refuse_oversize():
+    e = Event(id="01a22d9e-99ae-7d8b-8233-6231e6460505", name="n", value=1.0, ts=1.0, tags={"pid": "1"})
+    frame = wire.encode(wire.Batch(seq=3, events=[e], losses={"invalid": 2}))
+    n = wire.frame_length(frame[:4])
+    assert n == len(frame) - 4
+    msg = wire.decode(frame[4:])
+    assert msg == wire.Batch(seq=3, events=[e], losses={"invalid": 2})
+    assert wire.decode(wire.encode(wire.Ack(seq=3))[4:]) == wire.Ack(seq=3, ok=True)
+    with pytest.raises(wire.FrameError):
+        wire.frame_length((wire.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(wire.FrameError):
+        wire.decode(b"\xc1garbage")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_processes_share_one_data_dir(tmp_path, method):
+    """The parent owns the data dir; 4 children (fork or spawn) call agent.start() with
+    the same config, become forwarders, record, flush and exit without stop()."""
+    r = _run(
+        tmp_path,
+        f"""
+        import multiprocessing as mp
+
+        def work(worker):
+            fw = agent.start(CFG)
+            assert type(fw).__name__ == "Forwarder", fw
+            produce(worker, 2000)
+            assert agent.flush(60), "flush failed"
+            # flush() means the owner's sinks confirmed: the events are in the file now.
+            rows = [json.loads(l) for l in open("out.jsonl")]
+            assert sum(1 for e in rows if e["tags"].get("pid") == str(os.getpid())) >= 2000
+            print("child", os.getpid(), json.dumps(fw.status()), flush=True)
+
+        if __name__ == "__main__":
+            a = agent.start(CFG)
+            assert type(a).__name__ == "Agent"
+            ctx = mp.get_context("{method}")
+            ps = [ctx.Process(target=work, args=(i,)) for i in range(4)]
+            for p in ps:
+                p.start()
+            for p in ps:
+                p.join(120)
+            assert [p.exitcode for p in ps] == [0] * 4, [p.exitcode for p in ps]
+            produce(99, 100)
+            assert agent.flush(30)
+            s = a.status()
+            print(json.dumps({{"losses": s["losses"], "forwarders": s["forwarders"]}}))
+            agent.stop()
+        """,
+    )
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    expected = {(w, k) for w in range(4) for k in range(2000)} | {(99, k) for k in range(100)}
+    assert_exactly_once(rows, expected)
+    status = json.loads(r.stdout.strip().splitlines()[-1])
+    assert status["losses"] == {}
+    fws = status["forwarders"]
+    assert len(fws) == 4 and all(f["events"] >= 2000 and f["lost"] == 0 for f in fws)
+    # Who sent what: the pid tag names the producing process.
+    pids = {str(f["pid"]) for f in fws}
+    by_worker = {e["data"]["w"]: e["tags"]["pid"] for e in rows}
+    assert {by_worker[w] for w in range(4)} == pids
+    assert by_worker[99] not in pids  # the owner's own events carry its own pid
+
+
+def test_children_of_a_started_agent_forward_with_no_code_change(tmp_path):
+    """An agent started before fork(): each child's record() reaches the parent's
+    journal without calling start(); the children exit through os._exit after a flush
+    and through a normal exit (the exit hook hands over) without one."""
+    r = _run(
+        tmp_path,
+        """
+        a = agent.start(CFG)
+        produce(0, 10)
+        kids = []
+        for w in (1, 2, 3):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    fw = agent.current()
+                    assert type(fw).__name__ == "Forwarder", fw
+                    assert agent.start(CFG) is fw  # idempotent, as before
+                    produce(w, 1000)
+                    if w == 1:
+                        assert agent.flush(60)
+                        os._exit(0)
+                except BaseException as exc:
+                    print("child failed:", repr(exc), file=sys.stderr, flush=True)
+                    code = 1
+                if code:
+                    os._exit(code)
+                sys.exit(0)  # the exit hook stops the forwarder: hands everything over
+            kids.append(pid)
+        for pid in kids:
+            _, st = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(st) == 0
+        assert agent.flush(30)
+        print(json.dumps(a.status()["losses"]))
+        agent.stop()
+        """,
+    )
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {}
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert_exactly_once(rows, {(0, k) for k in range(10)} | {(w, k) for w in (1, 2, 3) for k in range(1000)})
+    pids = {e["data"]["w"]: e["tags"]["pid"] for e in rows}
+    assert len(set(pids.values())) == 4
+
+
+def test_forwarder_spills_when_no_owner_answers_and_the_next_owner_takes_it_in(tmp_path):
+    """The owner is killed with kill -9; a forwarder that stops then cannot hand over:
+    it spills to forward/spill/, and the next owner of the data dir commits the file."""
+    owner = _script(
+        tmp_path,
+        """
+        agent.start(CFG)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        """,
+        "owner.py",
+    )
+    fw = _script(
+        tmp_path,
+        """
+        fw = agent.start(CFG)
+        assert type(fw).__name__ == "Forwarder", fw
+        produce(1, 500)
+        assert agent.flush(60)  # these reached the owner
+        print("flushed", flush=True)
+        sys.stdin.readline()  # the owner is killed now
+        produce(2, 500)
+        agent.stop(2.0)
+        print(json.dumps(fw.status()), flush=True)
+        """,
+        "fw.py",
+    )
+    env = subprocess_env()
+    po = subprocess.Popen([sys.executable, str(owner)], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+    pf = None
+    try:
+        assert po.stdout is not None and po.stdout.readline().strip() == "ready"
+        pf = subprocess.Popen([sys.executable, str(fw)], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert pf.stdout is not None and pf.stdout.readline().strip() == "flushed"
+        os.kill(po.pid, signal.SIGKILL)
+        po.wait(30)
+        out, err = pf.communicate("\n", timeout=60)
+        assert pf.returncode == 0, err
+        status = json.loads(out.strip().splitlines()[-1])
+        assert status["spilled"] == 500 and status["losses"] == {}
+    finally:
+        for p in (po, pf):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    spills = list((tmp_path / "data" / "forward" / "spill").glob("*.msgpack"))
+    assert len(spills) == 1
+    r = _run(
+        tmp_path,
+        """
+        a = agent.start(CFG)
+        assert type(a).__name__ == "Agent"
+        assert agent.flush(30)
+        print(json.dumps(a.status()), flush=True)
+        agent.stop()
+        """,
+    )
+    status = json.loads(r.stdout.strip().splitlines()[-1])
+    assert status["losses"] == {}
+    assert [f["spilled"] for f in status["forwarders"]] == [500]
+    assert not list((tmp_path / "data" / "forward" / "spill").glob("*"))
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert_exactly_once(rows, {(w, k) for w in (1, 2) for k in range(500)})
+
+
+def _wait_file(path: Path) -> None:
+    for _ in range(1200):
+        if path.exists():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_forwarder_resends_unacked_batches_to_the_next_owner(tmp_path):
+    """Batches recorded while no owner listens wait in the forwarder (not lost, not
+    refused) and go to whichever agent owns the data dir next."""
+    fw = _script(
+        tmp_path,
+        """
+        import fcntl
+        from tests.test_forwarding import _wait_file
+        from pathlib import Path
+        # Hold the lock as a plain process (no socket): the forwarder finds no owner.
+        os.makedirs("data", exist_ok=True)
+        fd = os.open("data/agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"1")
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(fd)
+                fw = agent.start(CFG)
+                assert type(fw).__name__ == "Forwarder", fw
+                produce(1, 300)
+                assert not agent.flush(0.5)  # nobody to hand over to
+                print("recorded", flush=True)
+                _wait_file(Path("go"))
+                assert agent.flush(60)
+                print(json.dumps(fw.status()), flush=True)
+                agent.stop()
+            except BaseException as exc:
+                print("child failed:", repr(exc), file=sys.stderr, flush=True)
+                code = 1
+            os._exit(code)
+        _wait_file(Path("release"))
+        os.close(fd)
+        print("released", flush=True)
+        _, st = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(st))
+        """,
+        "fw.py",
+    )
+    owner = _script(
+        tmp_path,
+        """
+        a = agent.start(CFG)
+        assert type(a).__name__ == "Agent", a
+        print("owner", flush=True)
+        sys.stdin.readline()
+        assert agent.flush(30)
+        print(json.dumps(a.status()), flush=True)
+        agent.stop()
+        """,
+        "owner.py",
+    )
+    env = subprocess_env()
+    pf = subprocess.Popen([sys.executable, str(fw)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    po = None
+    try:
+        assert pf.stdout is not None and pf.stdout.readline().strip() == "recorded"
+        (tmp_path / "release").touch()
+        assert pf.stdout.readline().strip() == "released"
+        po = subprocess.Popen([sys.executable, str(owner)], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+        assert po.stdout is not None and po.stdout.readline().strip() == "owner"
+        (tmp_path / "go").touch()
+        out, err = pf.communicate(timeout=90)
+        assert pf.returncode == 0, err
+        st = json.loads(out.strip().splitlines()[-1])
+        assert st["acked"] == 300 and st["spilled"] == 0 and st["losses"] == {}
+        out, _ = po.communicate("\n", timeout=60)
+        assert po.returncode == 0
+        assert json.loads(out.strip().splitlines()[-1])["losses"] == {}
+    finally:
+        for p in (po, pf):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), {(1, k) for k in range(300)})
+
+
+def test_socket_and_dir_are_private(tmp_path):
+    r = _run(
+        tmp_path,
+        """
+        import stat
+        agent.start(CFG)
+        st = os.stat("data/forward/agent.sock")
+        d = os.stat("data/forward")
+        print(oct(stat.S_IMODE(st.st_mode)), oct(stat.S_IMODE(d.st_mode)), stat.S_ISSOCK(st.st_mode))
+        agent.stop()
+        print(os.path.exists("data/forward/agent.sock"))
+        """,
+    )
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2] == "0o600 0o700 True"
+    assert lines[-1] == "False"
+
+
+def test_long_data_dir_paths_still_reach_the_socket(tmp_path):
+    """Unix socket paths are limited to ~108 bytes; a deep data dir must still work."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    r = _run(
+        tmp_path,
+        f"""
+        CFG["agent"]["data_dir"] = {str(deep / "data")!r}
+        a = agent.start(CFG)
+        pid = os.fork()
+        if pid == 0:
+            produce(1, 50)
+            ok = agent.flush(30)
+            os._exit(0 if ok else 3)
+        _, st = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+        agent.stop()
+        """,
+    )
+    assert r.returncode == 0
+    assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), {(1, k) for k in range(50)})
+
+
+def test_forwarder_record_is_bounded_like_the_owners():
+    """record() on a forwarder only queues, under intake_capacity; past it, intake_full."""
+    from agent.config import resolve
+    from agent.forwarding.forwarder import Forwarder
+
+    fw = Forwarder(resolve({"agent": {"data_dir": "/nonexistent", "intake_capacity": 3}, "server": {"enabled": False}}))
+    for k in range(5):
+        fw.record("x", k, tags={"a": "b"})
+    assert len(fw.records) == 3 and fw.ledger.by_reason() == {"intake_full": 2}
