@@ -165,8 +165,9 @@ class Forwarder:
                 return result
         return False
 
-    def _handed_over(self, end: float) -> bool:
-        """Wait until every tuple recorded before now is taken and its batch acked."""
+    def _handed_over(self, end: float, stopping: bool = False) -> bool:
+        """Wait until every tuple recorded before now is taken and its batch acked.
+        `stopping`: give up early once no owner is listening (its socket is gone)."""
         target = len(self.records)
         with self._cond:
             target += self._taken
@@ -174,19 +175,21 @@ class Forwarder:
         self._full.set()
         with self._cond:
             while self._taken < target:
-                if not self._wait(end):
+                if not self._wait(end, stopping):
                     return False
             last = self._seq
             while any(s <= last for s in self._unacked):
-                if not self._wait(end):
+                if not self._wait(end, stopping):
                     return False
         return True
 
-    def _wait(self, end: float) -> bool:
+    def _wait(self, end: float, stopping: bool) -> bool:
         left = end - time.monotonic()
         if left <= 0:
             return False
-        self._cond.wait(left)
+        if stopping and self._sock is None and not self.path.exists():
+            return False  # the owner stopped (or died and its socket was removed): spill now
+        self._cond.wait(min(left, 0.5) if stopping else left)
         return True
 
     def stop(self, timeout: float | None = None) -> None:
@@ -198,7 +201,7 @@ class Forwarder:
         self.state = "stopping"
         t = self.config.agent.shutdown_timeout_s if timeout is None else timeout
         self.refused = losses.STOPPED
-        self._handed_over(time.monotonic() + t)
+        self._handed_over(time.monotonic() + t, stopping=True)
         with self._cond:
             self._closing = True
             self._cond.notify_all()
