@@ -7,7 +7,6 @@ agent.embed). `record()` and friends are safe from any thread and never block.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -19,7 +18,7 @@ from agent.config import Config, resolve
 from agent.event import Event
 from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
-from agent.pipeline.delivery import SinkWorker
+from agent.pipeline.delivery import SinkWorker, raise_if_cancelling
 from agent.pipeline.intake import Committer, RecordFn
 from agent.pipeline.journal import Journal
 from agent.pipeline.resilience import chain_from_specs
@@ -36,6 +35,14 @@ if TYPE_CHECKING:
     from agent.flags import FlagService
 
 log = logging.getLogger("sidecar_agent")
+
+# stop() ends within shutdown_timeout_s plus this grace, whatever a sink or plugin does.
+# The timeout is the sinks' time to deliver what is journaled; the grace covers what
+# follows it: cancelling the tasks still running (about 1 s), closing sinks (0.5 s), and
+# persisting cursors and the ledger and closing the database (0.5 s). A task or close
+# still running past its share is abandoned (cancelled, no longer awaited) and named in
+# `Agent.abandoned`; what it had not confirmed stays journaled for the next start.
+SHUTDOWN_GRACE_S = 2.0
 
 
 class Agent:
@@ -86,6 +93,10 @@ class Agent:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._runner: Any = None
         self._stopped: asyncio.Event | None = None  # created in start(), on the agent's loop
+        # What stop() gave up waiting for (tasks, sink closes, the database close); a
+        # process that exits after such a stop must not wait for them (agent.cli does not).
+        self.abandoned: list[str] = []
+        self._leftovers: set[asyncio.Future[Any]] = set()  # abandoned, still referenced
 
     # -- recording (any thread, never blocks) ------------------------------------------
     # record(name, value=None, *, kind=None, tags=None, ts=None, data=None, session_id=None):
@@ -150,27 +161,68 @@ class Agent:
     async def _wind_down(self, reason: str, end: float) -> None:
         """Shared by stop() and a failed start: sources, server and intake close; what is
         queued is committed until `end` (the rest counted under `reason`); sinks get until
-        `end` to confirm it; then tasks, sinks and the database close, the ledger saved."""
+        `end` to confirm it; then tasks, sinks and the database close, the ledger saved.
+
+        Every step is bounded, so this returns by `end + SHUTDOWN_GRACE_S` (plus a few
+        hundredths of a second of floors): a step still running past its share is
+        abandoned (see SHUTDOWN_GRACE_S), never awaited for ever."""
         loop = asyncio.get_running_loop()
-        for name in [n for n in self._tasks if n.startswith("source:")]:
-            await _cancel(self._tasks.pop(name))
+        hard = end + SHUTDOWN_GRACE_S
+        sources = {n: self._tasks.pop(n) for n in [n for n in self._tasks if n.startswith("source:")]}
+        await self._finish_tasks(sources, min(end, loop.time() + 1.0))
         if self._runner is not None:
-            await self._runner.cleanup()  # no new ingest; open requests finish first
-            self._runner = None
+            runner, self._runner = self._runner, None
+            await self._bounded("http server", runner.cleanup(), end)  # open requests finish first
         self.committer.close(reason)
         await self.committer.drain(max(0.1, end - loop.time()))
         self.committer.discard()  # not committed by the deadline: counted under `reason`
         await self.flush(max(0.0, end - loop.time()))
-        for name in list(self._tasks):
-            await _cancel(self._tasks.pop(name))
-        for worker in self.workers.values():
-            with contextlib.suppress(Exception):
-                await worker.close()
+        tasks, self._tasks = self._tasks, {}
+        await self._finish_tasks(tasks, end + SHUTDOWN_GRACE_S / 2)
+        closes = [self._bounded(f"close sink:{n}", w.close(), hard - 0.5) for n, w in self.workers.items()]
+        await asyncio.gather(*closes)
         if self.journal is not None and self.db is not None and self.db.writer is not None:
-            with contextlib.suppress(Exception):
-                await self.journal.checkpoint()  # the ledger and the cursors
+            # The ledger and the cursors: everything past a cursor is delivered after restart.
+            await self._bounded("checkpoint", self.journal.checkpoint(), hard - 0.25)
         if self.db is not None:
-            await self.db.close()
+            await self._bounded("database close", self.db.close(), hard)
+
+    async def _finish_tasks(self, tasks: dict[str, asyncio.Task[Any]], until: float) -> None:
+        """Cancel `tasks` together and wait for them until `until` (loop time); the ones
+        still running then are abandoned: a task that swallows its cancel cannot hold stop()."""
+        for task in tasks.values():
+            task.cancel()
+        if not tasks:
+            return
+        loop = asyncio.get_running_loop()
+        await asyncio.wait(tasks.values(), timeout=max(0.01, until - loop.time()))
+        for name, task in tasks.items():
+            if not task.done():
+                self._abandon(name, task)
+
+    async def _bounded(self, what: str, coro: Any, until: float) -> bool:
+        """Run `coro` until `until` (loop time); past it, cancel and abandon it. An error
+        it raises is logged (shutdown goes on). True when it finished in time."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(coro)
+        try:
+            await asyncio.wait([task], timeout=max(0.05, until - loop.time()))
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            self._abandon(what, task)
+            return False
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("stopping: %s failed: %r", what, exc, exc_info=exc)
+        return True
+
+    def _abandon(self, what: str, task: asyncio.Future[Any]) -> None:
+        log.error("stopping: %s did not end within the shutdown bound; abandoned (its events stay journaled)", what)
+        self.abandoned.append(what)
+        self._leftovers.add(task)
+        task.add_done_callback(self._leftovers.discard)
 
     async def _start(self) -> None:
         cfg = self.config
@@ -305,6 +357,7 @@ class Agent:
                 self._component(spec, "finished")
                 return
             except Exception as exc:
+                raise_if_cancelling()  # a source that turned its cancel into an error still stops
                 log.error(
                     "source %s (plugin %s) failed (restarting in %.0fs): %s",
                     spec.name,
@@ -422,8 +475,10 @@ class Agent:
             progress.cancel()
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Graceful stop: stop intake, commit what is in memory, give sinks a deadline,
-        persist cursors. Safe to call twice; undelivered events wait in the journal."""
+        """Graceful stop: stop intake, commit what is in memory, give sinks a deadline
+        (`timeout`, default shutdown_timeout_s), persist cursors. Returns within the
+        deadline plus SHUTDOWN_GRACE_S: what is still running then is abandoned (see
+        `abandoned`). Safe to call twice; undelivered events wait in the journal."""
         if self.state in ("stopping", "stopped"):
             if self._stopped is not None:
                 await self._stopped.wait()
@@ -436,6 +491,7 @@ class Agent:
         if self.state == "failed":  # a start that raised has already released everything
             return
         self.state = "stopping"
+        # Bounded: this returns within `deadline` + SHUTDOWN_GRACE_S (see _wind_down).
         deadline = self.config.agent.shutdown_timeout_s if timeout is None else timeout
         await self._wind_down(losses.SHUTDOWN_TIMEOUT, asyncio.get_running_loop().time() + deadline)
         self.state = "stopped"
@@ -454,9 +510,3 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """What /api/v1/status serves (see agent/status.py)."""
         return status_of(self)
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

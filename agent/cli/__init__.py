@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -38,7 +39,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         await stop.wait()
         print("stopping...", file=sys.stderr, flush=True)
-        await agent.stop()
+        await agent.stop()  # bounded: shutdown_timeout_s + runtime.SHUTDOWN_GRACE_S
+        if agent.abandoned:
+            # stop() gave up on these (logged); asyncio.run() and the interpreter's exit
+            # would wait for them (and their threads) for ever. Cursors and the ledger are
+            # saved: what they had not delivered is delivered after the next start.
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
 
     return asyncio.run(main())

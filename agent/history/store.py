@@ -18,8 +18,10 @@ roll-ups in their own SQLite file (`data_dir/store.db`, WAL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,7 +129,8 @@ class HistoryStore:
         try:
             await migrate(self.writer, MIGRATIONS, f"history store {self.path}")
         except BaseException:
-            await self.close()  # the sink retries its start: leave no connection behind
+            with contextlib.suppress(Exception):  # never replace what is propagating (a cancel)
+                await self.close()  # the sink retries its start: leave no connection behind
             raise
         self.reader = await self._connect()
         async with self.reader.execute("SELECT name, kind, tag_keys, last_value, last_ts, count FROM names") as cur:
@@ -163,8 +166,10 @@ class HistoryStore:
                 fresh[e.id] = e
         async with self._write_lock:
             conn = self.writer
-            await conn.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a cancel landing on BEGIN's await does not stop BEGIN from
+                # running in aiosqlite's thread, and the transaction must not stay open.
+                await conn.execute("BEGIN IMMEDIATE")
                 ids = list(fresh)
                 for i in range(0, len(ids), ID_CHUNK):
                     chunk = ids[i : i + ID_CHUNK]
@@ -199,7 +204,13 @@ class HistoryStore:
                     await self._catalogue(conn, new)
                 await conn.execute("COMMIT")
             except BaseException:
-                await conn.execute("ROLLBACK")
+                # Never let the ROLLBACK's own error replace what is propagating: a cancel
+                # that lands while COMMIT runs in aiosqlite's thread finds no transaction
+                # left to roll back ("cannot rollback - no transaction is active"), and a
+                # CancelledError turned into an sqlite3.Error would be swallowed as a
+                # retryable failure, so stop() would wait for this sink forever.
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await asyncio.shield(conn.execute("ROLLBACK"))
                 raise
         self.stats["stored"] += len(new)
         self.stats["skipped_old"] += old

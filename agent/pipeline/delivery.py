@@ -35,6 +35,23 @@ log = logging.getLogger("sidecar_agent.delivery")
 OWN_PREFIX = "sidecar_agent."  # names of the agent's own events
 
 
+def raise_if_cancelling() -> None:
+    """Re-raise a cancel that a callee turned into an ordinary exception.
+
+    Called wherever a loop catches `Exception` and carries on: if this task was asked to
+    stop (Task.cancelling()), whatever the callee raised instead, the cancel wins, so a
+    plugin or library that swallows a CancelledError cannot keep a worker alive past stop().
+    """
+    if cancelling():
+        raise asyncio.CancelledError
+
+
+def cancelling() -> bool:
+    """Whether the current task has been asked to stop (a cancel not yet withdrawn)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 @dataclass
 class SinkStats:
     """Counters for /api/v1/sinks and /metrics."""
@@ -145,6 +162,7 @@ class SinkWorker:
                 self.started = True
                 return
             except Exception as exc:
+                raise_if_cancelling()
                 self.stats.state = "failed"
                 self.stats.last_error = f"start: {type(exc).__name__}: {exc}"
                 log.error(
@@ -193,11 +211,13 @@ class SinkWorker:
                 await asyncio.sleep(max(0.05, exc.retry_after or 1.0))
                 continue
             except PermanentError as exc:
+                raise_if_cancelling()
                 self._failed(exc)
                 for part, error in await self._bisect(events, exc):
                     await self._dead_letter(part, error, 1, first_attempt)
                 return
             except Exception as exc:  # RetryableError past its budget, or a sink bug
+                raise_if_cancelling()
                 self._failed(exc)
                 if not isinstance(exc, RetryableError):
                     log.error("sink %s raised an unclassified error: %r", self.name, exc)
@@ -218,8 +238,10 @@ class SinkWorker:
             try:
                 await self._send(half)
             except PermanentError as inner:
+                raise_if_cancelling()
                 failed += await self._bisect(half, inner)
             except Exception as inner:
+                raise_if_cancelling()
                 failed.append((half, inner))
             else:
                 self._succeeded(half)
@@ -265,6 +287,9 @@ class SinkWorker:
             await asyncio.shield(self.dlq.settle(entry_id, self.name, len(events), RetryableError("cancelled")))
             raise
         except Exception as exc:
+            if cancelling():  # a cancel the sink turned into an error: parked as above
+                await asyncio.shield(self.dlq.settle(entry_id, self.name, len(events), RetryableError("cancelled")))
+                raise asyncio.CancelledError from exc
             self._failed(exc)
             self._replay_failed(exc)
             await self.dlq.settle(entry_id, self.name, len(events), exc)

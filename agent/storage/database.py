@@ -131,13 +131,17 @@ class Database:
         """A write transaction on the writer connection, one at a time."""
         assert self.writer is not None, "database is not open"
         async with self._lock:
-            await self.writer.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a cancel landing on BEGIN's await does not stop BEGIN from
+                # running in aiosqlite's thread, and the transaction must not stay open.
+                await self.writer.execute("BEGIN IMMEDIATE")
                 yield self.writer
                 await self.writer.execute("COMMIT")
             except BaseException:
                 # Also covers a failed COMMIT (disk full): the transaction must not stay open.
-                with contextlib.suppress(sqlite3.Error):
+                # Suppressed so the ROLLBACK's own error never replaces what propagates
+                # (a CancelledError above all; see HistoryStore.write).
+                with contextlib.suppress(sqlite3.Error, ValueError):
                     await self.writer.execute("ROLLBACK")
                 raise
 

@@ -63,8 +63,8 @@ async def migrate(conn: aiosqlite.Connection, steps: Sequence[Migration], file_l
     while True:
         # The version is read inside the step's write transaction, so two openers of one
         # file cannot both apply the same step.
-        await conn.execute("BEGIN IMMEDIATE")
         try:
+            await conn.execute("BEGIN IMMEDIATE")  # in the try: a cancel on its await must still roll back
             version = await current_version(conn)
             if version > latest:
                 raise SchemaVersionError(file_label, version, latest)
@@ -85,7 +85,7 @@ async def migrate(conn: aiosqlite.Connection, steps: Sequence[Migration], file_l
             )
             await conn.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error, ValueError):  # never replaces what propagates
                 await conn.execute("ROLLBACK")
             raise
         log.info("%s: applied schema migration %d (%s)", file_label, step.version, step.name)
