@@ -20,6 +20,7 @@ NOT_STARTED = "not_started"
 STOPPED = "stopped"  # record() after stop()
 START_FAILED = "start_failed"  # record() on an agent whose start() raised, or left queued by it
 DISK_ERROR = "disk_error"
+JOURNAL_CORRUPT = "journal_corrupt"  # journaled events in a segment that no longer decodes, or unreadable
 
 
 class LossLedger:

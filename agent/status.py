@@ -34,6 +34,7 @@ def status_of(agent: Agent) -> dict[str, Any]:
         "database": {
             "path": str(agent.db.path) if agent.db else None,
             "recovered_from": agent.db.recovered_from if agent.db else None,
+            "salvage": agent.db.salvage if agent.db else None,
         },
         "dlq": {"pending_events": agent.dlq.depth() if agent.dlq else 0},
         "losses": agent.ledger.by_reason(),

@@ -171,12 +171,13 @@ async def test_migrate_applies_only_the_missing_steps_in_order(tmp_path: Path) -
 ])
 async def test_a_failing_step_rolls_back_and_keeps_the_version(tmp_path: Path, bad) -> None:
     data = copy_fixture(tmp_path)
-    await open_database(data)  # at version 1
+    await open_database(data)  # at the latest version
     before = schema_of(data / "agent.db"), versions(data / "agent.db")
 
     async with aiosqlite.connect(data / "agent.db", isolation_level=None) as conn:
         with pytest.raises(sqlite3.OperationalError):
-            await migrate(conn, [*database.MIGRATIONS, Migration(2, "broken", bad)], "agent.db")
+            await migrate(conn, [*database.MIGRATIONS, Migration(len(database.MIGRATIONS) + 1, "broken", bad)],
+                          "agent.db")
         assert not conn.in_transaction
     assert (schema_of(data / "agent.db"), versions(data / "agent.db")) == before
 
@@ -199,10 +200,10 @@ async def test_a_failing_first_step_leaves_a_0_1_0_file_as_it_was(tmp_path: Path
 async def test_a_new_step_upgrades_an_old_file_when_the_agent_opens_it(tmp_path: Path, monkeypatch) -> None:
     # How a later release changes a table: it appends a step, and a 0.1.0 file gets 1 then 2.
     data = copy_fixture(tmp_path)
-    step = Migration(2, "dlq note", "ALTER TABLE dlq ADD COLUMN note TEXT;")
+    step = Migration(len(database.MIGRATIONS) + 1, "dlq note", "ALTER TABLE dlq ADD COLUMN note TEXT;")
     monkeypatch.setattr(database, "MIGRATIONS", [*database.MIGRATIONS, step])
     await open_database(data)
-    assert [v for v, _, _ in versions(data / "agent.db")] == [1, 2]
+    assert [v for v, _, _ in versions(data / "agent.db")] == list(range(1, len(database.MIGRATIONS) + 1))
     assert "note" in [c[1] for c in sql(data / "agent.db", "PRAGMA table_info(dlq)")]
     assert len(journal_ids(data / "agent.db")) == 50
 

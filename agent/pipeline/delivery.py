@@ -135,10 +135,13 @@ class SinkWorker:
                 continue
             self._nudge.clear()
             cursor = self.journal.cursors.get(self.name, 0)
-            rows = await self.journal.read(cursor, self.batch_size)
+            rows, upto = await self.journal.read_batch(cursor, self.batch_size)
             if rows:
-                await self._deliver_rows(rows)
+                await self._deliver_rows(rows, upto)
                 await self._maybe_replay()
+                continue
+            if upto > cursor:  # only quarantined segments lay ahead (counted as journal_corrupt)
+                self.journal.advance(self.name, upto)
                 continue
             if self.stats.state not in ("open", "failing"):
                 self.stats.state = "idle"
@@ -175,7 +178,7 @@ class SinkWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
-    async def _deliver_rows(self, rows: list[tuple[int, Event]]) -> None:
+    async def _deliver_rows(self, rows: list[tuple[int, Event]], upto: int) -> None:
         # Events may be shared with other sinks and the live stream: sinks must not mutate them.
         events = [e for _, e in rows]
         percent = self.rollout()
@@ -188,7 +191,7 @@ class SinkWorker:
         if events:
             self.stats.state = "sending"
             await self._deliver(events)
-        self.journal.advance(self.name, rows[-1][0])
+        self.journal.advance(self.name, max(upto, rows[-1][0]))
 
     async def _send(self, events: list[Event]) -> None:
         def attempt() -> Awaitable[None]:

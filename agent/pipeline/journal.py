@@ -10,6 +10,12 @@ JournalFullError.
 Recent segments are also kept decoded in memory (the tail), so sinks that keep up
 never read back from SQLite; a sink catching up after an outage or a restart reads
 segments from the database.
+
+A segment read back that no longer decodes (damaged bytes), or whose events do not
+match its seqs, is moved to the `journal_quarantine` table with its bytes; its events
+(the row's count) are counted under `journal_corrupt`, and every sink reads on past the
+hole (`read_batch` says how far a cursor may move). A cursor that is not a plausible seq
+is reset to the start of the journal: its sink receives again what is still stored.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from collections.abc import Callable, Sequence
 
 from agent import losses
 from agent.errors import JournalFullError
-from agent.event import Event, msgpack_encoder, stored_batch_decoder
+from agent.event import Event, msgpack_encoder
 from agent.losses import LossLedger
 from agent.storage.database import Database
+from agent.storage.salvage import NEW_SINKS_FROM, CorruptSegment, decode_segment, lost_in
 
 log = logging.getLogger("sidecar_agent.journal")
 
@@ -62,19 +69,33 @@ class Journal:
         self._tail_events = 0
         self._decoded: OrderedDict[int, Segment] = OrderedDict()
         self.disk_error: str | None = None
+        self.quarantined = 0  # segments moved to journal_quarantine by this process
+        self._new_sinks_from: int | None = None  # after a salvage that lost cursors: see attach()
         self._append_lock = asyncio.Lock()  # seqs are assigned in memory: one append at a time
 
     async def open(self) -> None:
         """Read sequence, size, cursors and the persisted loss ledger."""
         rows = await self.db.fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'journal'")
-        self.last_seq = rows[0][0] if rows else 0
-        ((segments, count, size, low),) = await self.db.fetchall(
-            "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(length(body)), 0), min(first_seq) FROM journal"
+        ((segments, count, size, low, high),) = await self.db.fetchall(
+            "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(length(body)), 0), min(first_seq), max(seq)"
+            " FROM journal"
         )
+        self.last_seq = max(rows[0][0] if rows and isinstance(rows[0][0], int) else 0, high or 0)
         self.segments, self.rows = segments, count
         self.bytes = size + segments * SEGMENT_OVERHEAD
         self.first_seq = low if low is not None else self.last_seq + 1
-        self.cursors = {s: q for s, q in await self.db.fetchall("SELECT sink, seq FROM cursors")}
+        self.cursors = {}
+        for sink, seq in await self.db.fetchall("SELECT sink, seq FROM cursors"):
+            if not isinstance(seq, int) or not 0 <= seq <= self.last_seq:
+                # Damaged: the sink's real position is unknown. Resending what is still
+                # journaled (duplicates) is safe; guessing a later position could lose events.
+                log.error("cursor of sink %r is not a valid seq (%r): it receives the journal again", sink, seq)
+                seq = self.first_seq - 1
+                self._dirty_cursors.add(str(sink))
+            self.cursors[str(sink)] = seq
+        meta = await self.db.fetchall("SELECT value FROM meta WHERE key = ?", (NEW_SINKS_FROM,))
+        if meta:
+            self._new_sinks_from = int(meta[0][0])
         self.ledger.load([(r, s, n) for r, s, n in await self.db.fetchall("SELECT reason, sink, count FROM losses")])
 
     # -- sinks ---------------------------------------------------------------------
@@ -88,7 +109,10 @@ class Journal:
                 self._dirty_cursors.add(name)
         for name in sinks:
             if name not in self.cursors:
-                self.cursors[name] = self.last_seq
+                # After a salvage whose cursors could not all be read, a sink without one
+                # starts at the salvaged journal's start (it may receive some events again).
+                start = self.last_seq if self._new_sinks_from is None else min(self._new_sinks_from, self.last_seq)
+                self.cursors[name] = start
                 self._dirty_cursors.add(name)
 
     def advance(self, sink: str, seq: int) -> None:
@@ -197,37 +221,54 @@ class Journal:
 
     async def read(self, after: int, limit: int) -> list[tuple[int, Event]]:
         """Up to `limit` (seq, event) pairs with seq > after, oldest first."""
+        return (await self.read_batch(after, limit))[0]
+
+    async def read_batch(self, after: int, limit: int) -> tuple[list[tuple[int, Event]], int]:
+        """Up to `limit` (seq, event) pairs with seq > after, oldest first, and the seq a
+        reader's cursor may move to once it has them: past the last pair, and past any
+        quarantined segment (a hole) behind them, so a hole never stalls a sink."""
         after = max(after, self.first_seq - 1)
-        if after >= self.last_seq:
-            return []
+        known = self.last_seq  # committed before the reads below begin: they see it
+        if after >= known:
+            return [], after
         if self._tail and self._tail[0][0] <= after + 1:
             segments: list[Segment] = [s for s in self._tail if s[1] > after]
+            upto = known
         else:
-            segments = await self._read_segments(after, limit)
+            segments, upto = await self._read_segments(after, limit, known)
         out: list[tuple[int, Event]] = []
         for first, _last, events in segments:
             start = max(0, after + 1 - first)
             for i in range(start, len(events)):
                 out.append((first + i, events[i]))
                 if len(out) >= limit:
-                    return out
-        return out
+                    return out, first + i
+        return out, max(upto, out[-1][0] if out else after)
 
-    async def _read_segments(self, after: int, limit: int) -> list[Segment]:
+    async def _read_segments(self, after: int, limit: int, known: int) -> tuple[list[Segment], int]:
+        """Segments after `after` from the database, and how far they (with any holes
+        left by quarantined segments) reach: `known` when nothing is stored past them."""
         found: list[Segment] = []
         need, cursor = limit, after
         while need > 0:
             rows = await self.db.fetchall("SELECT seq FROM journal WHERE seq > ? ORDER BY seq LIMIT 16", (cursor,))
             if not rows:
-                break
+                return found, max(cursor, known)
             for (seq,) in rows:
                 seg = self._decoded.get(seq)
                 if seg is None:
-                    got = await self.db.fetchall("SELECT first_seq, seq, body FROM journal WHERE seq = ?", (seq,))
+                    got = await self.db.fetchall(
+                        "SELECT first_seq, seq, count, body FROM journal WHERE seq = ?", (seq,)
+                    )
                     if not got:
                         continue  # compacted meanwhile
-                    first, last, body = got[0]
-                    seg = (first, last, stored_batch_decoder.decode(body))
+                    first, last, count, body = got[0]
+                    try:
+                        seg = (first, last, decode_segment(first, last, count, body))
+                    except CorruptSegment as exc:
+                        await self._quarantine(seq, first, count, body, str(exc))
+                        cursor = seq
+                        continue
                     self._decoded[seq] = seg
                     while len(self._decoded) > DECODED_CACHE:
                         self._decoded.popitem(last=False)
@@ -236,7 +277,39 @@ class Journal:
                 cursor = seq
                 if need <= 0:
                     break
-        return found
+        return found, cursor
+
+    async def _quarantine(self, seq: int, first: int, count: int, body: bytes, error: str) -> None:
+        """Move a segment that does not decode to journal_quarantine (bytes kept) and count
+        its events under `journal_corrupt`. Idempotent: of two readers, one moves it."""
+        async with self.db.tx() as conn:
+            cur = await conn.execute("DELETE FROM journal WHERE seq = ? RETURNING length(body)", (seq,))
+            gone = list(await cur.fetchall())
+            if gone:
+                await conn.execute(
+                    "INSERT INTO journal_quarantine (seq, first_seq, count, body, error, quarantined)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (seq, first, count, body if isinstance(body, bytes) else b"", error[:2000], time.time()),
+                )
+        if not gone:
+            return
+        lost = lost_in(first, seq, count)
+        self.rows -= count if isinstance(count, int) else 0
+        self.segments -= 1
+        self.bytes -= (gone[0][0] or 0) + SEGMENT_OVERHEAD
+        if isinstance(first, int) and first <= self.first_seq:
+            self.first_seq = seq + 1
+        self._decoded.pop(seq, None)
+        self.quarantined += 1
+        self.ledger.add(losses.JOURNAL_CORRUPT, lost)
+        log.error(
+            "journal segment %s..%s does not decode (%s): moved to journal_quarantine, %d events counted as %s",
+            first,
+            seq,
+            error,
+            lost,
+            losses.JOURNAL_CORRUPT,
+        )
 
     # -- housekeeping --------------------------------------------------------------
 
@@ -245,9 +318,12 @@ class Journal:
         dirty = [(s, self.cursors.get(s)) for s in self._dirty_cursors]
         self._dirty_cursors.clear()
         counts = self.ledger.take_dirty()
-        if dirty or counts:
+        salvaged = self._new_sinks_from is not None and bool(self.cursors)
+        if dirty or counts or salvaged:
             try:
                 async with self.db.tx() as conn:
+                    if salvaged:  # every attached sink's start is about to be persisted
+                        await conn.execute("DELETE FROM meta WHERE key = ?", (NEW_SINKS_FROM,))
                     for sink, seq in dirty:
                         if seq is None:
                             await conn.execute("DELETE FROM cursors WHERE sink = ?", (sink,))
@@ -263,6 +339,8 @@ class Journal:
                 self._dirty_cursors.update(s for s, _ in dirty)
                 self.ledger.mark_dirty([(r, s) for r, s, _ in counts])
                 raise
+            if salvaged:
+                self._new_sinks_from = None
         await self.compact()
 
     async def compact(self) -> int:
@@ -293,5 +371,6 @@ class Journal:
             "last_seq": self.last_seq,
             "first_seq": self.first_seq,
             "disk_error": self.disk_error,
+            "quarantined_segments": self.quarantined,
             "checked_at": time.time(),
         }

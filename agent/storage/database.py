@@ -64,8 +64,26 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+# Segments that failed to decode, moved out of the journal with their bytes as found
+# (for inspection); their events are counted under `journal_corrupt`.
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS journal_quarantine (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq         INTEGER NOT NULL,   -- the segment's last event seq, as it was in the journal
+    first_seq   INTEGER NOT NULL,
+    count       INTEGER NOT NULL,   -- events counted as lost (the segment row's count)
+    body        BLOB NOT NULL,      -- the bytes as found (empty if they could not be read)
+    error       TEXT NOT NULL,
+    origin      TEXT NOT NULL DEFAULT '',  -- '' (this file), or the quarantined file it was salvaged from
+    quarantined REAL NOT NULL
+);
+"""
+
 # Append new steps; never edit one that has shipped.
-MIGRATIONS = [Migration(1, "initial schema (release 0.1.0)", SCHEMA_V1)]
+MIGRATIONS = [
+    Migration(1, "initial schema (release 0.1.0)", SCHEMA_V1),
+    Migration(2, "journal_quarantine: segments that failed to decode", SCHEMA_V2),
+]
 
 DB_FILE = "agent.db"
 
@@ -79,6 +97,7 @@ class Database:
         self.writer: aiosqlite.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
         self.recovered_from: str | None = None  # path of a corrupt file moved aside
+        self.salvage: dict[str, object] | None = None  # what was salvaged from it (agent.storage.salvage)
         self._lock = asyncio.Lock()
         # Two agents on one data dir would corrupt each other's sequence numbers and
         # cursors, so the dir is exclusively locked for as long as the database is open.
@@ -94,7 +113,32 @@ class Database:
             self._move_aside()
         self.writer = await self._connect()
         await migrate(self.writer, MIGRATIONS, f"agent database {self.path}")
+        if self.recovered_from is not None:
+            await self._salvage(self.recovered_from)
         self.reader = await self._connect()
+
+    async def _salvage(self, source: str) -> None:
+        """Copy what still reads in the file moved aside into the fresh one (see salvage.py).
+        A salvage that fails is logged; the fresh database is used either way."""
+        from agent.storage.salvage import salvage_into
+
+        try:
+            report = await salvage_into(self, source)
+        except Exception as exc:
+            log.error("salvage from %s failed: %r; starting without its contents", source, exc, exc_info=True)
+            self.salvage = {"source": source, "error": f"{type(exc).__name__}: {exc}"}
+            return
+        self.salvage = {
+            "source": source,
+            "segments": report.segments,
+            "events": report.events,
+            "cursors": len(report.cursors),
+            "cursors_lost": report.cursors_lost,
+            "dlq_entries": report.dlq_entries,
+            "lost": report.lost,
+            "header_rebuilt": report.header_rebuilt,
+            "error": report.error,
+        }
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)

@@ -10,6 +10,7 @@ sink) are counted in the ledger.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -20,7 +21,9 @@ from agent.event import Event, encode_msgpack_batch, stored_batch_decoder
 from agent.losses import LossLedger
 from agent.storage.database import Database
 
-STATUSES = ("pending", "replaying", "delivered", "expired", "purged")
+log = logging.getLogger("sidecar_agent.dlq")
+
+STATUSES = ("pending", "replaying", "delivered", "expired", "purged", "corrupt")
 REPLAY_KEY = "dlq.replay_requested"  # meta row: sinks to replay at the next start (offline CLI)
 
 
@@ -166,17 +169,38 @@ class DeadLetterQueue:
         """Take the oldest pending entry of `sink` for replay: (id, attempts, events)."""
         rows = await self.db.fetchall(
             # Least recently tried first: an entry that keeps failing does not hold back the others.
-            "SELECT id, attempts, events FROM dlq WHERE sink = ? AND status = 'pending'"
+            "SELECT id, attempts, events, count FROM dlq WHERE sink = ? AND status = 'pending'"
             " ORDER BY last_attempt, id LIMIT 1",
             (sink,),
         )
         if not rows:
             self._pending[sink] = 0
             return None
-        entry_id, attempts, blob = rows[0]
+        entry_id, attempts, blob, count = rows[0]
+        try:
+            events = stored_batch_decoder.decode(blob)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+            # Damaged bytes: set aside (status 'corrupt', bytes kept) and counted, never
+            # retried for ever nor allowed to stop the sink's worker.
+            async with self.db.tx() as conn:
+                await conn.execute(
+                    "UPDATE dlq SET status = 'corrupt', error = ?, updated = ? WHERE id = ?",
+                    (f"does not decode: {exc}"[:2000], time.time(), entry_id),
+                )
+            self._pending[sink] = max(0, self._pending.get(sink, 0) - count)
+            self.ledger.add(losses.JOURNAL_CORRUPT, count, sink)
+            log.error(
+                "DLQ entry %d of sink %s does not decode (%s): %d events counted as %s",
+                entry_id,
+                sink,
+                exc,
+                count,
+                losses.JOURNAL_CORRUPT,
+            )
+            return await self.claim(sink)
         async with self.db.tx() as conn:
             await conn.execute("UPDATE dlq SET status = 'replaying', updated = ? WHERE id = ?", (time.time(), entry_id))
-        return entry_id, attempts, stored_batch_decoder.decode(blob)
+        return entry_id, attempts, events
 
     async def settle(self, entry_id: int, sink: str, count: int, exc: BaseException | None) -> None:
         """After a replay attempt: delivered on success, back to pending on failure."""
