@@ -378,3 +378,41 @@ def test_forwarder_record_is_bounded_like_the_owners():
     for k in range(5):
         fw.record("x", k, tags={"a": "b"})
     assert len(fw.records) == 3 and fw.ledger.by_reason() == {"intake_full": 2}
+
+
+def test_multiprocessing_pool_tasks_forward_every_event_once(tmp_path):
+    """A fork-context Pool started after agent.start(): its workers are forwarders with
+    no code change; maxtasksperchild recycles them (each exit hands over). 40 tasks of
+    250 events each, close() and join(), then the owner's flush."""
+    r = _run(
+        tmp_path,
+        """
+        import multiprocessing as mp
+
+        def task(worker):
+            assert type(agent.current()).__name__ == "Forwarder"
+            produce(worker, 250)
+            return os.getpid()
+
+        if __name__ == "__main__":
+            a = agent.start(CFG)
+            assert type(a).__name__ == "Agent"
+            pool = mp.get_context("fork").Pool(4, maxtasksperchild=5)
+            pids = set(pool.map(task, range(40), chunksize=1))
+            pool.close()
+            pool.join()  # the workers exit normally: the exit hook hands everything over
+            assert len(pids) > 4, pids  # recycled
+            produce(99, 10)
+            assert agent.flush(30)
+            s = a.status()
+            print(json.dumps({"losses": s["losses"], "forwarders": s["forwarders"], "pids": sorted(pids)}))
+            agent.stop()
+        """,
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["losses"] == {}
+    assert {f["pid"] for f in out["forwarders"]} == set(out["pids"])
+    assert all(f["lost"] == 0 for f in out["forwarders"])
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert_exactly_once(rows, {(w, k) for w in range(40) for k in range(250)} | {(99, k) for k in range(10)})
+    assert {e["tags"]["pid"] for e in rows if e["data"]["w"] != 99} == {str(p) for p in out["pids"]}
