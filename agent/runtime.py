@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +19,12 @@ from agent.config import Config, resolve
 from agent.event import Event
 from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
-from agent.pipeline.delivery import SinkWorker, raise_if_cancelling
+from agent.pipeline.delivery import SinkWorker
 from agent.pipeline.intake import Committer, RecordFn
 from agent.pipeline.journal import Journal
 from agent.pipeline.resilience import chain_from_specs
 from agent.pipeline.stream import StreamHub
+from agent.pipeline.supervisor import Supervised, supervise
 from agent.plan import ComponentSpec, build_flags, plan
 from agent.plugin.base import PluginContext
 from agent.plugin.host import PluginHost
@@ -91,6 +93,9 @@ class Agent:
         # Set when a sink may have confirmed more, a flag changed or the agent stopped: flush() waits on it.
         self._progress = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        # Every long-running task runs under agent.pipeline.supervisor: its state, restarts
+        # and last error, by task name ("committer", "housekeeping", "sink:N", "source:N").
+        self.supervised: dict[str, Supervised] = {}
         self._runner: Any = None
         self._stopped: asyncio.Event | None = None  # created in start(), on the agent's loop
         # What stop() gave up waiting for (tasks, sink closes, the database close); a
@@ -257,10 +262,10 @@ class Agent:
             else:
                 log.warning("DLQ replay was requested for sink %s, which is not configured", name)
         self.committer.open(self.journal)
-        self._spawn("committer", self.committer.run())
-        self._spawn("housekeeping", self._housekeeping())
+        self._spawn("committer", self.committer.run)
+        self._spawn("housekeeping", self._housekeeping)
         for name, worker in self.workers.items():
-            self._spawn(f"sink:{name}", worker.run())
+            worker.supervision = self._spawn(f"sink:{name}", worker.run, f"sink {name} (plugin {worker.plugin})")
         for spec in specs:
             if spec.kind == "sources":
                 self._start_source(spec, data_dir)
@@ -345,31 +350,11 @@ class Agent:
             self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
             return
         self._component(spec, "running")
-        self._spawn(f"source:{spec.name}", self._run_source(spec, source))
-
-    async def _run_source(self, spec: ComponentSpec, source: Any) -> None:
-        """Run a source; if it raises, record it and restart it with backoff."""
-        delay = 1.0
         emit = functools.partial(self._emit_from, spec.name)
-        while True:
-            try:
-                await source.run(emit)
-                self._component(spec, "finished")
-                return
-            except Exception as exc:
-                raise_if_cancelling()  # a source that turned its cancel into an error still stops
-                log.error(
-                    "source %s (plugin %s) failed (restarting in %.0fs): %s",
-                    spec.name,
-                    spec.registration.plugin,
-                    delay,
-                    exc,
-                    exc_info=True,
-                )
-                self._component(spec, "failed", f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-                self._component(spec, "running")
+        # A source that raises is restarted with backoff (status: restarting); one that
+        # returns is finished.
+        label = f"source {spec.name} (plugin {spec.registration.plugin})"
+        self._spawn(f"source:{spec.name}", lambda: source.run(emit), label)
 
     def _emit_from(self, source: str, events: list[Event]) -> None:
         for e in events:
@@ -382,10 +367,13 @@ class Agent:
         are checked like record()'s, and what fails is counted as `invalid`."""
         self.committer.emit(events)
 
-    def _spawn(self, name: str, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[Any]], label: str = "") -> Supervised:
+        """Run `factory()` as the supervised task `name` (restarted after an unexpected error)."""
+        task, record = supervise(name, factory, label=label)
         self._tasks[name] = task
+        self.supervised[name] = record
         task.add_done_callback(functools.partial(self._task_done, name))
+        return record
 
     def _task_done(self, name: str, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -1,5 +1,5 @@
 """What `GET /api/v1/status` serves: the agent's state, plugins, components, sinks,
-intake, journal, DLQ, losses and flag health, in one dict."""
+supervised tasks, intake, journal, DLQ, losses and flag health, in one dict."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def status_of(agent: Agent) -> dict[str, Any]:
         "plugins": agent.host.describe(),
         "components": [_component(agent, c) for c in agent.components.values()],
         "sinks": [w.describe() for w in agent.workers.values()],
+        # Every long-running task (agent.pipeline.supervisor): state, restarts, last error.
+        "tasks": [t.describe() for t in agent.supervised.values()],
         "intake": {
             "queued": len(c.records) if c else 0,
             "capacity": agent.config.agent.intake_capacity,
@@ -45,7 +47,11 @@ def status_of(agent: Agent) -> dict[str, Any]:
 
 
 def _component(agent: Agent, comp: dict[str, Any]) -> dict[str, Any]:
-    """A component's entry: a sink that cannot start shown as failed, a source with its stats."""
+    """A component's entry: a sink that cannot start shown as failed, a task that is not
+    running (restarting, finished, ...) with its supervisor's state, a source with its stats."""
+    task = agent.supervised.get(f"{comp['kind']}:{comp['name']}")
+    if task is not None and task.state not in ("running", "stopped"):  # stopped: see the agent's state
+        comp = {**comp, "state": task.state, "error": task.last_error or comp["error"]}
     w = agent.workers.get(comp["name"]) if comp["kind"] == "sink" else None
     if w is not None and not w.started and w.stats.state == "failed":
         return {**comp, "state": "failed", "error": w.stats.last_error}

@@ -25,9 +25,14 @@ async def readyz(request: web.Request) -> web.Response:
     for comp in agent.components.values():
         if comp["state"] == "failed":
             problems.append(f"{comp['kind']} {comp['name']} failed: {comp['error']}")
+    down = False  # the committer not running: nothing recorded reaches the journal
+    for task in agent.supervised.values():
+        if task.state in ("restarting", "dead"):
+            problems.append(f"task {task.name} is {task.state} ({task.restarts} restarts): {task.last_error}")
+            down = down or task.name == "committer"
     if agent.flags is not None:
         problems.extend(f"flags: {p}" for p in agent.flags.health())
-    ready = agent.state == "running" and not (agent.journal and agent.journal.disk_error)
+    ready = agent.state == "running" and not (agent.journal and agent.journal.disk_error) and not down
     return web.json_response({"ready": ready, "problems": problems}, status=200 if ready else 503)
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from agent.pipeline.intake import Committer
     from agent.pipeline.journal import Journal
     from agent.pipeline.stream import StreamHub
+    from agent.pipeline.supervisor import Supervised
     from agent.plugin.host import PluginHost
     from agent.storage.dlq import DeadLetterQueue
 
@@ -34,6 +35,8 @@ class AgentView(Protocol):
     def components(self) -> Mapping[str, Mapping[str, Any]]: ...
     @property
     def workers(self) -> Mapping[str, SinkWorker]: ...
+    @property
+    def supervised(self) -> Mapping[str, Supervised]: ...  # by task name: state, restarts, last error
     @property
     def journal(self) -> Journal | None: ...
     @property

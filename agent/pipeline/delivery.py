@@ -7,7 +7,9 @@ Outcomes of a batch:
 - RetryableError that escaped the chain (its budget is spent): the batch goes to the
   DLQ and the cursor moves on (no head-of-line blocking);
 - CircuitOpenError: the worker waits for the breaker and sends the same batch again,
-  so the journal, not memory, holds the backlog while a sink is down.
+  so the journal, not memory, holds the backlog while a sink is down;
+- the DLQ write itself fails (a full disk): the cursor stays, the worker backs off and
+  reads the same batch again (parts already delivered or parked may go twice, none is lost).
 DLQ entries are replayed when the sink is healthy again, at a bounded rate; a replayed
 entry that fails permanently is bisected like a live batch.
 """
@@ -20,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import CircuitOpenError, PermanentError, RetryableError
 from agent.event import Event
@@ -30,7 +32,13 @@ from agent.pipeline.resilience import Chain
 from agent.plugin.base import PluginContext, Sink
 from agent.storage.dlq import DeadLetterQueue
 
+if TYPE_CHECKING:
+    from agent.pipeline.supervisor import Supervised
+
 log = logging.getLogger("sidecar_agent.delivery")
+
+HOLD_INITIAL_S = 0.5  # backoff after a failed DLQ write, doubling up to HOLD_MAX_S
+HOLD_MAX_S = 30.0
 
 OWN_PREFIX = "sidecar_agent."  # names of the agent's own events
 
@@ -44,6 +52,11 @@ def raise_if_cancelling() -> None:
     """
     if cancelling():
         raise asyncio.CancelledError
+
+
+class DeadLetterWriteError(Exception):
+    """Parking a failed batch in the DLQ failed (e.g. the disk is full): the batch was
+    neither delivered nor parked, so the cursor must stay where it is."""
 
 
 def cancelling() -> bool:
@@ -109,6 +122,9 @@ class SinkWorker:
         self._probe_delay = 1.0
         self._replay_now = False
         self._nudge = journal.waiter()  # set on every commit, flag change or replay request
+        self._hold_delay = HOLD_INITIAL_S
+        self._runs = 0  # run() calls: more than one means the supervisor restarted it
+        self.supervision: Supervised | None = None  # set by the agent (status: restarting, restarts)
 
     def nudge(self) -> None:
         """Wake the worker (a flag changed, or a replay was requested)."""
@@ -122,7 +138,14 @@ class SinkWorker:
     # -- the loop --------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self._start_sink()
+        """Deliver for ever. Safe to call again after it raised (the agent's supervisor
+        restarts it): the sink is started once, and a DLQ entry a failed run had claimed
+        goes back to pending."""
+        self._runs += 1
+        if self._runs > 1:
+            await self.dlq.release(self.name)
+        if not self.started:
+            await self._start_sink()
         # Pending DLQ entries (from an earlier run, or parked while the sink was sick) are
         # retried even without live traffic: one replay is the health probe, at a backoff
         # while it keeps failing; once one succeeds the rest replay at the configured rate.
@@ -137,7 +160,12 @@ class SinkWorker:
             cursor = self.journal.cursors.get(self.name, 0)
             rows, upto = await self.journal.read_batch(cursor, self.batch_size)
             if rows:
-                await self._deliver_rows(rows, upto)
+                try:
+                    await self._deliver_rows(rows, upto)
+                except DeadLetterWriteError as exc:
+                    await self._hold(exc)
+                    continue
+                self._hold_delay = HOLD_INITIAL_S
                 await self._maybe_replay()
                 continue
             if upto > cursor:  # only quarantined segments lay ahead (counted as journal_corrupt)
@@ -251,9 +279,27 @@ class SinkWorker:
         return failed
 
     async def _dead_letter(self, events: list[Event], exc: BaseException, attempts: int, first: float) -> None:
-        await self.dlq.put(self.name, events, exc, max(1, attempts), first)
+        try:
+            await self.dlq.put(self.name, events, exc, max(1, attempts), first)
+        except Exception as put_exc:
+            raise_if_cancelling()
+            raise DeadLetterWriteError(f"{type(put_exc).__name__}: {put_exc}") from put_exc
         self._probe_at = time.monotonic() + self._probe_delay  # the sink just failed: no instant replay
         self.stats.dead_lettered += len(events)
+
+    async def _hold(self, exc: DeadLetterWriteError) -> None:
+        """A failed batch could not be parked: keep the cursor, wait, then read it again."""
+        self.healthy = False
+        self.stats.state = "failing"
+        self.stats.last_error = f"dead-letter write failed: {exc}"
+        log.error(
+            "sink %s: a failed batch could not be dead-lettered (%s); it stays journaled, retried in %.1fs",
+            self.name,
+            exc,
+            self._hold_delay,
+        )
+        await asyncio.sleep(self._hold_delay)
+        self._hold_delay = min(self._hold_delay * 2, HOLD_MAX_S)
 
     def _succeeded(self, events: list[Event]) -> None:
         self.stats.sent += len(events)
@@ -349,10 +395,13 @@ class SinkWorker:
         """State, counters and lag for /api/v1/sinks."""
         lag = self.journal.lag(self.name)
         s = self.stats
+        sup = self.supervision
         return {
             "name": self.name,
             "plugin": self.plugin,
-            "state": s.state,
+            # Never a stale "ok" for a worker that is down: the supervisor's state wins.
+            "state": s.state if sup is None or sup.state == "running" else sup.state,
+            "restarts": sup.restarts if sup is not None else 0,
             "enabled": self.enabled(),
             "rollout_percent": self.rollout(),
             "lag_events": lag,

@@ -213,7 +213,11 @@ class Committer:
             self._on_signal()
 
     async def run(self) -> None:
-        """Commit whatever arrives, forever (cancelled at shutdown after a final drain)."""
+        """Commit whatever arrives, forever (cancelled at shutdown after a final drain).
+        Safe to call again after it raised (the agent's supervisor restarts it): what is
+        still queued is committed first."""
+        if self.records or self.batches:
+            self._wake.set()
         while True:
             await self._wake.wait()  # no timeout: see the module docstring
             if len(self.records) + self.pending_events < self.commit_batch:

@@ -202,6 +202,16 @@ class DeadLetterQueue:
             await conn.execute("UPDATE dlq SET status = 'replaying', updated = ? WHERE id = ?", (time.time(), entry_id))
         return entry_id, attempts, events
 
+    async def release(self, sink: str) -> None:
+        """Put back `sink`'s entries left `replaying` by a worker that failed mid-replay
+        (its supervisor restarted it) and recount its depth."""
+        async with self.db.tx() as conn:
+            await conn.execute("UPDATE dlq SET status = 'pending' WHERE sink = ? AND status = 'replaying'", (sink,))
+        rows = await self.db.fetchall(
+            "SELECT coalesce(sum(count), 0) FROM dlq WHERE sink = ? AND status = 'pending'", (sink,)
+        )
+        self._pending[sink] = int(rows[0][0]) if rows else 0
+
     async def settle(self, entry_id: int, sink: str, count: int, exc: BaseException | None) -> None:
         """After a replay attempt: delivered on success, back to pending on failure."""
         now = time.time()
