@@ -411,8 +411,104 @@ def test_multiprocessing_pool_tasks_forward_every_event_once(tmp_path):
     )
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["losses"] == {}
-    assert {f["pid"] for f in out["forwarders"]} == set(out["pids"])
-    assert all(f["lost"] == 0 for f in out["forwarders"])
+    # Every worker is a forwarder, those that ran tasks and the last replacements that
+    # ran none (they connected, sent nothing, and exited at join()).
+    fws = {f["pid"]: f for f in out["forwarders"]}
+    assert set(out["pids"]) <= set(fws)
+    assert all(f["lost"] == 0 and (f["events"] > 0) == (pid in out["pids"]) for pid, f in fws.items())
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert_exactly_once(rows, {(w, k) for w in range(40) for k in range(250)} | {(99, k) for k in range(10)})
     assert {e["tags"]["pid"] for e in rows if e["data"]["w"] != 99} == {str(p) for p in out["pids"]}
+
+
+def test_metrics_have_per_forwarder_counters(tmp_path, free_port):
+    """/metrics on the owner: per pid, events committed, batches, lost, spilled and
+    whether it is connected; and totals over every forwarder. One child flushes and
+    leaves (os._exit), the other stays connected while the owner scrapes itself."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = _run(
+        tmp_path,
+        f"""
+        import urllib.request
+        from pathlib import Path
+        from tests.test_forwarding import _wait_file
+        CFG["server"] = {{"enabled": True, "host": "127.0.0.1", "port": {free_port}}}
+        a = agent.start(CFG)
+        kids = []
+        for w, n in ((1, 300), (2, 200)):
+            pid = os.fork()
+            if pid == 0:
+                produce(w, n)
+                ok = agent.flush(60)
+                if w == 1:
+                    os._exit(0 if ok else 3)
+                Path("flushed").touch()
+                _wait_file(Path("go"))
+                sys.exit(0 if ok else 3)
+            kids.append(pid)
+        _, st = os.waitpid(kids[0], 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+        _wait_file(Path("flushed"))
+        for _ in range(600):  # until the owner saw the first child leave (bounded)
+            text = urllib.request.urlopen("http://127.0.0.1:{free_port}/metrics", timeout=10).read().decode()
+            if f'sidecar_agent_forwarder_connected{{{{pid="{{kids[0]}}"}}}} 0' in text:
+                break
+            time.sleep(0.05)
+        Path("go").touch()
+        _, st = os.waitpid(kids[1], 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+        agent.stop()
+        print(json.dumps({{"kids": kids, "text": text}}))
+        """,
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    one, two = (str(p) for p in out["kids"])
+    samples: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(out["text"]):
+        for s in fam.samples:
+            samples[(s.name, s.labels.get("pid", ""))] = s.value
+    pre = "sidecar_agent_"
+    assert samples[(pre + "forwarder_events_total", one)] == 300
+    assert samples[(pre + "forwarder_events_total", two)] == 200
+    assert samples[(pre + "forwarder_batches_total", one)] >= 1
+    assert samples[(pre + "forwarder_connected", one)] == 0
+    assert samples[(pre + "forwarder_connected", two)] == 1
+    for pid in (one, two):
+        assert samples[(pre + "forwarder_lost_total", pid)] == 0
+        assert samples[(pre + "forwarder_spilled_total", pid)] == 0
+        assert samples[(pre + "forwarder_connections_total", pid)] >= 1
+        assert samples[(pre + "forwarder_last_seen_timestamp_seconds", pid)] > 0
+    assert samples[(pre + "forwarders_connected", "")] == 1
+    assert samples[(pre + "forwarders_seen_total", "")] == 2
+    assert samples[(pre + "forwarded_events_total", "")] == 500
+    assert samples[(pre + "forwarded_lost_total", "")] == 0
+    assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), {(1, k) for k in range(300)} | {(2, k) for k in range(200)})
+
+
+def test_departed_forwarders_are_folded_into_totals():
+    """Recycled workers do not grow the status and /metrics for ever: past KEEP_DEPARTED,
+    the oldest forwarders whose process has exited are folded into the owner's totals."""
+    from agent.forwarding import owner as owner_mod
+
+    o = owner_mod.Owner.__new__(owner_mod.Owner)
+    o.peers = {}
+    o.departed = {"forwarders": 0, "events": 0, "batches": 0, "lost": 0, "spilled": 0}
+    dead = []
+    for i in range(owner_mod.KEEP_DEPARTED + 5):
+        p = subprocess.Popen([sys.executable, "-c", "pass"])
+        p.wait()
+        dead.append(p.pid)
+    for i, pid in enumerate(dead):
+        peer = owner_mod.Peer(pid)
+        peer.events, peer.batches, peer.last_seen, peer.losses = 10, 1, float(i), {"invalid": 1}
+        o.peers[pid] = peer
+    live = owner_mod.Peer(os.getpid())  # alive and disconnected: kept (it may reconnect)
+    live.events, live.last_seen = 7, -1.0
+    o.peers[os.getpid()] = live
+    o._prune()
+    assert len(o.peers) == owner_mod.KEEP_DEPARTED + 1 and os.getpid() in o.peers
+    assert set(o.peers) - {os.getpid()} == set(dead[5:])  # the most recently seen stay
+    t = o.totals()
+    assert t["forwarders"] == len(dead) + 1 and t["events"] == 10 * len(dead) + 7 and t["lost"] == len(dead)
+    assert o.departed["forwarders"] == 5 and t["connected"] == 0

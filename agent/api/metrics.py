@@ -99,7 +99,52 @@ def render(agent: AgentView) -> str:
         "A source's own figures (ctx.stats: packets, scrapes, scrape errors, ...).",
         source_stats(status),
     )
+    forwarders(w, status, getattr(agent, "forwarding", None))
     return w.text()
+
+
+def forwarders(w: _Writer, status: dict[str, Any], owner: Any) -> None:
+    """The processes forwarding to this one (docs/multiprocess.md): per pid as the status
+    lists them (departed ones only up to agent.forwarding.owner.KEEP_DEPARTED, so recycled
+    workers do not grow the scrape for ever), and totals over every forwarder ever seen."""
+    fws = status.get("forwarders") or []
+
+    def per_pid(key: str) -> list[tuple[dict[str, str], float]]:
+        return [({"pid": str(f["pid"])}, f[key]) for f in fws]
+
+    w.metric("forwarder_connected", "gauge", "1 while the forwarder is connected.", per_pid("connected"))
+    w.metric("forwarder_events", "counter", "Events from the forwarder committed to the journal.", per_pid("events"))
+    w.metric("forwarder_batches", "counter", "Batches from the forwarder committed.", per_pid("batches"))
+    w.metric("forwarder_lost", "counter", "Events the forwarder counted as lost (all reasons).", per_pid("lost"))
+    w.metric("forwarder_spilled", "counter", "Events taken in from the forwarder's spill files.", per_pid("spilled"))
+    w.metric("forwarder_connections", "counter", "Connections the forwarder opened.", per_pid("connections"))
+    w.metric(
+        "forwarder_last_seen_timestamp_seconds",
+        "gauge",
+        "When the forwarder last sent anything (Unix time).",
+        per_pid("last_seen"),
+    )
+    totals = owner.totals() if owner is not None and hasattr(owner, "totals") else None
+    if totals is not None:
+        w.metric("forwarders_connected", "gauge", "Forwarders connected now.", [({}, totals["connected"])])
+        w.metric(
+            "forwarders_seen",
+            "counter",
+            "Forwarder processes seen, departed ones included.",
+            [({}, totals["forwarders"])],
+        )
+        w.metric(
+            "forwarded_events",
+            "counter",
+            "Events from all forwarders committed, departed ones included.",
+            [({}, totals["events"])],
+        )
+        w.metric(
+            "forwarded_lost",
+            "counter",
+            "Events all forwarders counted as lost, departed ones included.",
+            [({}, totals["lost"])],
+        )
 
 
 def source_stats(status: dict[str, Any]) -> list[tuple[dict[str, str], float]]:

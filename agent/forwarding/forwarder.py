@@ -72,7 +72,11 @@ class Forwarder:
         # Guards what follows; notified on every take, ack and connection change.
         self._cond = threading.Condition()
         self._seq = 0
-        self._taken = 0  # tuples taken off the deque
+        # Tuples taken off the deque; `_converting` of them are not in `_unacked` yet.
+        # Both change under _cond, with the take, so a flush sees every taken tuple
+        # either still converting or in a batch with a seq (never neither).
+        self._taken = 0
+        self._converting = 0
         self._unacked: dict[int, wire.Batch] = {}
         self._unacked_events = 0
         self._flushes: dict[int, bool | None] = {}
@@ -168,13 +172,12 @@ class Forwarder:
     def _handed_over(self, end: float, stopping: bool = False) -> bool:
         """Wait until every tuple recorded before now is taken and its batch acked.
         `stopping`: give up early once no owner is listening (its socket is gone)."""
-        target = len(self.records)
-        with self._cond:
-            target += self._taken
+        with self._cond:  # the drain takes off the deque under _cond too: no tuple is missed
+            target = len(self.records) + self._taken
         self._wake.set()
         self._full.set()
         with self._cond:
-            while self._taken < target:
+            while self._taken < target or self._converting:
                 if not self._wait(end, stopping):
                     return False
             last = self._seq
@@ -295,19 +298,30 @@ class Forwarder:
                 if room <= 0 and self.records:  # the owner is behind or gone: records wait (or overflow)
                     self._cond.wait(RETRY_S)
                     return
-            n = min(len(self.records), self.commit_batch, max(0, room))
-            totals = self.ledger.by_reason()
-            if n == 0 and totals == self._sent_losses:
-                return
-            popleft = self.records.popleft
-            events = self._convert([popleft() for _ in range(n)])
-            self._tag(events)
+                n = min(len(self.records), self.commit_batch, max(0, room))
+                totals = self.ledger.by_reason()
+                if n == 0 and totals == self._sent_losses:
+                    return
+                # Taken under _cond (record() never takes it): a flush counts these as
+                # taken but converting, so it waits for their batch's seq and ack.
+                popleft = self.records.popleft
+                taken = [popleft() for _ in range(n)]
+                self._taken += n
+                self._converting += 1
+            try:
+                events = self._convert(taken)
+                self._tag(events)
+            except BaseException:
+                with self._cond:
+                    self._converting -= 1
+                    self._cond.notify_all()
+                raise
             with self._cond:
+                self._converting -= 1
                 self._seq += 1
                 batch = wire.Batch(seq=self._seq, events=events, losses=totals)
                 self._unacked[batch.seq] = batch
                 self._unacked_events += len(events)
-                self._taken += n
                 self._sent_losses = totals
                 sock = self._sock
                 self._cond.notify_all()

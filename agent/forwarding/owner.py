@@ -29,6 +29,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar_agent.forwarding")
 
 SPILL_SCAN_S = 1.0
+# Forwarders that went away (recycled workers) stay listed, the most recent first, up to
+# this many; older ones are folded into Owner.departed. Without a bound a server that
+# recycles its workers (gunicorn --max-requests) would grow the status and /metrics by
+# one pid per worker it ever ran.
+KEEP_DEPARTED = 32
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists
+        return True
+    return True
 
 
 class Peer:
@@ -38,6 +53,7 @@ class Peer:
         self.pid = pid
         self.connected = False
         self.connections = 0
+        self.open = 0  # connections open now (a reconnect may overlap the old one's end)
         self.events = 0  # committed for it
         self.batches = 0
         self.last_seen = 0.0
@@ -66,6 +82,8 @@ class Owner:
         self.data_dir = Path(agent.config.agent.data_dir)
         self.path = wire.socket_path(self.data_dir)
         self.peers: dict[int, Peer] = {}
+        # Totals of the forwarders no longer listed (see KEEP_DEPARTED).
+        self.departed = {"forwarders": 0, "events": 0, "batches": 0, "lost": 0, "spilled": 0}
         self.sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -121,8 +139,39 @@ class Owner:
             self.sock = None
 
     def describe(self) -> list[dict[str, Any]]:
-        """Status: one entry per forwarder pid seen."""
+        """Status: one entry per forwarder pid seen (departed ones up to KEEP_DEPARTED)."""
         return [p.describe() for p in sorted(self.peers.values(), key=lambda p: p.pid)]
+
+    def totals(self) -> dict[str, int]:
+        """Every forwarder ever seen by this owner, listed or departed: connected now,
+        forwarders, events committed, batches, lost and spilled."""
+        out = dict(self.departed)
+        out["connected"] = 0
+        for p in self.peers.values():
+            out["forwarders"] += 1
+            out["connected"] += p.connected
+            out["events"] += p.events
+            out["batches"] += p.batches
+            out["lost"] += sum(p.losses.values())
+            out["spilled"] += p.spilled
+        return out
+
+    def _prune(self) -> None:
+        """Fold the oldest departed forwarders past KEEP_DEPARTED into `departed`. Only
+        those whose process has exited: one that is alive may reconnect and report its
+        cumulative loss counts again, which its entry is needed to subtract."""
+        gone = [p for p in self.peers.values() if not p.connected and not _alive(p.pid)]
+        if len(gone) <= KEEP_DEPARTED:
+            return
+        gone.sort(key=lambda p: p.last_seen)
+        for p in gone[: len(gone) - KEEP_DEPARTED]:
+            del self.peers[p.pid]
+            d = self.departed
+            d["forwarders"] += 1
+            d["events"] += p.events
+            d["batches"] += p.batches
+            d["lost"] += sum(p.losses.values())
+            d["spilled"] += p.spilled
 
     # -- one connection --------------------------------------------------------------
 
@@ -140,6 +189,7 @@ class Owner:
             peer = self.peers.get(hello.pid) or self.peers.setdefault(hello.pid, Peer(hello.pid))
             peer.connected, peer.last_seen = True, time.time()
             peer.connections += 1
+            peer.open += 1
             while True:
                 msg = await self._read(reader)
                 peer.last_seen = time.time()
@@ -152,17 +202,24 @@ class Owner:
                     raise wire.FrameError(f"unexpected {type(msg).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the forwarder went away; what it had not had acked it sends again
+        except asyncio.CancelledError:
+            # stop() cancels connections past its grace. End as a plain return: on 3.11
+            # asyncio's stream callback calls exception() on a cancelled handler task and
+            # logs a CancelledError traceback for each one.
+            acker.cancel()
         except wire.FrameError as exc:
             log.error("forwarder connection dropped: %s", exc)
         finally:
-            if peer is not None:
-                peer.connected = False
             # Acks for what is queued still go out while the writer lasts.
             acks.put_nowait((-1, None, 0.0))
             with contextlib.suppress(asyncio.CancelledError):
                 await acker
             writer.close()
             self._tasks.discard(task)
+            if peer is not None:  # after the acker: its batches' counts are in
+                peer.open -= 1
+                peer.connected = peer.open > 0
+                self._prune()
 
     async def _read(self, reader: asyncio.StreamReader) -> wire.Message:
         n = wire.frame_length(await reader.readexactly(wire.HEADER.size))
