@@ -31,7 +31,7 @@ from agent.plugin.host import PluginHost
 from agent.status import status_of
 from agent.storage.database import Database
 from agent.storage.dlq import DeadLetterQueue
-from agent.timer import Timer
+from agent.timer import Recorder
 
 if TYPE_CHECKING:
     from agent.flags import FlagService
@@ -47,7 +47,7 @@ log = logging.getLogger("sidecar_agent")
 SHUTDOWN_GRACE_S = 2.0
 
 
-class Agent:
+class Agent(Recorder):
     """One monitoring agent. Construct, then `await start()` (or `async with`)."""
 
     def __init__(
@@ -107,21 +107,7 @@ class Agent:
     # record(name, value=None, *, kind=None, tags=None, ts=None, data=None, session_id=None):
     # thread-safe, non-blocking; see Committer.record (it is bound in __init__).
 
-    def counter(self, name: str, value: float = 1, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
-        """Record a counter increment."""
-        self.record(name, value, kind="counter", tags=tags, **kw)
-
-    def gauge(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
-        """Record a gauge reading."""
-        self.record(name, value, kind="gauge", tags=tags, **kw)
-
-    def histogram(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
-        """Record one observation of a distribution."""
-        self.record(name, value, kind="histogram", tags=tags, **kw)
-
-    def timer(self, name: str, *, tags: dict[str, str] | None = None) -> Timer:
-        """A context manager and decorator recording elapsed seconds as a histogram."""
-        return Timer(self, name, tags)
+    # counter(), gauge(), histogram() and timer() come from Recorder.
 
     # -- lifecycle -------------------------------------------------------------------
 

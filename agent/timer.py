@@ -1,4 +1,6 @@
-"""`agent.timer(...)`: times a block or a function and records the seconds as a histogram."""
+"""The recording helpers every recorder offers over its own `record()`: `counter`,
+`gauge`, `histogram` and `timer` (which times a block or a function and records the
+seconds as a histogram). The Agent and a Forwarder share them through `Recorder`."""
 
 from __future__ import annotations
 
@@ -11,8 +13,36 @@ from typing import Any, Protocol
 
 class _Records(Protocol):
     def record(
-        self, name: str, value: float | None = None, *, kind: str | None = None, tags: dict[str, str] | None = None
+        self,
+        name: str,
+        value: float | None = None,
+        *,
+        kind: str | None = None,
+        tags: dict[str, str] | None = None,
+        ts: float | None = None,
+        data: dict[str, Any] | None = None,
+        session_id: str | None = None,
     ) -> None: ...
+
+
+class Recorder:
+    """Mixin: `counter`, `gauge`, `histogram` and `timer` over the class's `record()`."""
+
+    def counter(self: _Records, name: str, value: float = 1, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        """Record a counter increment."""
+        self.record(name, value, kind="counter", tags=tags, **kw)
+
+    def gauge(self: _Records, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        """Record a gauge reading."""
+        self.record(name, value, kind="gauge", tags=tags, **kw)
+
+    def histogram(self: _Records, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
+        """Record one observation of a distribution."""
+        self.record(name, value, kind="histogram", tags=tags, **kw)
+
+    def timer(self: _Records, name: str, *, tags: dict[str, str] | None = None) -> Timer:
+        """A context manager and decorator recording elapsed seconds as a histogram."""
+        return Timer(self, name, tags)
 
 
 class Timer:

@@ -309,3 +309,30 @@ def plan_error(tmp_path: Path, toml: str) -> str:
         plan(cfg, PluginHost(cfg.plugins).load())
     return str(err.value)
 
+
+# -- an agent in its own process -------------------------------------------------------
+
+
+def spawn(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`sidecar-agent run --config cfg` in a child process, its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                                env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+async def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the spawned agent answers /healthz on `port`; fail with its log if it exits."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        for _ in range(1200):
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.025)
+    raise AssertionError("agent did not come up")

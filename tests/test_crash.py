@@ -19,7 +19,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from tests.helpers import (
     losses_in_db,
     make_agent,
     post_raw,
-    subprocess_env,
+    spawn,
+    wait_healthy,
     write_toml,
 )
 from tests.plugins_for_tests import STATE
@@ -57,29 +57,6 @@ def write_config(tmp: Path, port: int) -> Path:
     cfg = agent_config(tmp / "data", {"out": jsonl_sink(tmp / "out.jsonl")}, agent={"shutdown_timeout_s": 10},
                        server={"port": port})
     return write_toml(tmp / "agent.toml", cfg)
-
-
-def spawn(cfg: Path, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
-            env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
-        )
-
-
-async def wait_healthy(port: int, proc: subprocess.Popen, log: Path) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(400):
-            if proc.poll() is not None:
-                raise AssertionError(f"agent exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.025)
-    raise AssertionError("agent did not come up")
 
 
 def delivered(path: Path) -> tuple[collections.Counter, int]:
@@ -107,7 +84,7 @@ async def stream(port: int, acked: set[str], stop: asyncio.Event, batch: int = 5
                         ids = (await r.json())["ids"]
                         assert ids == [i["id"] for i in items]
                         acked.update(ids)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.01)  # the agent is gone (killed or stopping)
 
 
@@ -249,33 +226,32 @@ async def test_real_full_disk_on_tmpfs(tmpfs, overflow):
     """Method: a real 1 MB tmpfs, grown to 16 MB with `mount -o remount` when space returns."""
     agent = make_agent(tmpfs / "data", {"stuck": {"type": "hang"}},
                        agent={"overflow": overflow, "shutdown_timeout_s": 0.3})
-    async with agent:
-        async with aiohttp.ClientSession() as http:
-            codes = collections.Counter()
-            for _ in range(300):
-                answer = await post_raw(agent, FILL, session=http)
-                status, retry_after = answer.status, answer.headers.get("Retry-After")
-                codes[status] += 1
-                if status == 503:
-                    assert retry_after
-                    break
-            assert codes[202] > 0 and codes[503] == 1, codes  # the disk filled up; the client was told
-            assert agent.state == "running" and agent.journal.disk_error
-            async with http.get(agent.server_url + "/readyz") as r:
-                assert r.status == 503 and "journal" in (await r.json())["problems"][0]
-            for i in range(9):
-                agent.record("late", i)
-            await await_until(lambda: not agent.committer.records, what="the committer to take the records")
-            await agent.committer.drain(5)
-            # Whether SQLite can still delete on a full disk depends on how full its WAL is:
-            # either drop_oldest made room and the events were stored, or they are counted.
-            stored = sum(e.name == "late" for e in journal_events(agent.db.path))
-            assert stored + agent.ledger.by_reason().get(losses.DISK_ERROR, 0) == 9
-            subprocess.run(["mount", "-o", "remount,size=16m", str(tmpfs)], check=True)  # space returns
-            status = (await post_raw(agent, FILL, session=http)).status
-            assert status == 202 and agent.journal.disk_error is None
-            async with http.get(agent.server_url + "/readyz") as r:
-                assert r.status == 200
+    async with agent, aiohttp.ClientSession() as http:
+        codes = collections.Counter()
+        for _ in range(300):
+            answer = await post_raw(agent, FILL, session=http)
+            status, retry_after = answer.status, answer.headers.get("Retry-After")
+            codes[status] += 1
+            if status == 503:
+                assert retry_after
+                break
+        assert codes[202] > 0 and codes[503] == 1, codes  # the disk filled up; the client was told
+        assert agent.state == "running" and agent.journal.disk_error
+        async with http.get(agent.server_url + "/readyz") as r:
+            assert r.status == 503 and "journal" in (await r.json())["problems"][0]
+        for i in range(9):
+            agent.record("late", i)
+        await await_until(lambda: not agent.committer.records, what="the committer to take the records")
+        await agent.committer.drain(5)
+        # Whether SQLite can still delete on a full disk depends on how full its WAL is:
+        # either drop_oldest made room and the events were stored, or they are counted.
+        stored = sum(e.name == "late" for e in journal_events(agent.db.path))
+        assert stored + agent.ledger.by_reason().get(losses.DISK_ERROR, 0) == 9
+        subprocess.run(["mount", "-o", "remount,size=16m", str(tmpfs)], check=True)  # space returns
+        status = (await post_raw(agent, FILL, session=http)).status
+        assert status == 202 and agent.journal.disk_error is None
+        async with http.get(agent.server_url + "/readyz") as r:
+            assert r.status == 200
 
 
 class DiskFull:

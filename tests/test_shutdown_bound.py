@@ -24,7 +24,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import types
 import uuid
@@ -45,7 +44,8 @@ from tests.helpers import (
     make_agent,
     make_events,
     read_jsonl,
-    subprocess_env,
+    spawn,
+    wait_healthy,
     write_toml,
 )
 from tests.plugins_for_tests import STATE
@@ -192,27 +192,6 @@ def _deaf_plugin() -> types.ModuleType:
 
 
 # -- a real `sidecar-agent run`, SIGTERM right after 200k acked events ------------------
-
-
-def spawn(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
-                                env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
-
-
-async def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(1200):
-            if proc.poll() is not None:
-                raise AssertionError(f"agent exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.025)
-    raise AssertionError("agent did not come up")
 
 
 async def post_all(port: int, total: int, clients: int = 4, batch: int = 1000) -> list[str]:

@@ -36,7 +36,7 @@ from agent.event import MAX_TAGS, Event, assign_ids
 from agent.forwarding import wire
 from agent.losses import LossLedger
 from agent.pipeline.intake import Recorded, event_from_record
-from agent.timer import Timer
+from agent.timer import Recorder
 
 log = logging.getLogger("sidecar_agent.forwarding")
 
@@ -47,7 +47,7 @@ RETRY_S = 0.2  # between connection attempts while no owner answers
 WINDOW = 16  # batches in flight before the drain waits for acks
 
 
-class Forwarder:
+class Forwarder(Recorder):
     """Ships this process's events to the data dir's owner. Same recording API as Agent."""
 
     def __init__(self, config: Config, *, pid: int | None = None) -> None:
@@ -120,18 +120,6 @@ class Forwarder:
         self._wake.set()
         if n >= self.commit_batch:
             self._full.set()
-
-    def counter(self, name: str, value: float = 1, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
-        self.record(name, value, kind="counter", tags=tags, **kw)
-
-    def gauge(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
-        self.record(name, value, kind="gauge", tags=tags, **kw)
-
-    def histogram(self, name: str, value: float, *, tags: dict[str, str] | None = None, **kw: Any) -> None:
-        self.record(name, value, kind="histogram", tags=tags, **kw)
-
-    def timer(self, name: str, *, tags: dict[str, str] | None = None) -> Timer:
-        return Timer(self, name, tags)
 
     # -- lifecycle -------------------------------------------------------------------
 
