@@ -237,11 +237,14 @@ async def post_events(agent: Agent, events: list[dict[str, Any]] | dict[str, Any
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every line of a jsonl sink's file, decoded."""
+    """Every complete line of a jsonl sink's file, decoded. The sink writes a batch with one
+    os.write in a thread, which a poll may catch half done: a last line without its newline
+    is still being written and is left for the next read (every complete line must decode)."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    raw = p.read_bytes()
+    return [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line.strip()]
 
 
 def journal_events(db_path: Path) -> list[Event]:

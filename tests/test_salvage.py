@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 
 from agent import losses
 from agent.storage.database import DB_FILE
-from tests.helpers import agent_config, await_until, jsonl_sink, post_events
+from tests.helpers import agent_config, await_until, jsonl_sink, post_events, read_jsonl
 
 SINKS = ("out", "b")
 
@@ -79,12 +78,8 @@ def damage_segment(db: Path, index: int, n: int = 36) -> tuple[int, int]:
 
 
 def delivered(tmp: Path, sink: str) -> set[str]:
-    """Ids in the sink's file so far. The sink writes a batch with one os.write in a thread,
-    which this read may catch half done: a last line without its newline is still being
-    written and is not counted yet (every complete line must decode)."""
-    path = tmp / f"{sink}.jsonl"
-    raw = path.read_bytes() if path.exists() else b""
-    return {json.loads(line)["id"] for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line.strip()}
+    """Ids in the sink's file so far (complete lines only: see read_jsonl)."""
+    return {e["id"] for e in read_jsonl(tmp / f"{sink}.jsonl")}
 
 
 async def get(agent, path: str) -> tuple[int, Any]:  # type: ignore[no-untyped-def]
