@@ -28,7 +28,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from agent.api.metrics import render
 from agent.pipeline import delivery, supervisor
 from agent.pipeline.supervisor import supervise
 from tests.helpers import await_until, make_agent
@@ -137,6 +139,11 @@ async def test_a_sink_worker_that_raises_is_restarted_and_delivers_every_event_o
         assert {"committer", "housekeeping", "sink:store"} <= set(tasks)
         (sink,) = [s for s in status["sinks"] if s["name"] == "mem"]
         assert sink["state"] == "restarting" and sink["restarts"] >= 3
+        metrics = {(s.name, s.labels.get("task")): s.value for f in text_string_to_metric_families(render(agent))
+                   for s in f.samples}
+        assert metrics[("sidecar_agent_task_restarts_total", "sink:mem")] >= 3
+        assert metrics[("sidecar_agent_task_restarts_total", "committer")] == 0
+        assert metrics[("sidecar_agent_task_running", "committer")] == 1
         (comp,) = [c for c in status["components"] if c["name"] == "mem"]
         assert comp["state"] == "restarting" and "worker bug" in comp["error"]
         for _ in range(50):  # it is "running" for a moment at each attempt: ask until it is caught restarting

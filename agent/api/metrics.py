@@ -99,6 +99,19 @@ def render(agent: AgentView) -> str:
         "A source's own figures (ctx.stats: packets, scrapes, scrape errors, ...).",
         source_stats(status),
     )
+    tasks = status["tasks"]
+    w.metric(
+        "task_restarts",
+        "counter",
+        "Restarts of each supervised task after an unexpected error.",
+        [({"task": t["name"]}, t["restarts"]) for t in tasks],
+    )
+    w.metric(
+        "task_running",
+        "gauge",
+        "1 while the supervised task runs, 0 while it waits to restart or has ended.",
+        [({"task": t["name"]}, int(t["state"] == "running")) for t in tasks],
+    )
     forwarders(w, status, getattr(agent, "forwarding", None))
     return w.text()
 
