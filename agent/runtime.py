@@ -20,8 +20,9 @@ from agent.event import Event
 from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
 from agent.pipeline.delivery import SinkWorker
-from agent.pipeline.intake import Committer, RecordFn
+from agent.pipeline.intake import Committer
 from agent.pipeline.journal import Journal
+from agent.pipeline.recording import RecordFn
 from agent.pipeline.resilience import chain_from_specs
 from agent.pipeline.stream import StreamHub
 from agent.pipeline.supervisor import Supervised, supervise

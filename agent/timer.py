@@ -10,19 +10,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from agent.pipeline.recording import RecordFn
+
 
 class _Records(Protocol):
-    def record(
-        self,
-        name: str,
-        value: float | None = None,
-        *,
-        kind: str | None = None,
-        tags: dict[str, str] | None = None,
-        ts: float | None = None,
-        data: dict[str, Any] | None = None,
-        session_id: str | None = None,
-    ) -> None: ...
+    @property
+    def record(self) -> RecordFn: ...
 
 
 class Recorder:

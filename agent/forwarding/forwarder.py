@@ -27,7 +27,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from agent import losses
@@ -35,19 +34,19 @@ from agent.config import Config
 from agent.event import MAX_TAGS, Event, assign_ids
 from agent.forwarding import wire
 from agent.losses import LossLedger
-from agent.pipeline.intake import Recorded, event_from_record
+from agent.pipeline.intake import event_from_record
+from agent.pipeline.recording import Recorded, RecordQueue
 from agent.timer import Recorder
 
 log = logging.getLogger("sidecar_agent.forwarding")
 
 FORWARDER_UNSENT = "forwarder_unsent"  # could neither be handed over nor spilled
-_NEVER = 1 << 62
 _time = time.time
 RETRY_S = 0.2  # between connection attempts while no owner answers
 WINDOW = 16  # batches in flight before the drain waits for acks
 
 
-class Forwarder(Recorder):
+class Forwarder(RecordQueue, Recorder):
     """Ships this process's events to the data dir's owner. Same recording API as Agent."""
 
     def __init__(self, config: Config, *, pid: int | None = None) -> None:
@@ -57,16 +56,10 @@ class Forwarder(Recorder):
         self.pid = os.getpid() if pid is None else pid
         self.data_dir = a.data_dir
         self.path = wire.socket_path(a.data_dir)
-        self.ledger = LossLedger()
-        self.capacity = a.intake_capacity
-        self.commit_batch = a.commit_batch
+        super().__init__(LossLedger(), capacity=a.intake_capacity, commit_batch=a.commit_batch, signal_at=1)
         self.interval_s = a.commit_interval_ms / 1000
         self.max_future_s = a.max_future_s
         self.state = "new"
-        self.records: deque[Recorded] = deque()
-        self.refused: str | None = None
-        self._signal_at = 1
-        self._signal_lock = threading.RLock()
         self._wake = threading.Event()
         self._full = threading.Event()
         # Guards what follows; notified on every take, ack and connection change.
@@ -91,32 +84,7 @@ class Forwarder(Recorder):
 
     # -- recording (any thread, never blocks) ----------------------------------------
 
-    def record(
-        self,
-        name: str,
-        value: float | None = None,
-        *,
-        kind: str | None = None,
-        tags: dict[str, str] | None = None,
-        ts: float | None = None,
-        data: dict[str, Any] | None = None,
-        session_id: str | None = None,
-    ) -> None:
-        """Record one event; the same contract (and cost) as the owner's record()."""
-        q = self.records
-        if len(q) >= self.capacity or self.refused:
-            self.ledger.add(self.refused or losses.INTAKE_FULL)
-            return
-        q.append((name, value, kind, tags, ts or _time(), data, session_id))
-        if len(q) >= self._signal_at:
-            self._signal()
-
-    def _signal(self) -> None:
-        with self._signal_lock:
-            n = len(self.records)
-            if n < self._signal_at:
-                return
-            self._signal_at = self.commit_batch if n < self.commit_batch else _NEVER
+    def _wake_up(self, n: int) -> None:
         self._wake.set()
         if n >= self.commit_batch:
             self._full.set()
@@ -247,8 +215,7 @@ class Forwarder(Recorder):
                     return
             if self._sock is None:
                 self._connect()
-            with self._signal_lock:
-                self._signal_at = 1
+            self._rearm()
             self._wake.clear()
             if not self.records:
                 self._wake.wait(RETRY_S if self._sock is None else 1.0)

@@ -31,40 +31,18 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from agent import losses
 from agent.errors import JournalFullError
 from agent.event import MAX_FUTURE_S, Event, assign_ids, check, default_kind
 from agent.losses import LossLedger
 from agent.pipeline.journal import Journal
+from agent.pipeline.recording import NEVER, Recorded, RecordQueue
 
 log = logging.getLogger("sidecar_agent.intake")
 _time = time.time
-
-# A record() call as stored in the deque: (name, value, kind, tags, ts, data, session_id).
-Recorded = tuple[Any, Any, Any, Any, float, Any, Any]
-_NEVER = 1 << 62  # a _signal_at no deque reaches
-
-
-class RecordFn(Protocol):
-    """The signature of record(): Agent.record is the intake's own bound method."""
-
-    def __call__(
-        self,
-        name: str,
-        value: float | None = None,
-        *,
-        kind: str | None = None,
-        tags: dict[str, str] | None = None,
-        ts: float | None = None,
-        data: dict[str, Any] | None = None,
-        session_id: str | None = None,
-    ) -> None: ...
 
 
 def event_from_record(t: Recorded, agent_id: str, ts_max: float | None = None) -> Event:
@@ -90,7 +68,7 @@ def event_from_record(t: Recorded, agent_id: str, ts_max: float | None = None) -
     )
 
 
-class Committer:
+class Committer(RecordQueue):
     """The intake: owns the queue (record(), emit(), submit()) and drains it into the journal."""
 
     def __init__(
@@ -104,29 +82,21 @@ class Committer:
         on_commit: Callable[[list[Event]], None],
         max_future_s: float = MAX_FUTURE_S,
     ) -> None:
-        self.ledger = ledger
+        super().__init__(ledger, capacity=capacity, commit_batch=commit_batch, signal_at=NEVER)  # none before open()
         self.max_future_s = max_future_s  # check(): how far ahead of now a ts may be
         self.agent_id = agent_id
-        self.capacity = capacity
-        self.commit_batch = commit_batch
         self.commit_interval_s = commit_interval_s
         self.on_commit = on_commit
         self.journal: Journal | None = None  # set by open(); until then records wait
-        # record() tuples and source Events, in arrival order: at most `capacity` wait.
-        self.records: deque[Recorded | Event] = deque()
+        # self.records holds record() tuples and source Events, in arrival order.
         self.batches: list[tuple[list[Event], asyncio.Future[None]]] = []  # HTTP, acked after commit
         self.pending_events = 0  # events in self.batches
         self.committed = 0
         self.commits = 0
         self.wakeups = 0  # times record() or emit() woke the committer (tests, status)
-        # None while accepting; once closed, the ledger reason for a refused record().
-        self.refused: str | None = None
         # The reason counted for events whose journal write is cancelled part-way (a stop or
         # a failed start whose deadline passed); close() sets it.
         self.cancel_reason = losses.SHUTDOWN_TIMEOUT
-        self._signal_at = _NEVER  # nobody to wake before open()
-        # Re-entrant: a signal handler may call record() while its thread holds the lock.
-        self._signal_lock = threading.RLock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()  # something to commit
         self._full = asyncio.Event()  # a full batch: stop gathering
@@ -137,27 +107,6 @@ class Committer:
         return self.refused is None
 
     # -- producers -------------------------------------------------------------------
-
-    def record(
-        self,
-        name: str,
-        value: float | None = None,
-        *,
-        kind: str | None = None,
-        tags: dict[str, str] | None = None,
-        ts: float | None = None,
-        data: dict[str, Any] | None = None,
-        session_id: str | None = None,
-    ) -> None:
-        """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full.
-        It is checked later, on the committer; what fails is counted as `invalid`."""
-        q = self.records
-        if len(q) >= self.capacity or self.refused:
-            self.ledger.add(self.refused or losses.INTAKE_FULL)
-            return
-        q.append((name, value, kind, tags, ts or _time(), data, session_id))
-        if len(q) >= self._signal_at:
-            self._signal()
 
     def emit(self, events: list[Event]) -> None:
         """Queue events from a source or the agent itself (on the loop thread); checked
@@ -183,13 +132,7 @@ class Committer:
         self._on_signal()
         return fut
 
-    def _signal(self) -> None:
-        """The deque reached `_signal_at`: wake the committer, or cut its window short."""
-        with self._signal_lock:
-            n = len(self.records)
-            if n < self._signal_at:  # the committer drained, or another caller signalled
-                return
-            self._signal_at = self.commit_batch if n < self.commit_batch else _NEVER
+    def _wake_up(self, n: int) -> None:
         # RuntimeError: the loop is closed, the agent stopped (discard() counted the queue).
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._on_signal)  # type: ignore[union-attr]
@@ -207,8 +150,7 @@ class Committer:
         """Attach the journal and this loop; what was recorded before is committed next."""
         self.journal = journal
         self._loop = asyncio.get_running_loop()
-        with self._signal_lock:
-            self._signal_at = 1
+        self._rearm()
         if self.records:
             self._on_signal()
 
@@ -236,8 +178,7 @@ class Committer:
 
     def _take(self) -> tuple[list[Event], list[tuple[list[Event], asyncio.Future[None]]]]:
         """Take everything queued, after re-arming the wake-up (never the other way round)."""
-        with self._signal_lock:
-            self._signal_at = 1
+        self._rearm()
         self._wake.clear()
         self._full.clear()
         popleft = self.records.popleft
