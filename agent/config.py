@@ -6,6 +6,7 @@ Unknown keys and wrong types are ConfigErrors naming the file and the key path.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ DEFAULT_POLICIES = ["timeout", "retry", "circuit_breaker"]
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: any free port
 
 
 class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -48,9 +50,9 @@ class ServerSection(_Section):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = 8765
+    port: Port = 8765
     token: str | None = None
-    max_body_bytes: int = 5 * 1024 * 1024
+    max_body_bytes: PositiveInt = 5 * 1024 * 1024
     allowed_origins: list[str] = []
 
 
@@ -111,7 +113,8 @@ def default_config() -> dict[str, Any]:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(obj: Any, path: str, origin: str) -> Any:
+def _expand(obj: Any, path: str, origin: str, errors: list[str] | None = None) -> Any:
+    """Expand `${VAR}` in every string; an unset variable raises, or is appended to `errors`."""
     if isinstance(obj, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -120,13 +123,17 @@ def _expand(obj: Any, path: str, origin: str) -> Any:
                 return os.environ[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{origin}: {path}: environment variable {name} is not set")
+            problem = f"{origin}: {path}: environment variable {name} is not set"
+            if errors is None:
+                raise ConfigError(problem)
+            errors.append(problem)
+            return ""
 
         return _VAR.sub(sub, obj)
     if isinstance(obj, dict):
-        return {k: _expand(v, f"{path}.{k}" if path else k, origin) for k, v in obj.items()}
+        return {k: _expand(v, f"{path}.{k}" if path else k, origin, errors) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_expand(v, f"{path}[{i}]", origin) for i, v in enumerate(obj)]
+        return [_expand(v, f"{path}[{i}]", origin, errors) for i, v in enumerate(obj)]
     return obj
 
 
@@ -161,37 +168,113 @@ def convert_section(raw: dict[str, Any], typ: type, origin: str, path: str) -> A
         raise ConfigError(format_validation_error(exc, origin, "." + path)) from None
 
 
-def from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:
-    """Build a Config from a plain dict (as parsed from TOML)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: config must be a table, got {type(raw).__name__}")
+def from_dict(raw: dict[str, Any], origin: str = "<dict>", base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Build a Config from a plain dict (as parsed from TOML). A ConfigError names every
+    problem, one per line. With `base_dir` (a config file's folder), relative paths resolve against it."""
+    errors = config_errors(raw, origin)
+    if errors:
+        raise ConfigError("\n".join(errors))
     raw = _expand(raw, "", origin)
-    if "origin" in raw:
-        raise ConfigError(f"{origin}: origin: unknown key")
-    for section in ("sources", "sinks"):  # msgspec would say `sinks[...]`, not which table
-        tables = raw.get(section)
-        if isinstance(tables, dict):
-            for name, table in tables.items():
-                if not isinstance(table, dict):
-                    raise ConfigError(f"{origin}: {section}.{name}: expected a table, got {type(table).__name__}")
-    try:
+    if base_dir is not None:
+        raw = resolve_paths(raw, Path(base_dir))
+    try:  # config_errors checked each key alone; this is the whole
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(format_validation_error(exc, origin)) from None
     cfg.origin = origin
-    _check(cfg)
     return cfg
 
 
-def _check(cfg: Config) -> None:
-    if cfg.server.enabled and not cfg.server.token and not _is_loopback(cfg.server.host):
-        raise ConfigError(
-            f"{cfg.origin}: server.token: required when server.host ({cfg.server.host}) is not a loopback address"
-        )
+def did_you_mean(key: str, candidates: Any) -> str:
+    """` (did you mean 'x'?)` naming the candidate closest to a misspelt `key`, or ''."""
+    close = difflib.get_close_matches(key, [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def config_errors(raw: Any, origin: str) -> list[str]:
+    """Every problem in a config dict, as `origin: key.path: problem` lines; [] when it is valid.
+
+    msgspec stops at the first error, so each section is converted key by key: every
+    Section field has a default, so a one-key table checks that key alone. Plugin
+    options (inside `[sources.*]` / `[sinks.*]`) are checked by check-config's plan step.
+    """
+    if not isinstance(raw, dict):
+        return [f"{origin}: config must be a table, got {type(raw).__name__}"]
+    errors: list[str] = []
+    raw = _expand(raw, "", origin, errors)
+    fields = {f.name: f.type for f in msgspec.structs.fields(Config) if f.name != "origin"}
+    for key, value in raw.items():
+        typ = fields.get(key)
+        if typ is None:
+            errors.append(f"{origin}: {key}: unknown key{did_you_mean(key, fields)}")
+        elif isinstance(typ, type) and issubclass(typ, _Section):
+            errors += _section_errors(value, typ, origin, key)
+        elif key in ("sources", "sinks"):  # msgspec would say `sinks[...]`, not which table
+            if not isinstance(value, dict):
+                errors.append(f"{origin}: {key}: expected a table, got {type(value).__name__}")
+                continue
+            for name, table in value.items():
+                if not isinstance(table, dict):
+                    errors.append(f"{origin}: {key}.{name}: expected a table, got {type(table).__name__}")
+        else:
+            try:
+                msgspec.convert(value, typ, strict=True)
+            except msgspec.ValidationError as exc:
+                errors.append(format_validation_error(exc, origin, "." + key))
+    server = raw.get("server", {})
+    if isinstance(server, dict) and not any(e.startswith(f"{origin}: server.") for e in errors):
+        section = msgspec.convert(server, ServerSection, strict=True)
+        if section.enabled and not section.token and not _is_loopback(section.host):
+            errors.append(
+                f"{origin}: server.token: required when server.host ({section.host}) is not a loopback address"
+            )
+    return errors
+
+
+def _section_errors(value: Any, typ: type, origin: str, path: str) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"{origin}: {path}: expected a table, got {type(value).__name__}"]
+    known = [f.name for f in msgspec.structs.fields(typ)]
+    errors = []
+    for key, item in value.items():
+        if key not in known:
+            errors.append(f"{origin}: {path}.{key}: unknown key{did_you_mean(key, known)}")
+            continue
+        try:
+            msgspec.convert({key: item}, typ, strict=True)
+        except msgspec.ValidationError as exc:
+            errors.append(format_validation_error(exc, origin, "." + path))
+    return errors
+
+
+def _is_path_key(key: str) -> bool:
+    return key in ("path", "data_dir", "tls_cert", "tls_key", "unix_socket") or key.endswith(("_path", "_dir", "_file"))
+
+
+def resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A copy of `raw` whose relative file paths are under `base_dir` (the config file's
+    folder), so a config means the same files whatever the working directory: `data_dir`,
+    `tls_cert`, `tls_key`, `unix_socket`, and in `[agent]`, `[server]` and each source or sink table
+    `path` and any key ending in `_path`, `_dir` or `_file`. `-` (stdout) and URLs stay."""
+
+    def fix(table: Any) -> Any:
+        if not isinstance(table, dict):
+            return table
+        out = dict(table)
+        for key, value in table.items():
+            if _is_path_key(key) and isinstance(value, str) and value not in ("", "-") and "://" not in value:
+                path = Path(value).expanduser()
+                out[key] = str(path if path.is_absolute() else base_dir / path)
+        return out
+
+    raw = dict(raw)
+    for section in ("agent", "server"):
+        if section in raw:
+            raw[section] = fix(raw[section])
     for section in ("sources", "sinks"):
-        for name, table in getattr(cfg, section).items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{cfg.origin}: {section}.{name}: expected a table")
+        if isinstance(raw.get(section), dict):
+            raw[section] = {name: fix(table) for name, table in raw[section].items()}
+    return raw
 
 
 def _is_loopback(host: str) -> bool:
@@ -199,7 +282,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file; its relative paths are relative to its folder."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -209,7 +292,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    return from_dict(raw, str(p))
+    return from_dict(raw, str(p), base_dir=p.resolve().parent)
 
 
 def resolve(config: Config | dict[str, Any] | str | os.PathLike[str] | None) -> Config:

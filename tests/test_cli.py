@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 import agent
-from tests.helpers import agent_config, jsonl_sink, read_jsonl, run_cli, spawn_agent, wait_http, write_toml
+from tests.helpers import (agent_config, jsonl_sink, read_jsonl, run_cli, spawn_agent, subprocess_env, wait_http,
+                           write_toml)
 
 
 def cli_config(tmp_path, port):
@@ -79,3 +83,36 @@ def test_version(tmp_path):
     r = run_cli("version", cwd=tmp_path)
     assert r.returncode == 0
     assert r.stdout.strip() == f"sidecar-agent {agent.__version__}"
+
+
+@pytest.mark.parametrize("args", [("plugins", "--json"), ("plugins",), ("version",)])
+def test_output_to_a_closed_pipe_exits_quietly(tmp_path, args):
+    # `sidecar-agent plugins --json | head -1`: the reader is gone before the command writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=tmp_path, env=subprocess_env(),
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("data_dir, problem", [
+    ("/proc/sidecar-nope/data", "cannot use /proc/sidecar-nope: No such file or directory"),
+    ("{file}/data", "cannot use {file}/data: Not a directory"),
+])
+def test_run_with_an_unusable_data_dir_names_it(tmp_path, free_port, data_dir, problem):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    data_dir, problem = data_dir.format(file=file), problem.format(file=file)
+    cfg = write_toml(tmp_path / "agent.toml", {"agent": {"data_dir": data_dir}, "server": {"port": free_port}})
+    r = run_cli("run", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"error: data dir {data_dir}: {problem}"], r.stderr
+
+
+def test_run_with_a_port_out_of_range_is_a_config_error(tmp_path):
+    cfg = write_toml(tmp_path / "agent.toml", {"server": {"port": 70000}})
+    r = run_cli("run", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"error: {cfg}: server.port: expected int <= 65535"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -110,7 +111,7 @@ def test_type_defaults_to_table_name_and_two_sinks_of_one_type(tmp_path):
     by_name = {s.name: s for s in specs}
     assert by_name["jsonl"].registration.type_name == "jsonl"
     assert by_name["copy"].registration.type_name == "jsonl"
-    assert (by_name["jsonl"].options.path, by_name["copy"].options.path) == ("a", "b")
+    assert (by_name["jsonl"].options.path, by_name["copy"].options.path) == (str(tmp_path / "a"), str(tmp_path / "b"))
 
 
 def test_non_loopback_host_without_token_is_refused():
@@ -145,4 +146,129 @@ def test_check_config_good_file(tmp_path):
     p.write_text('[sources.system]\n[sinks.out]\ntype = "jsonl"\npath = "-"\n')
     r = run_cli("check-config", str(p), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"{p}: ok (1 sources, 2 sinks)"  # out, and the implicit history store
+    # the user's one sink; the dashboard's history store is named apart, not counted as theirs
+    assert r.stdout.strip() == f"{p}: ok (1 source, 1 sink; plus the dashboard's history store sink 'store')"
+
+
+def test_check_config_without_the_store_counts_only_the_users_sinks(tmp_path):
+    p = tmp_path / "good.toml"
+    p.write_text('[dashboard]\nstore = false\n[sinks.a]\ntype = "jsonl"\n[sinks.b]\ntype = "jsonl"\n')
+    r = run_cli("check-config", str(p), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{p}: ok (0 sources, 2 sinks)"
+
+
+@pytest.mark.parametrize("toml, path", [
+    ("[server]\nport = 70000\n", "server.port"),
+    ("[server]\nport = -1\n", "server.port"),
+    ("[server]\nmax_body_bytes = 0\n", "server.max_body_bytes"),
+    ("[sources.statsd]\nport = 65536\n", "sources.statsd.port"),
+])
+def test_ports_and_sizes_out_of_range_fail_check_config(tmp_path, toml, path):
+    p = tmp_path / "bad.toml"
+    p.write_text(toml)
+    r = run_cli("check-config", str(p), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {p}: {path}: expected int "), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ports_at_the_ends_of_the_range_are_accepted():
+    assert from_dict({"server": {"port": 0}}).server.port == 0
+    assert from_dict({"server": {"port": 65535}}).server.port == 65535
+
+
+BAD = """\
+[agent]
+dat_dir = "x"
+intake_capacity = 0
+[server]
+port = 70000
+[sinkz.a]
+[sinks.out]
+type = "jsnl"
+[sinks.b]
+type = "jsonl"
+paht = "x"
+batch_size = 0
+policies = ["retry", "circuit_braker"]
+retry = { max_atempts = 3 }
+[sources.sys]
+type = "system"
+interval_s = -1
+"""
+
+
+def test_check_config_names_every_error_with_did_you_mean(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text(BAD)
+    r = run_cli("check-config", str(p), cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    # the core sections first: msgspec alone would stop at the first of these
+    assert r.stderr.splitlines() == [
+        f"error: {p}: agent.dat_dir: unknown key (did you mean 'data_dir'?)",
+        f"error: {p}: agent.intake_capacity: expected int >= 1",
+        f"error: {p}: server.port: expected int <= 65535",
+        f"error: {p}: sinkz: unknown key (did you mean 'sinks'?)",
+    ]
+    p.write_text(BAD.replace('dat_dir = "x"\nintake_capacity = 0\n', "").replace("70000", "8765").replace(
+        "[sinkz.a]\n", ""))
+    r = run_cli("check-config", str(p), cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert all(line.startswith(f"error: {p}: ") for line in lines), r.stderr
+    problems = {line.removeprefix(f"error: {p}: ") for line in lines}
+    assert problems == {
+        "sources.sys.interval_s: expected float > 0.0",
+        "sinks.out.type: unknown sink type 'jsnl' (available: jsonl, postgres, store, supabase)"
+        " (did you mean 'jsonl'?)",
+        "sinks.b.batch_size: expected a positive integer",
+        "sinks.b.policies: unknown policy type 'circuit_braker'"
+        " (available: circuit_breaker, concurrency, retry, timeout) (did you mean 'circuit_breaker'?)",
+        "sinks.b.retry.max_atempts: unknown key (did you mean 'max_attempts'?)",
+        "sinks.b.paht: unknown key (did you mean 'path'?)",
+    }, r.stderr
+
+
+def test_every_missing_env_var_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("SIDECAR_TEST_UNSET", raising=False)
+    monkeypatch.delenv("SIDECAR_TEST_UNSET2", raising=False)
+    with pytest.raises(ConfigError) as err:
+        from_dict({"server": {"token": "${SIDECAR_TEST_UNSET}"}, "agent": {"id": "${SIDECAR_TEST_UNSET2}"}}, "x")
+    assert str(err.value).splitlines() == [
+        "x: server.token: environment variable SIDECAR_TEST_UNSET is not set",
+        "x: agent.id: environment variable SIDECAR_TEST_UNSET2 is not set",
+    ]
+
+
+def test_relative_paths_resolve_against_the_config_files_folder(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    p = conf / "agent.toml"
+    p.write_text('[agent]\ndata_dir = "data"\n'
+                 '[sinks.out]\ntype = "jsonl"\npath = "out/events.jsonl"\n'
+                 '[sinks.stdout]\ntype = "jsonl"\npath = "-"\n'
+                 '[sinks.abs]\ntype = "jsonl"\npath = "/var/tmp/x.jsonl"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load(Path("..") / "conf" / "agent.toml")
+    assert cfg.agent.data_dir == str(conf / "data")
+    assert cfg.sinks["out"]["path"] == str(conf / "out" / "events.jsonl")
+    assert cfg.sinks["stdout"]["path"] == "-"  # stdout, not a file
+    assert cfg.sinks["abs"]["path"] == "/var/tmp/x.jsonl"
+    # a dict (embedded use) has no folder: its paths stay relative to the working directory
+    assert from_dict({"agent": {"data_dir": "data"}}).agent.data_dir == "data"
+
+
+def test_relative_paths_in_a_running_agent_land_next_to_the_config(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    p = conf / "agent.toml"
+    p.write_text('[agent]\ndata_dir = "data"\n[server]\nenabled = false\n[dashboard]\nstore = false\n'
+                 '[sinks.out]\ntype = "jsonl"\npath = "events.jsonl"\npolicies = []\n')
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = run_cli("dlq", "list", "--config", str(p), cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert (conf / "data").is_dir() and not (cwd / "data").exists()

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from agent.config import Config, load, resolve
 from agent.errors import AgentError, ConfigError
@@ -31,7 +32,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await agent.start()
+        try:
+            await agent.start()
+        except OSError as exc:
+            raise _data_dir_error(cfg, exc) from None
         print(
             f"sidecar-agent {__version__} running as {agent.id}; dashboard at {agent.server_url}",
             file=sys.stderr,
@@ -52,20 +56,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file, plugin options included."""
-    from agent.plan import build_flags, plan
-    from agent.plugin.host import PluginHost
+def _data_dir_error(cfg: Config, exc: OSError) -> OSError | AgentError:
+    """An OSError about the data dir (or a folder above it) as one line naming both paths."""
+    data_dir = Path(cfg.agent.data_dir).absolute()
+    where = Path(str(exc.filename or "")).absolute()
+    if exc.filename is None or not (where == data_dir or where in data_dir.parents or data_dir in where.parents):
+        return exc
+    return AgentError(f"data dir {data_dir}: cannot use {where}: {exc.strerror or exc}")
 
-    cfg = load(args.file)
-    host = PluginHost(cfg.plugins).load()
-    specs = plan(cfg, host)
-    build_flags(cfg, host, specs)  # bad [flags] values and SIDECAR_AGENT_FLAG_* fail here too
-    print(
-        f"{args.file}: ok ({sum(s.kind == 'sources' for s in specs)} sources, "
-        f"{sum(s.kind == 'sinks' for s in specs)} sinks)"
-    )
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file, plugin options included; name every problem, one per line."""
+    from agent.cli.check import check
+
+    result = check(args.file)
+    if result.errors:
+        raise ConfigError("\n".join(result.errors))
+    store = "; plus the dashboard's history store sink 'store'" if result.store else ""
+    print(f"{args.file}: ok ({_count(result.sources, 'source')}, {_count(result.sinks, 'sink')}{store})")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -131,12 +144,30 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`sidecar-agent plugins --json | head`): that is its choice,
+        # not an error. Point stdout at /dev/null so the interpreter's last flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except AgentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
+        return 1
+    except OSError as exc:  # a data dir that cannot be created or written: name the path, no traceback
+        if exc.filename is None:
+            raise
+        _error(f"{exc.filename}: {exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _error(problem: object) -> None:
+    """One `error:` line per problem (a ConfigError names each on its own line)."""
+    for line in str(problem).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
