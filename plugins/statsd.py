@@ -39,6 +39,9 @@ SOCKET_OVERFLOW = "statsd_socket_overflow"
 # recently updated is forgotten (its next delta starts from 0): a sender inventing names
 # must not grow the agent without bound.
 MAX_GAUGES = 100_000
+# A taken or refused address is retried (0.5 s doubling to 10 s), one WARNING line per try.
+BIND_RETRY_INITIAL_S = 0.5
+BIND_RETRY_MAX_S = 10.0
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -211,16 +214,13 @@ class StatsdSource:
         self.warn = ThrottledLog(ctx.log)
         self.warn_overflow = ThrottledLog(ctx.log)  # not muted by a flood of bad lines
         self.stats = ctx.stats
-        self.stats.update(address=None, packets=0, events=0, malformed=0, unsupported=0, socket_overflow=0)
+        self.stats.update(address=None, error=None, packets=0, events=0, malformed=0, unsupported=0, socket_overflow=0)
         self._emit: Emit | None = None
         self._drops_seen = 0
 
     async def run(self, emit: Emit) -> None:
         self._emit = emit  # before the socket exists, so no datagram can find it unset
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Receiver(self), local_addr=(self.options.host, self.options.port)
-        )
+        transport = await self._listen()
         sock = transport.get_extra_info("socket")
         host, port = sock.getsockname()[:2]
         self.stats["address"] = f"{host}:{port}"
@@ -236,6 +236,27 @@ class StatsdSource:
             self._flush(sock)
             transport.close()
             self._emit = None
+
+    async def _listen(self) -> asyncio.DatagramTransport:
+        """Bind the UDP socket. A taken or refused address is a user's problem, not a bug:
+        one WARNING line per try naming the address (no traceback), `error` in status, and
+        a retry with backoff until it is free."""
+        loop = asyncio.get_running_loop()
+        delay = BIND_RETRY_INITIAL_S
+        while True:
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Receiver(self), local_addr=(self.options.host, self.options.port)
+                )
+            except OSError as exc:
+                where = f"udp {self.options.host}:{self.options.port}"
+                self.stats["error"] = f"cannot listen on {where}: {exc.strerror or exc}"
+                self.ctx.log.warning("statsd: %s; retrying in %.1fs", self.stats["error"], delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BIND_RETRY_MAX_S)
+                continue
+            self.stats["error"] = None
+            return transport
 
     def received(self, data: bytes) -> None:
         """One datagram (called by the protocol on the loop)."""

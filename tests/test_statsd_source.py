@@ -278,23 +278,34 @@ async def test_datagrams_the_kernel_drops_are_counted(tmp_path):
         await agent.stop()
 
 
-async def test_a_port_in_use_fails_the_component_not_the_agent(tmp_path):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        cfg = statsd_config(tmp_path, port=taken.getsockname()[1])
-        cfg["sources"]["other"] = {"type": "statsd", "port": 0}
-        agent = await start_agent(tmp_path / "data", **cfg)
-        try:
-            comp = await await_until(lambda: next((c for c in agent.status()["components"]
-                                              if c["name"] == "statsd" and c["state"] == "restarting"), None))
-            assert "OSError" in comp["error"]
-            assert agent.state == "running"
-            host, port = (await await_until(lambda: _stats(agent, "other").get("address"))).rsplit(":", 1)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.sendto(b"still:1|c", (host, int(port)))
-            await await_until(lambda: _stats(agent, "other")["events"] == 1)
-        finally:
-            await agent.stop()
+async def test_a_port_in_use_is_named_and_retried_without_a_traceback(tmp_path, caplog):
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    cfg = statsd_config(tmp_path, port=port)
+    cfg["sources"]["other"] = {"type": "statsd", "port": 0}
+    agent = await start_agent(tmp_path / "data", **cfg)
+    try:
+        problem = f"cannot listen on udp 127.0.0.1:{port}: Address already in use"
+        await await_until(lambda: _stats(agent).get("error") == problem, what="the taken port in status")
+        assert _stats(agent)["address"] is None and agent.state == "running"
+        # the other source is not held up by it
+        host, other = (await await_until(lambda: _stats(agent, "other").get("address"))).rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"still:1|c", (host, int(other)))
+        await await_until(lambda: _stats(agent, "other")["events"] == 1)
+        # the log names the address once per try, at WARNING, with no traceback
+        tries = [r for r in caplog.records if problem in r.getMessage()]
+        assert tries and all(r.levelname == "WARNING" and r.exc_info is None for r in tries)
+        assert not [r for r in caplog.records if r.exc_info and "statsd" in r.getMessage()]
+        # once the port is free the source listens on it
+        taken.close()
+        await await_until(lambda: _stats(agent)["address"] == f"127.0.0.1:{port}", timeout=60,
+                          what="the statsd source to take the freed port")
+        assert _stats(agent)["error"] is None
+    finally:
+        taken.close()
+        await agent.stop()
 
 
 def test_two_parsers_share_no_state():
