@@ -54,6 +54,19 @@ class ServerSection(_Section):
     token: str | None = None
     max_body_bytes: PositiveInt = 5 * 1024 * 1024
     allowed_origins: list[str] = []
+    # docs/security.md: the Host allowlist, /metrics without the token, TLS, the Unix socket.
+    allowed_hosts: list[str] = []  # beside loopback names, IP literals and `host`; "*" any, ".example.com"
+    metrics_public: bool = False
+    tls_cert: str | None = None  # PEM files; both or neither. Re-read when they change
+    tls_key: str | None = None
+    tls_reload_s: PositiveFloat = 10.0  # how often the TLS files' mtimes are checked
+    unix_socket: str | None = None  # a second listener (mode 0660), e.g. for a pod's other containers
+    # Connection bounds (issue 18): headers must arrive within header_timeout_s; an idle
+    # keep-alive connection closes after keepalive_timeout_s; past max_connections a new
+    # connection is answered 503 and closed at once.
+    header_timeout_s: PositiveFloat = 10.0
+    keepalive_timeout_s: PositiveFloat = 15.0
+    max_connections: PositiveInt = 512
 
 
 class PluginsSection(_Section):

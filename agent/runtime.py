@@ -381,26 +381,18 @@ class Agent(Recorder):
                 log.error("housekeeping failed: %s", exc)
 
     async def _start_server(self) -> None:
-        from aiohttp import web
+        from agent.api.server import HttpServer, ServerStartError
 
-        from agent.api import create_app
-
-        app = create_app(self)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        server = HttpServer(self)
         try:
-            await site.start()
-        except OSError as exc:
-            self.server_error = f"cannot listen on {self.config.server.host}:{self.config.server.port}: {exc.strerror}"
-            log.error("HTTP server not started: %s", self.server_error)
-            await self._runner.cleanup()
-            self._runner = None
+            self.server_url = await server.start()
+        except ServerStartError as exc:
+            self.server_error = str(exc)
             if self.require_server:
-                raise  # start() undoes the rest and leaves the agent "failed"
+                raise  # start() undoes the rest and leaves the agent "failed"; the CLI prints it
+            log.error("HTTP server not started: %s", exc)
             return
-        port = self._runner.addresses[0][1] if self._runner.addresses else self.config.server.port
-        self.server_url = f"http://{self.config.server.host}:{port}"
+        self._runner = server
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Commit everything recorded so far and wait until every sink has confirmed it."""

@@ -23,11 +23,12 @@ async def client(tmp_path: Path, aiohttp_client):
         yield await aiohttp_client(create_app(agent))
 
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Reads need the token too (docs/security.md); values are JSON, never text/plain.
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
 async def test_list_shows_core_flags_with_layers(client) -> None:
-    resp = await client.get("/api/v1/flags")
+    resp = await client.get("/api/v1/flags", headers=AUTH)
     assert resp.status == 200
     flags = {f["name"]: f for f in (await resp.json())["flags"]}
     assert flags["sinks.out.enabled"]["value"] is True
@@ -45,7 +46,7 @@ async def test_put_bad_value_is_refused_and_nothing_changes(client) -> None:
     assert resp.status == 400
     body = await resp.json()
     assert "sinks.out.rollout_percent" in body["error"] and "150" in body["error"]
-    flags = {f["name"]: f for f in (await (await client.get("/api/v1/flags")).json())["flags"]}
+    flags = {f["name"]: f for f in (await (await client.get("/api/v1/flags", headers=AUTH)).json())["flags"]}
     assert flags["sinks.out.rollout_percent"]["value"] == 100.0
 
 
@@ -62,15 +63,15 @@ async def test_put_then_delete_and_audit_names_the_actor(client) -> None:
     resp = await client.delete("/api/v1/flags/dashboard.data_source", headers=AUTH)
     assert resp.status == 200
     assert (await resp.json())["value"] == "websocket"
-    audit = (await (await client.get("/api/v1/flags")).json())["audit"]
+    audit = (await (await client.get("/api/v1/flags", headers=AUTH)).json())["audit"]
     assert [a["new"] for a in audit[-2:]] == ["dual", "websocket"]
     assert audit[-2]["actor"] == "cli (token)"
 
 
 async def test_health_reports_supabase_mode_without_a_supabase_sink(client) -> None:
-    assert (await (await client.get("/api/v1/flags/health")).json())["ok"] is True
+    assert (await (await client.get("/api/v1/flags/health", headers=AUTH)).json())["ok"] is True
     await client.put("/api/v1/flags/dashboard.data_source", data='"supabase"', headers=AUTH)
-    health = await (await client.get("/api/v1/flags/health")).json()
+    health = await (await client.get("/api/v1/flags/health", headers=AUTH)).json()
     assert health["ok"] is False and any("supabase" in p for p in health["problems"])
     ready = await (await client.get("/readyz")).json()
     assert any(p.startswith("flags:") for p in ready["problems"])

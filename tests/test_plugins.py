@@ -292,7 +292,9 @@ async def test_register_policies_flags_and_routes(third_party, tmp_path, aiohttp
         assert [(m, p, pl) for m, p, _, _, pl in host.routes] == [
             ("GET", "/api/v1/example/hello", "sc_extras"), ("GET", "/api/v1/example/reset", "sc_extras")]
         client = await aiohttp_client(create_app(a))
-        r = await client.get("/api/v1/example/hello")
+        # With a token set every /api/ route needs it, plugin routes too (docs/security.md)
+        assert (await client.get("/api/v1/example/hello")).status == 401
+        r = await client.get("/api/v1/example/hello", headers={"Authorization": "Bearer t0ken"})
         assert r.status == 200 and await r.json() == {"hello": "world"}
         # mutating=True: the token is required even for a GET
         assert (await client.get("/api/v1/example/reset")).status == 401

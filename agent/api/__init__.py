@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import weakref
@@ -10,51 +9,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from agent.api import dlq, flags, health, history, ingest, stream, ui
+from agent.api import dlq, flags, health, history, ingest, openapi, security, stream, ui
 from agent.api.keys import AGENT, WEBSOCKETS
 from agent.api.view import AgentView
 
 log = logging.getLogger("sidecar_agent.api")
 _VARIABLE = re.compile(r"\{[^}]*\}")  # a {name} or {name:regex} in a route path
 
-MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _token_of(request: web.Request) -> str:
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("X-Sidecar-Token", "")
-
-
-def _authorized(request: web.Request) -> bool:
-    token = request.app[AGENT].config.server.token
-    return not token or hmac.compare_digest(_token_of(request).encode(), token.encode())
-
-
-def _unauthorized() -> web.Response:
-    return web.json_response(
-        {"error": "unauthorized: send the token as 'Authorization: Bearer <token>'"},
-        status=401,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mutating requests need the token when one is configured."""
-    if request.method in MUTATING and not _authorized(request):
-        return _unauthorized()
-    return await handler(request)
 
 
 def _token_required(handler: Handler) -> Handler:
     """A plugin route registered with mutating=True needs the token whatever its method."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        return await handler(request) if _authorized(request) else _unauthorized()
+        return await handler(request) if security.authorized(request) else security.unauthorized()
 
     return guarded
 
@@ -90,7 +59,7 @@ async def _close_websockets(app: web.Application) -> AsyncIterator[None]:
 def create_app(agent: AgentView) -> web.Application:
     """The app factory: routes, middlewares and typed state for one Agent."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, security.middleware],
         client_max_size=agent.config.server.max_body_bytes,
     )
     app[AGENT] = agent
@@ -103,6 +72,8 @@ def create_app(agent: AgentView) -> web.Application:
     flags.add_routes(app)
     history.add_routes(app)
     ui.add_routes(app)
+    security.add_routes(app)
+    openapi.add_routes(app)
     # Plugin routes come last: one that clashes with a core route (or another plugin's),
     # or that aiohttp refuses, marks its plugin failed and is skipped; the agent runs on.
     for method, path, handler, mutating, plugin in agent.host.routes:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
-
 import msgspec
 from aiohttp import web
 
 from agent.api.keys import AGENT
+from agent.api.security import authorized
 from agent.flags import FlagError, UnknownFlagError
 
 
@@ -21,12 +20,7 @@ def _service(request: web.Request):
 def actor(request: web.Request) -> str:
     """Who made a change: the token holder or a client address, and the tool if it says."""
     token = request.app[AGENT].config.server.token
-    auth = request.headers.get("Authorization", "")
-    who = (
-        "token"
-        if token and hmac.compare_digest(auth.removeprefix("Bearer ").strip().encode(), token.encode())
-        else f"http:{request.remote}"
-    )
+    who = "token" if token and authorized(request) else f"http:{request.remote}"
     tool = request.headers.get("X-Sidecar-Actor")
     return f"{tool} ({who})" if tool else who
 
