@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import CircuitOpenError, PermanentError, RetryableError
 from agent.event import Event
 from agent.flags import in_rollout
+from agent.pipeline import deadletter_log
 from agent.pipeline.journal import Journal
 from agent.pipeline.resilience import Chain
 from agent.plugin.base import PluginContext, Sink
@@ -284,6 +285,7 @@ class SinkWorker:
         except Exception as put_exc:
             raise_if_cancelling()
             raise DeadLetterWriteError(f"{type(put_exc).__name__}: {put_exc}") from put_exc
+        deadletter_log.report(self, len(events), exc)  # a WARNING naming the sink and the error, throttled
         self._probe_at = time.monotonic() + self._probe_delay  # the sink just failed: no instant replay
         self.stats.dead_lettered += len(events)
 
