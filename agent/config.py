@@ -43,6 +43,11 @@ class AgentSection(_Section):
     sync: Literal["full", "normal"] = "full"
     shutdown_timeout_s: PositiveFloat = 10.0
     max_future_s: PositiveFloat = 366 * 86400.0  # an event's ts may be at most this far ahead of now
+    # docs/multiprocess.md. connect: only forward, to a separately run agent ("unix:///path.sock" or
+    # "http://host:port"); never owns data_dir. listen: the owner's forwarder socket ("unix:///path.sock";
+    # default data_dir/forward/agent.sock).
+    connect: Annotated[str, msgspec.Meta(pattern=r"^(unix:///.+|https?://.+)?$")] = ""
+    listen: Annotated[str, msgspec.Meta(pattern=r"^(unix:///.+)?$")] = ""
 
 
 class ServerSection(_Section):

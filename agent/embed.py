@@ -8,6 +8,11 @@ same recording API, whose events reach the owner's journal. A process forked aft
 start() gets a Forwarder at once (the at-fork hook), so pre-fork servers (gunicorn
 --preload, multiprocessing with fork) need no code change. At interpreter exit the
 agent stops gracefully (a forwarder hands over what it holds, or spills it).
+
+Failover: when the owner is gone, a forwarder takes the data-dir lock and calls
+`_take_over`, which starts an Agent here the way start() does for an owner; module-level
+record() then goes to it, and the old Forwarder (`_retired`) hands what it still held to
+this process's own listener. With `[agent] connect` the process only ever forwards.
 """
 
 from __future__ import annotations
@@ -17,16 +22,19 @@ import atexit
 import contextlib
 import logging
 import os
+import socket
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from agent import losses
-from agent.config import resolve
+from agent.config import differences, resolve
+from agent.errors import ConfigError
 from agent.event import MAX_TAGS
 from agent.forwarding.forwarder import Forwarder
-from agent.forwarding.owner import Owner
+from agent.forwarding.owner import Owner, serve_forwarders
 from agent.losses import LossLedger
 from agent.runtime import Agent
 from agent.storage.dirlock import DataDirInUse, DataDirLock
@@ -38,6 +46,9 @@ _agent: Agent | Forwarder | None = None
 _owner: Owner | None = None
 _thread: threading.Thread | None = None
 _loop: asyncio.AbstractEventLoop | None = None
+# The Forwarder this process was before it took the data dir over: it still hands what it
+# held (and what callers holding it record) to this process's own listener, until stop().
+_retired: Forwarder | None = None
 _hooks_installed = False
 # Events recorded before start() (or after stop()): counted here, merged into the agent's ledger.
 _early = LossLedger()
@@ -57,14 +68,11 @@ def _run(agent: Agent, ready: Future[Agent]) -> None:
         global _owner
         try:
             await agent.start()
-            owner = Owner(agent)
             try:
-                await owner.start()
+                _owner = await serve_forwarders(agent)
             except BaseException:
                 await agent.stop()
                 raise
-            _owner = owner
-            agent.forwarding = owner  # type: ignore[attr-defined]  # read by status_of
         except BaseException as exc:
             ready.set_exception(exc)
             return
@@ -74,8 +82,34 @@ def _run(agent: Agent, ready: Future[Agent]) -> None:
     try:
         loop.run_until_complete(main())
     finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+        _close_loop(loop)
+
+
+LEFTOVER_GRACE_S = 0.5
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """End the agent's loop for good once stop() returned, also when it abandoned tasks
+    (Agent.abandoned: a sink that swallows its cancels, a stuck close). Those would
+    otherwise stay pending on a loop nobody runs, in the host process, for ever. They
+    are cancelled once more and given LEFTOVER_GRACE_S; a task still pending then has its
+    coroutine closed (GeneratorExit ends it where a cancel did not). Their events stay
+    journaled, as stop() says. A blocking call in a worker thread cannot be ended from
+    here; the loop no longer waits for it."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=LEFTOVER_GRACE_S))
+    for t in pending:
+        if not t.done():
+            log.warning("closing the agent's loop: task %s ignored its cancel; its coroutine is closed", t.get_name())
+            t._log_destroy_pending = False  # type: ignore[attr-defined]  # ended below, not forgotten
+            with contextlib.suppress(RuntimeError):  # "coroutine ignored GeneratorExit"
+                t.get_coro().close()
+    with contextlib.suppress(TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), LEFTOVER_GRACE_S))
+    loop.close()
 
 
 def _after_fork_in_child() -> None:
@@ -83,14 +117,16 @@ def _after_fork_in_child() -> None:
     the parent had one (owner or forwarder), the child gets a forwarder to the same data
     dir; the fds it inherited (lock, listening socket, connection) are closed in the
     child only, so the parent's lock and socket end with the parent."""
-    global _agent, _owner, _thread, _loop, _lock, _early, _pid, _owner_tags
-    parent, owner = _agent, _owner
-    _agent = _owner = _thread = _loop = None
+    global _agent, _owner, _thread, _loop, _lock, _early, _pid, _owner_tags, _retired
+    parent, owner, retired = _agent, _owner, _retired
+    _agent = _owner = _thread = _loop = _retired = None
     _lock = threading.Lock()
     _early = LossLedger()  # its lock may have been held by a parent thread at fork time
     _pid, _owner_tags = str(os.getpid()), None
     if owner is not None:
         owner.forget_in_child()
+    if retired is not None:
+        retired.forget_in_child()  # the parent sends what it queued, not the child
     if isinstance(parent, Agent):
         if parent.db is not None:
             parent.db.dir_lock.release()  # the child's copy of the fd; the parent's flock stays
@@ -114,10 +150,15 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
     global _agent, _thread, _hooks_installed, _owner_tags
     with _lock:
         if _agent is not None and _agent.state in ("starting", "running"):
+            if config is not None and (differ := differences(_agent.config, resolve(config))):
+                raise ConfigError(
+                    f"agent.start(): an agent already runs in this process with another config ({', '.join(differ)}"
+                    " differ); call agent.stop() first, or agent.start() without a config to get the running one"
+                )
             return _agent
         cfg = resolve(config)
         started: Agent | Forwarder
-        if _lock_busy(Path(cfg.agent.data_dir)):
+        if cfg.agent.connect or _lock_busy(Path(cfg.agent.data_dir)):
             started = _start_forwarder(cfg)
         else:
             try:
@@ -128,6 +169,12 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
                 started = _start_forwarder(cfg)
             else:
                 _owner_tags = {"pid": _pid}
+                log.info(
+                    "sidecar-agent started in this process: dashboard %s, data dir %s, sinks: %s",
+                    started.server_url or "off",
+                    Path(cfg.agent.data_dir).absolute(),
+                    ", ".join(started.workers) or "none",
+                )
         _agent = started
         if not _hooks_installed:
             _hooks_installed = True
@@ -146,8 +193,66 @@ def _merge_early(ledger: LossLedger) -> None:
 def _start_forwarder(cfg: Any) -> Forwarder:
     fw = Forwarder(cfg)
     _merge_early(fw.ledger)
-    log.info("data dir %s is owned by another process: pid %d forwards to it", cfg.agent.data_dir, fw.pid)
+    if cfg.agent.connect:  # a separately run sidecar: never take its place
+        log.info("pid %d forwards to %s", fw.pid, cfg.agent.connect)
+    else:
+        fw.takeover = _take_over
+        log.info("data dir %s is owned by another process: pid %d forwards to it", cfg.agent.data_dir, fw.pid)
     return fw.start()
+
+
+def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
+    """Failover, on `fw`'s drain thread, which holds the data-dir lock: start an Agent
+    on that lock (as start() does for an owner) and make it this process's agent. False
+    when this forwarder is no longer the process's agent (stopped, replaced)."""
+    global _agent, _thread, _owner_tags, _retired
+    with _lock:  # stop() and start() wait for the takeover to end, then see its outcome
+        if _agent is not fw or fw.state != "running" or fw.takeover is None:
+            return False
+        cfg, lost_at = fw.config, fw.lost_at
+        _wait_port_free(cfg)
+        lock.reserve()  # the Agent's own DataDirLock adopts it: the data dir is never unlocked between
+        try:
+            agent, _thread = _start_owner(cfg, 30.0)
+        except BaseException:
+            DataDirLock.release_reserved(Path(cfg.agent.data_dir))
+            raise
+        gap = round(time.monotonic() - lost_at, 3) if lost_at is not None else None
+        if _owner is not None:
+            _owner.took_over = {"from_pid": fw.owner_pid, "at": time.time(), "gap_s": gap}
+        _agent, _retired, _owner_tags = agent, fw, {"pid": _pid}
+    log.warning(
+        "pid %d took over data dir %s (the owner, pid %s, is gone) after %ss",
+        fw.pid,
+        cfg.agent.data_dir,
+        fw.owner_pid,
+        gap,
+    )
+    return True
+
+
+PORT_WAIT_S = 5.0
+
+
+def _wait_port_free(cfg: Any) -> None:
+    """Before a takeover starts its HTTP server on the old owner's port: wait (briefly)
+    until that port can be bound, should the old owner's socket not be closed yet. The
+    server binds with SO_REUSEADDR, so the probe does too (TIME_WAIT is no obstacle)."""
+    s = cfg.server
+    if not s.enabled or not s.port:
+        return
+    end = time.monotonic() + PORT_WAIT_S
+    while True:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((s.host, s.port))
+            return
+        except OSError as exc:
+            if time.monotonic() > end:
+                log.warning("port %s:%d still held after %.0fs (%s); starting anyway", s.host, s.port, PORT_WAIT_S, exc)
+                return
+            time.sleep(0.1)
 
 
 def _start_owner(cfg: Any, timeout: float) -> tuple[Agent, threading.Thread]:
@@ -185,26 +290,36 @@ def _call(coro_fn: Any, timeout: float) -> Any:
 def flush(timeout: float = 10.0) -> bool:
     """Commit what was recorded and wait until every sink confirmed it (or timeout).
     In a forwarder: until the owner journaled it and the owner's sinks confirmed it."""
-    agent = _agent
+    agent, retired = _agent, _retired
     if isinstance(agent, Forwarder):
         return agent.flush(timeout)
+    if retired is not None:  # what this process recorded while it was a forwarder goes first
+        end = time.monotonic() + timeout
+        if not retired.flush(timeout):
+            return False
+        timeout = max(0.0, end - time.monotonic())
     return bool(_call(lambda a: a.flush(timeout), timeout))
 
 
 def stop(timeout: float | None = None) -> None:
     """Stop the process-wide agent gracefully (a forwarder hands everything over first)."""
-    global _agent, _thread, _owner, _owner_tags
-    agent, thread, owner = _agent, _thread, _owner
+    global _agent, _thread, _owner, _owner_tags, _retired
+    with _lock:  # not during a takeover: stop what it leaves
+        agent, thread, owner, retired = _agent, _thread, _owner, _retired
+        if isinstance(agent, Forwarder):
+            agent.takeover = None
     if agent is None:
         return
     t = agent.config.agent.shutdown_timeout_s if timeout is None else timeout
     if isinstance(agent, Forwarder):
         agent.stop(t)
     else:
+        if retired is not None:  # hands over to this process's listener (or spills), within a share
+            retired.stop(t / 2)
         _call(lambda a: _stop_owner(a, owner, t), t + 5.0)
         if thread is not None:
             thread.join(t + 5.0)
-    _agent = _thread = _owner = _owner_tags = None
+    _agent = _thread = _owner = _owner_tags = _retired = None
 
 
 async def _stop_owner(agent: Agent, owner: Owner | None, timeout: float) -> None:

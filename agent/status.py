@@ -43,6 +43,8 @@ def status_of(agent: Agent) -> dict[str, Any]:
         "flags": {"problems": agent.flags.health() if agent.flags else []},
         # Processes forwarding to this one (agent.forwarding.owner.Owner, set by agent.start()).
         "forwarders": fw.describe() if (fw := getattr(agent, "forwarding", None)) is not None else [],
+        # This process as the owner: pid, socket, and `took_over` when it became the owner by failover.
+        "owner": fw.summary() if fw is not None else None,
     }
 
 

@@ -175,7 +175,9 @@ def test_children_of_a_started_agent_forward_with_no_code_change(tmp_path):
 
 def test_forwarder_spills_when_no_owner_answers_and_the_next_owner_takes_it_in(tmp_path):
     """The owner is killed with kill -9; a forwarder that stops then cannot hand over:
-    it spills to forward/spill/, and the next owner of the data dir commits the file."""
+    it spills to forward/spill/, and the next owner of the data dir commits the file.
+    The forwarder connects to the socket explicitly (`connect`), so it does not take the
+    data dir over itself (tests/test_failover.py covers that)."""
     owner = _script(
         tmp_path,
         """
@@ -188,6 +190,7 @@ def test_forwarder_spills_when_no_owner_answers_and_the_next_owner_takes_it_in(t
     fw = _script(
         tmp_path,
         """
+        CFG["agent"]["connect"] = "unix://" + os.path.abspath("data/forward/agent.sock")
         fw = agent.start(CFG)
         assert type(fw).__name__ == "Forwarder", fw
         produce(1, 500)
@@ -248,9 +251,11 @@ def _wait_file(path: Path) -> None:
     raise AssertionError(f"{path} never appeared")
 
 
-def test_forwarder_resends_unacked_batches_to_the_next_owner(tmp_path):
+def test_forwarder_holds_its_batches_until_it_can_take_the_data_dir_over(tmp_path):
     """Batches recorded while no owner listens wait in the forwarder (not lost, not
-    refused) and go to whichever agent owns the data dir next."""
+    refused). The lock is held by a plain process (no socket), so the forwarder cannot
+    take over; once that process lets go, the forwarder takes the lock, becomes the owner
+    and its waiting batches are journaled and delivered."""
     fw = _script(
         tmp_path,
         """
@@ -272,9 +277,10 @@ def test_forwarder_resends_unacked_batches_to_the_next_owner(tmp_path):
                 produce(1, 300)
                 assert not agent.flush(0.5)  # nobody to hand over to
                 print("recorded", flush=True)
-                _wait_file(Path("go"))
-                assert agent.flush(60)
-                print(json.dumps(fw.status()), flush=True)
+                assert agent.flush(60)  # once the lock is free, this process owns the data dir
+                a = agent.current()
+                print(json.dumps({"fw": fw.status(), "role": type(a).__name__, "owner": a.status()["owner"],
+                                  "losses": a.status()["losses"]}), flush=True)
                 agent.stop()
             except BaseException as exc:
                 print("child failed:", repr(exc), file=sys.stderr, flush=True)
@@ -282,49 +288,26 @@ def test_forwarder_resends_unacked_batches_to_the_next_owner(tmp_path):
             os._exit(code)
         _wait_file(Path("release"))
         os.close(fd)
-        print("released", flush=True)
         _, st = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(st))
         """,
         "fw.py",
     )
-    owner = _script(
-        tmp_path,
-        """
-        a = agent.start(CFG)
-        assert type(a).__name__ == "Agent", a
-        print("owner", flush=True)
-        sys.stdin.readline()
-        assert agent.flush(30)
-        print(json.dumps(a.status()), flush=True)
-        agent.stop()
-        """,
-        "owner.py",
-    )
-    env = subprocess_env()
-    pf = subprocess.Popen([sys.executable, str(fw)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    pf = subprocess.Popen([sys.executable, str(fw)], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-    po = None
     try:
         assert pf.stdout is not None and pf.stdout.readline().strip() == "recorded"
         (tmp_path / "release").touch()
-        assert pf.stdout.readline().strip() == "released"
-        po = subprocess.Popen([sys.executable, str(owner)], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-        assert po.stdout is not None and po.stdout.readline().strip() == "owner"
-        (tmp_path / "go").touch()
         out, err = pf.communicate(timeout=90)
         assert pf.returncode == 0, err
-        st = json.loads(out.strip().splitlines()[-1])
-        assert st["acked"] == 300 and st["spilled"] == 0 and st["losses"] == {}
-        out, _ = po.communicate("\n", timeout=60)
-        assert po.returncode == 0
-        assert json.loads(out.strip().splitlines()[-1])["losses"] == {}
     finally:
-        for p in (po, pf):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        if pf.poll() is None:
+            pf.kill()
+            pf.wait(10)
+    st = json.loads(out.strip().splitlines()[-1])
+    assert st["role"] == "Agent" and st["fw"]["took_over"] is True
+    assert st["fw"]["acked"] == 300 and st["fw"]["spilled"] == 0 and st["fw"]["losses"] == {}
+    assert st["owner"]["took_over"] is not None and st["losses"] == {}
     assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), {(1, k) for k in range(300)})
 
 
@@ -495,7 +478,7 @@ def test_departed_forwarders_are_folded_into_totals():
     o.peers = {}
     o.departed = {"forwarders": 0, "events": 0, "batches": 0, "lost": 0, "spilled": 0}
     dead = []
-    for i in range(owner_mod.KEEP_DEPARTED + 5):
+    for _ in range(owner_mod.KEEP_DEPARTED + 5):
         p = subprocess.Popen([sys.executable, "-c", "pass"])
         p.wait()
         dead.append(p.pid)

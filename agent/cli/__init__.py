@@ -36,6 +36,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             await agent.start()
         except OSError as exc:
             raise _data_dir_error(cfg, exc) from None
+        # Processes with this data_dir (or `[agent] connect` to this socket) forward to us.
+        from agent.forwarding.owner import serve_forwarders
+
+        try:
+            owner = await serve_forwarders(agent)
+        except BaseException:
+            await agent.stop()
+            raise
         print(
             f"sidecar-agent {__version__} running as {agent.id}; dashboard at {agent.server_url}",
             file=sys.stderr,
@@ -43,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         await stop.wait()
         print("stopping...", file=sys.stderr, flush=True)
+        await owner.stop(min(1.0, agent.config.agent.shutdown_timeout_s / 4))  # forwarders get their acks
         await agent.stop()  # bounded: shutdown_timeout_s + runtime.SHUTDOWN_GRACE_S
         if agent.abandoned:
             # stop() gave up on these (logged); asyncio.run() and the interpreter's exit

@@ -17,33 +17,46 @@ what was lost, while the file keeps the events, and it works when no owner is
 reachable at all (which is also when a count could not be reported). Only when the
 spill itself cannot be written are the events counted as `forwarder_unsent` (logged,
 and reported to the owner if the connection still stands).
+
+Failover: while no owner answers, the drain thread tries the data-dir lock (a
+non-blocking flock: of several forwarders trying at once, one wins). The winner calls
+`takeover` (agent.embed sets it), which starts a full Agent and its listener in this
+process; this forwarder then connects to it like any other, and re-sends what was in
+flight. `[agent] connect` (a separately run sidecar) never takes the lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from agent import losses
 from agent.config import Config
 from agent.event import MAX_TAGS, Event, assign_ids
 from agent.forwarding import wire
+from agent.forwarding.links import HttpLink, Link, UnixLink
 from agent.losses import LossLedger
 from agent.pipeline.intake import event_from_record
 from agent.pipeline.recording import Recorded, RecordQueue
+from agent.storage.dirlock import DataDirLock
 from agent.timer import Recorder
 
 log = logging.getLogger("sidecar_agent.forwarding")
 
 FORWARDER_UNSENT = "forwarder_unsent"  # could neither be handed over nor spilled
+FORWARDER_REFUSED = "forwarder_refused"  # a sidecar's HTTP ingest refused the batch for good (400, 413)
 _time = time.time
 RETRY_S = 0.2  # between connection attempts while no owner answers
 WINDOW = 16  # batches in flight before the drain waits for acks
+TAKEOVER_BACKOFF_S = 2.0  # after a takeover whose Agent failed to start
+# Called on the drain thread with the data-dir lock this forwarder just took; True once
+# an Agent owns the data dir in this process (agent.embed.take_over).
+TakeOver = Callable[["Forwarder", DataDirLock], bool]
 
 
 class Forwarder(RecordQueue, Recorder):
@@ -55,7 +68,15 @@ class Forwarder(RecordQueue, Recorder):
         self.id = config.agent_id()
         self.pid = os.getpid() if pid is None else pid
         self.data_dir = a.data_dir
-        self.path = wire.socket_path(a.data_dir)
+        # Where the owner is: the data dir's socket, or `connect` (a sidecar, never taken over).
+        kind, target = (
+            wire.parse_address(a.connect) if a.connect else ("unix", str(wire.listen_path(a.data_dir, a.listen)))
+        )
+        self.address = a.connect or f"unix:{target}"
+        self.url = target if kind == "http" else None
+        self.path = Path(target) if kind == "unix" else None
+        self.spill_to = wire.spill_dir(a.data_dir) if self.path is None else wire.spill_dir_for(self.path)
+        self.takeover: TakeOver | None = None  # None with `connect`, or once this process owns the data dir
         super().__init__(LossLedger(), capacity=a.intake_capacity, commit_batch=a.commit_batch, signal_at=1)
         self.interval_s = a.commit_interval_ms / 1000
         self.max_future_s = a.max_future_s
@@ -75,12 +96,19 @@ class Forwarder(RecordQueue, Recorder):
         self._flushes: dict[int, bool | None] = {}
         self._reported: dict[str, int] = {}  # loss totals the owner acked
         self._sent_losses: dict[str, int] = {}
-        self._sock: socket.socket | None = None
-        self._send_lock = threading.Lock()
+        self._link: Link | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
         self.sent = self.acked = self.resent = self.connects = 0
         self.spilled = 0
+        # Failover: who owns the data dir (its Hello), how often that changed, and the
+        # last gap (from losing the old owner to being connected to the next one).
+        self.owner_pid: int | None = None
+        self.owner_changes = 0
+        self.last_failover_gap_s: float | None = None
+        self.lost_at: float | None = None  # monotonic time the owner was lost, while it is
+        self.took_over = False  # this process became the owner
+        self._next_takeover = 0.0
 
     # -- recording (any thread, never blocks) ----------------------------------------
 
@@ -106,19 +134,19 @@ class Forwarder(RecordQueue, Recorder):
             return False
         while (left := end - time.monotonic()) > 0:
             with self._cond:
-                sock = self._sock
-                if sock is None:
+                link = self._link
+                if link is None:
                     self._cond.wait(min(left, RETRY_S))
                     continue
                 self._seq += 1
                 seq = self._seq
                 self._flushes[seq] = None
             try:
-                self._send(sock, wire.Flush(seq=seq, timeout=max(0.0, left - 0.05)))
+                link.send(wire.Flush(seq=seq, timeout=max(0.0, left - 0.05)))
             except OSError:
-                self._drop(sock)
+                self._drop(link)
             with self._cond:
-                while self._flushes.get(seq) is None and self._sock is sock and time.monotonic() < end:
+                while self._flushes.get(seq) is None and self._link is link and time.monotonic() < end:
                     self._cond.wait(end - time.monotonic())
                 result = self._flushes.pop(seq, None)
             if result is not None:
@@ -146,7 +174,7 @@ class Forwarder(RecordQueue, Recorder):
         left = end - time.monotonic()
         if left <= 0:
             return False
-        if stopping and self._sock is None and not self.path.exists():
+        if stopping and self._link is None and self.path is not None and not self.path.exists():
             return False  # the owner stopped (or died and its socket was removed): spill now
         self._cond.wait(min(left, 0.5) if stopping else left)
         return True
@@ -158,6 +186,7 @@ class Forwarder(RecordQueue, Recorder):
             self.state = "stopped"
             return
         self.state = "stopping"
+        self.takeover = None  # a stopping process does not become the owner
         t = self.config.agent.shutdown_timeout_s if timeout is None else timeout
         self.refused = losses.STOPPED
         self._handed_over(time.monotonic() + t, stopping=True)
@@ -168,12 +197,12 @@ class Forwarder(RecordQueue, Recorder):
         if self._thread is not None:
             self._thread.join(5.0)
         with self._cond:
-            sock, self._sock = self._sock, None
+            link, self._link = self._link, None
             batches = [self._unacked[s] for s in sorted(self._unacked)]
             self._unacked.clear()
             self._unacked_events = 0
-        if sock is not None:
-            self._close(sock)
+        if link is not None:
+            link.close()
         events = [e for b in batches for e in b.events]
         rest = self._convert([self.records.popleft() for _ in range(len(self.records))])
         self._tag(rest)
@@ -184,9 +213,10 @@ class Forwarder(RecordQueue, Recorder):
     def forget_in_child(self) -> None:
         """After fork(), in the child: close its copy of the connection (never shut it
         down: the parent still uses it). The parent's queue stays the parent's."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        link, self._link = self._link, None
+        self.takeover = None  # the child's own forwarder (a new one) decides for itself
+        if link is not None:
+            link.forget()
 
     def status(self) -> dict[str, Any]:
         with self._cond:
@@ -195,7 +225,12 @@ class Forwarder(RecordQueue, Recorder):
             "role": "forwarder",
             "pid": self.pid,
             "state": self.state,
-            "connected": self._sock is not None,
+            "address": self.address,
+            "connected": self._link is not None,
+            "owner_pid": self.owner_pid,
+            "owner_changes": self.owner_changes,
+            "last_failover_gap_s": self.last_failover_gap_s,
+            "took_over": self.took_over,
             "queued": len(self.records),
             "unacked": unacked,
             "sent": self.sent,
@@ -213,12 +248,12 @@ class Forwarder(RecordQueue, Recorder):
             with self._cond:
                 if self._closing:
                     return
-            if self._sock is None:
+            if self._link is None:
                 self._connect()
             self._rearm()
             self._wake.clear()
             if not self.records:
-                self._wake.wait(RETRY_S if self._sock is None else 1.0)
+                self._wake.wait(RETRY_S if self._link is None else 1.0)
             if self.records and len(self.records) < self.commit_batch:
                 self._full.wait(self.interval_s)
             self._full.clear()
@@ -247,7 +282,7 @@ class Forwarder(RecordQueue, Recorder):
         """Take what is queued (as far as the in-flight bound allows) and send it."""
         while True:
             with self._cond:
-                while self._sock is not None and not self._closing and len(self._unacked) >= WINDOW:
+                while self._link is not None and not self._closing and len(self._unacked) >= WINDOW:
                     self._cond.wait(1.0)
                 room = self.capacity - self._unacked_events
                 if room <= 0 and self.records:  # the owner is behind or gone: records wait (or overflow)
@@ -278,79 +313,120 @@ class Forwarder(RecordQueue, Recorder):
                 self._unacked[batch.seq] = batch
                 self._unacked_events += len(events)
                 self._sent_losses = totals
-                sock = self._sock
+                link = self._link
                 self._cond.notify_all()
-            if sock is not None:
+            if link is not None:
                 try:
-                    self._send(sock, batch)
+                    link.send(batch)
                     self.sent += len(events)
                 except OSError:
-                    self._drop(sock)
+                    self._drop(link)
             if n < self.commit_batch:
                 return
 
-    def _send(self, sock: socket.socket, msg: wire.Message) -> None:
-        frame = wire.encode(msg)
-        with self._send_lock:
-            sock.sendall(frame)
+    def _open(self) -> Link:
+        if self.url is not None:
+            return HttpLink(self.url, self.config.server.token, self._on_message, self._drop)
+        assert self.path is not None
+        return UnixLink(self.path, wire.Hello(pid=self.pid, agent_id=self.id), self._on_message, self._drop)
 
     def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with wire.short_path(self.path) as addr:
-                sock.connect(addr)
-            self._send(sock, wire.Hello(pid=self.pid, agent_id=self.id))
-            with self._cond:
-                resend = [self._unacked[s] for s in sorted(self._unacked)]
-            for b in resend:
-                self._send(sock, b)
+            link = self._open()
         except OSError:
-            sock.close()
+            if self.lost_at is None:
+                self.lost_at = time.monotonic()
+            if not self._take_over():
+                time.sleep(RETRY_S)
+            return
+        link.start()
+        with self._cond:
+            resend = [self._unacked[s] for s in sorted(self._unacked)]
+        try:
+            for b in resend:
+                link.send(b)
+        except OSError:
+            self._drop(link)
             time.sleep(RETRY_S)
             return
         self.connects += 1
         self.resent += sum(len(b.events) for b in resend)
         with self._cond:
-            self._sock = sock
+            if not link.broken:  # it may have ended already: then the next round reconnects
+                self._link = link
             self._cond.notify_all()
-        threading.Thread(target=self._read, args=(sock,), name="sidecar-agent-forwarder-acks", daemon=True).start()
 
-    def _read(self, sock: socket.socket) -> None:
+    def _take_over(self) -> bool:
+        """No owner answers: take the data-dir lock if it is free and become the owner.
+        The flock decides between forwarders trying at once; the others reconnect."""
+        takeover = self.takeover
+        if takeover is None or self.state != "running" or time.monotonic() < self._next_takeover:
+            return False
+        lock = DataDirLock(Path(self.data_dir))
         try:
-            while True:
-                msg = wire.recv_message(sock)
-                if not isinstance(msg, wire.Ack):
-                    raise wire.FrameError(f"unexpected {type(msg).__name__} from the owner")
-                with self._cond:
-                    if msg.seq in self._flushes:
-                        self._flushes[msg.seq] = msg.ok
-                    elif msg.ok and (b := self._unacked.pop(msg.seq, None)) is not None:
-                        self._unacked_events -= len(b.events)
-                        self.acked += len(b.events)
-                        self._reported = b.losses
-                    elif not msg.ok:
-                        # Not taken (the owner is stopping or its journal is full): the
-                        # batch stays unacked and goes again on the next connection.
-                        log.warning("the owner did not take batch %d: %s", msg.seq, msg.error)
-                        time.sleep(RETRY_S)
-                        raise ConnectionError(msg.error)
-                    self._cond.notify_all()
-        except (OSError, wire.FrameError):
-            pass
-        self._drop(sock)
+            if lock.try_acquire() is not None:
+                return False  # held: an owner is starting, stopping, or a CLI command runs
+        except OSError as exc:
+            log.warning("forwarder pid %d cannot try the data-dir lock: %s", self.pid, exc)
+            return False
+        try:
+            took = takeover(self, lock)
+        except Exception:
+            log.exception("forwarder pid %d took the data-dir lock but could not start the owner", self.pid)
+            took = False
+        if not took:
+            lock.release()
+            self._next_takeover = time.monotonic() + TAKEOVER_BACKOFF_S
+            return False
+        self.took_over = True
+        self.takeover = None
+        return True
 
-    def _drop(self, sock: socket.socket) -> None:
+    def _on_message(self, link: Link, msg: wire.Message) -> None:
+        """From the link's thread: the owner's Hello, or an Ack."""
+        if isinstance(msg, wire.Hello):
+            self._owner_is(msg.pid)
+            return
+        if not isinstance(msg, wire.Ack):
+            raise wire.FrameError(f"unexpected {type(msg).__name__} from the owner")
         with self._cond:
-            if self._sock is sock:
-                self._sock = None
+            if msg.seq in self._flushes:
+                self._flushes[msg.seq] = msg.ok
+            elif (msg.ok or msg.refused) and (b := self._unacked.pop(msg.seq, None)) is not None:
+                self._unacked_events -= len(b.events)
+                self._reported = b.losses
+                if msg.ok:
+                    self.acked += len(b.events)
+                else:
+                    self.ledger.add(FORWARDER_REFUSED, len(b.events))
+                    log.error("the sidecar refused %d event(s) for good: %s", len(b.events), msg.error)
             self._cond.notify_all()
-        self._close(sock)
+        if not msg.ok and not msg.refused:
+            # Not taken (the owner is stopping or its journal is full): the batch stays
+            # unacked and goes again on the next connection.
+            log.warning("the owner did not take batch %d: %s", msg.seq, msg.error)
+            time.sleep(RETRY_S)
+            raise ConnectionError(msg.error)
 
-    @staticmethod
-    def _close(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+    def _owner_is(self, pid: int) -> None:
+        """The owner's Hello: count a change of owner and the gap it cost."""
+        if self.owner_pid is not None and pid != self.owner_pid:
+            self.owner_changes += 1
+            if self.lost_at is not None:
+                self.last_failover_gap_s = round(time.monotonic() - self.lost_at, 3)
+            log.info("forwarder pid %d: pid %d owns the data dir now (was %d)", self.pid, pid, self.owner_pid)
+        self.owner_pid = pid
+        self.lost_at = None
+
+    def _drop(self, link: Link) -> None:
+        with self._cond:
+            link.broken = True
+            if self._link is link:
+                self._link = None
+                if self.lost_at is None:
+                    self.lost_at = time.monotonic()
+            self._cond.notify_all()
+        link.close()
 
     def _tag(self, events: list[Event]) -> None:
         """The producing process, as the tag `pid` (unless the caller set one, or the
@@ -368,7 +444,7 @@ class Forwarder(RecordQueue, Recorder):
         unreported = {r: n - self._reported.get(r, 0) for r, n in totals.items() if n > self._reported.get(r, 0)}
         if not events and not unreported:
             return
-        d = wire.spill_dir(self.data_dir)
+        d = self.spill_to
         path = d / f"{self.pid}-{time.time_ns()}.msgpack"
         tmp = path.with_suffix(".tmp")
         try:

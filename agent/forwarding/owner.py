@@ -1,6 +1,9 @@
 """The owner's side: a Unix-socket listener in the data dir that takes forwarders' batches.
 
-The process holding the data-dir lock runs it next to its Agent (agent.start() does).
+The process holding the data-dir lock runs it next to its Agent (agent.start() and
+`sidecar-agent run` do, through `serve_forwarders`). It listens on `[agent] listen`
+(default data_dir/forward/agent.sock) and answers a forwarder's Hello with its own, so
+a forwarder can tell an owner change.
 Each batch is checked (event.check(): the same rules as record()'s), queued with
 Committer.submit(), and acked only once that future resolves, i.e. after the journal
 commit. A flush request is answered with Agent.flush()'s result. Spill files left by
@@ -74,13 +77,26 @@ class Peer:
         }
 
 
+async def serve_forwarders(agent: Agent) -> Owner:
+    """Start an Owner for a started `agent` and show it in the agent's status."""
+    owner = Owner(agent)
+    await owner.start()
+    agent.forwarding = owner  # type: ignore[attr-defined]  # read by status_of and /metrics
+    return owner
+
+
 class Owner:
-    """Listens on data_dir/forward/agent.sock for forwarders of `agent`."""
+    """Listens on `[agent] listen` (default data_dir/forward/agent.sock) for forwarders of `agent`."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.data_dir = Path(agent.config.agent.data_dir)
-        self.path = wire.socket_path(self.data_dir)
+        self.path = wire.listen_path(self.data_dir, agent.config.agent.listen)
+        # Spill files: the data dir's, and those next to a `listen` socket elsewhere.
+        self.spill_dirs = sorted({wire.spill_dir(self.data_dir), wire.spill_dir_for(self.path)})
+        # Set when this process became the owner by failover: from which owner, when,
+        # and the gap (agent.embed sets it; status shows it under `owner`).
+        self.took_over: dict[str, Any] | None = None
         self.peers: dict[int, Peer] = {}
         # Totals of the forwarders no longer listed (see KEEP_DEPARTED).
         self.departed = {"forwarders": 0, "events": 0, "batches": 0, "lost": 0, "spilled": 0}
@@ -138,6 +154,10 @@ class Owner:
             self.sock.close()
             self.sock = None
 
+    def summary(self) -> dict[str, Any]:
+        """Status `owner`: this process, its socket, and whether (and how) it took over."""
+        return {"pid": os.getpid(), "socket": str(self.path), "took_over": self.took_over}
+
     def describe(self) -> list[dict[str, Any]]:
         """Status: one entry per forwarder pid seen (departed ones up to KEEP_DEPARTED)."""
         return [p.describe() for p in sorted(self.peers.values(), key=lambda p: p.pid)]
@@ -190,6 +210,8 @@ class Owner:
             peer.connected, peer.last_seen = True, time.time()
             peer.connections += 1
             peer.open += 1
+            # Before any ack (the acker writes only after a batch was read): who owns it now.
+            writer.write(wire.encode(wire.Hello(pid=os.getpid(), agent_id=self.agent.id)))
             while True:
                 msg = await self._read(reader)
                 peer.last_seen = time.time()
@@ -292,11 +314,8 @@ class Owner:
 
     async def take_spills(self) -> int:
         """Commit every spill file's events and losses, then remove the file; returns events."""
-        d = wire.spill_dir(self.data_dir)
-        if not d.is_dir():
-            return 0
         taken = 0
-        for path in sorted(d.glob("*.msgpack")):
+        for path in sorted(p for d in self.spill_dirs if d.is_dir() for p in d.glob("*.msgpack")):
             try:
                 spill = wire.spill_decoder.decode(path.read_bytes())
             except (OSError, ValueError) as exc:

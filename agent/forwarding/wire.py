@@ -16,7 +16,8 @@ Why this framing:
 The conversation, per connection:
   forwarder -> owner: Hello(pid, agent_id), then Batch(seq, events, losses) and
                       Flush(seq, timeout) in any number, pipelined;
-  owner -> forwarder: Ack(seq, ok) for each, in order. A Batch is acked after the
+  owner -> forwarder: Hello(pid, agent_id) (who owns the data dir now: a forwarder
+                      counts an owner change by it), then Ack(seq, ok) for each, in order. A Batch is acked after the
                       journal commit that holds it; a Flush after Agent.flush() for
                       everything committed until then (ok = its result). ok=False means
                       "not taken" (the owner is stopping, its journal is full): the
@@ -78,6 +79,9 @@ class Ack(msgspec.Struct, tag="ack", kw_only=True):
     seq: int
     ok: bool = True
     error: str = ""
+    # Never to be sent again: a sidecar's HTTP ingest refused the batch (400, 413). The
+    # forwarder drops it and counts it as `forwarder_refused`.
+    refused: bool = False
 
 
 class Spill(msgspec.Struct, kw_only=True):
@@ -122,6 +126,30 @@ def decode(body: bytes | memoryview) -> Message:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise FrameError(str(exc)) from exc
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    """`unix:///path/agent.sock` -> ("unix", "/path/agent.sock"); `http://host:port` (or
+    https) -> ("http", the URL without a trailing slash). Raises ValueError otherwise."""
+    if address.startswith("unix://"):
+        path = address[len("unix://") :]
+        if not path.startswith("/"):
+            raise ValueError(f"{address!r}: a unix:// address needs an absolute path (unix:///dir/agent.sock)")
+        return "unix", path
+    if address.startswith(("http://", "https://")) and len(address.split("://", 1)[1].strip("/")) > 0:
+        return "http", address.rstrip("/")
+    raise ValueError(f"{address!r}: expected unix:///path/agent.sock or http://host:port")
+
+
+def listen_path(data_dir: Path | str, listen: str = "") -> Path:
+    """The owner's socket: `[agent] listen` (unix://) when set, else data_dir/forward/agent.sock."""
+    return Path(parse_address(listen)[1]) if listen else socket_path(data_dir)
+
+
+def spill_dir_for(sock: Path) -> Path:
+    """Where forwarders of the owner listening on `sock` spill: `spill/` next to the socket
+    (data_dir/forward/spill for the default socket), which that owner scans."""
+    return sock.parent / SPILL_DIR
 
 
 def forward_dir(data_dir: Path | str) -> Path:

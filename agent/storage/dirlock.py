@@ -6,6 +6,12 @@ holder: `PID` for an agent, `PID cli` for a CLI command. A CLI command holds the
 only briefly, so whoever finds one holding it waits up to `CLI_WAIT_S`; an agent
 holding it is an error (after one more look: a new holder writes its pid just after
 taking the lock). The kernel releases the lock when the process dies.
+
+Failover (agent.forwarding): a forwarder takes the lock before the Agent that will hold
+it exists. It `reserve()`s the held lock for this process, and the Agent's own
+DataDirLock on that data dir adopts it in `try_acquire()`: a second flock on a new fd
+would conflict with the first one even in the same process, and releasing it in between
+would let another process take it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import ClassVar
 
 from agent.errors import AgentError
 
@@ -41,10 +48,27 @@ class DataDirInUse(AgentError):
 class DataDirLock:
     """The lock on one data dir, taken as an agent or as a CLI command (`cli=True`)."""
 
+    # Held locks handed from a forwarder to the Agent it starts, by lock file path (see
+    # the module docstring); a class attribute, so it is empty until a failover.
+    _reserved: ClassVar[dict[str, int]] = {}
+
     def __init__(self, data_dir: Path, *, cli: bool = False) -> None:
         self.path = Path(data_dir) / LOCK_FILE
         self.cli = cli
         self._fd: int | None = None
+
+    def reserve(self) -> None:
+        """Keep this held lock for the next DataDirLock of the same data dir in this process."""
+        if self._fd is not None:
+            DataDirLock._reserved[os.path.abspath(self.path)] = self._fd
+            self._fd = None
+
+    @staticmethod
+    def release_reserved(data_dir: Path) -> None:
+        """Release a reserved lock nobody adopted (the Agent failed before taking it)."""
+        fd = DataDirLock._reserved.pop(os.path.abspath(Path(data_dir) / LOCK_FILE), None)
+        if fd is not None:
+            os.close(fd)
 
     @property
     def held(self) -> bool:
@@ -54,6 +78,9 @@ class DataDirLock:
     def try_acquire(self) -> str | None:
         """Take the lock if it is free and return None; else return what the file says of its holder."""
         if self._fd is not None:
+            return None
+        if (fd := DataDirLock._reserved.pop(os.path.abspath(self.path), None)) is not None:
+            self._fd = fd  # taken for us by a forwarder (failover); the file already names this pid
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
