@@ -2,7 +2,7 @@
 the flag service for them.
 
 Each table may set `type` (default: its name). Sink tables also take `policies`
-(default timeout, retry, circuit_breaker), `batch_size`, and one sub-table per policy
+(default timeout, retry, circuit_breaker), `batch_size`, `max_in_flight`, and one sub-table per policy
 named after it. Every other key belongs to the plugin's own options struct; errors
 name the key path, e.g. `agent.toml: sinks.main.retry.max_attempts: expected int`.
 """
@@ -32,6 +32,7 @@ class ComponentSpec:
     options: Any
     policies: list[tuple[str, Registration, Any]] = field(default_factory=list)
     batch_size: int = 500
+    max_in_flight: int | None = None  # None: the sink's own default (agent.pipeline.delivery)
 
 
 def plan(config: Config, host: PluginHost) -> list[ComponentSpec]:
@@ -98,6 +99,10 @@ def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: Plu
         if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
             raise ConfigError(f"{origin}: {path}.batch_size: expected a positive integer")
         spec.batch_size = batch
+        in_flight = table.pop("max_in_flight", None)
+        if in_flight is not None and (not isinstance(in_flight, int) or isinstance(in_flight, bool) or in_flight <= 0):
+            raise ConfigError(f"{origin}: {path}.max_in_flight: expected a positive integer")
+        spec.max_in_flight = in_flight
         for pname in names:
             try:
                 preg = host.get("policies", pname)

@@ -309,6 +309,7 @@ class Agent(Recorder):
             self.journal,
             self.dlq,
             batch_size=spec.batch_size,
+            max_in_flight=spec.max_in_flight,
             replay_per_s=self.config.dlq.replay_per_s,
             auto_replay=self.config.dlq.auto_replay,
             plugin=spec.registration.plugin,

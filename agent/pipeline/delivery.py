@@ -1,6 +1,13 @@
 """Per-sink delivery: one worker per sink reads the journal after its cursor, sends
 through the sink's resilience chain, and moves the cursor only when the sink confirms.
 
+Pipelined: up to `max_in_flight` batches per sink are sent at once (each by its own
+task, each through the chain on its own, so retries, the breaker and the DLQ see one
+request per batch), adapted by AIMD (agent.pipeline.inflight). The cursor moves in
+journal order: a batch confirmed before an earlier one waits for it. The default comes
+from the sink (its `max_in_flight` attribute, else 1: a sink must say its send() may run
+concurrently); `[sinks.NAME] max_in_flight` overrides it.
+
 Outcomes of a batch:
 - delivered: the cursor moves past it;
 - PermanentError: the batch is bisected so only the offending events reach the DLQ;
@@ -10,7 +17,9 @@ Outcomes of a batch:
   so the journal, not memory, holds the backlog while a sink is down;
 - the DLQ write itself fails (a full disk): the cursor stays, the worker backs off and
   reads the same batch again (parts already delivered or parked may go twice, none is lost).
-DLQ entries are replayed when the sink is healthy again, at a bounded rate; a replayed
+Outcomes are per batch; the cursor moves past a batch once it and every earlier batch
+ended delivered or parked. A failed DLQ write cancels the later batches in flight and
+reads again from the cursor. DLQ entries are replayed when the sink is healthy again, at a bounded rate; a replayed
 entry that fails permanently is bisected like a live batch.
 """
 
@@ -28,6 +37,7 @@ from agent.errors import CircuitOpenError, PermanentError, RetryableError
 from agent.event import Event
 from agent.flags import in_rollout
 from agent.pipeline import deadletter_log
+from agent.pipeline.inflight import AdaptiveLimit, Batch, Window
 from agent.pipeline.journal import Journal
 from agent.pipeline.resilience import Chain
 from agent.plugin.base import PluginContext, Sink
@@ -96,6 +106,7 @@ class SinkWorker:
         dlq: DeadLetterQueue,
         *,
         batch_size: int = 500,
+        max_in_flight: int | None = None,
         replay_per_s: float = 2.0,
         auto_replay: bool = True,
         enabled: Callable[[], bool] = lambda: True,
@@ -110,6 +121,10 @@ class SinkWorker:
         self.journal = journal
         self.dlq = dlq
         self.batch_size = batch_size
+        # None: what the sink says it can take (see the module doc)
+        self.limit = AdaptiveLimit(max_in_flight or int(getattr(sink, "max_in_flight", 1) or 1))
+        self._read_to = 0  # the journal is read up to here; the cursor trails the window
+        self._window = Window()
         self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
         self.enabled = enabled
         self.auto_replay = auto_replay
@@ -141,7 +156,8 @@ class SinkWorker:
     async def run(self) -> None:
         """Deliver for ever. Safe to call again after it raised (the agent's supervisor
         restarts it): the sink is started once, and a DLQ entry a failed run had claimed
-        goes back to pending."""
+        goes back to pending. Batches still in flight when it ends are cancelled; their
+        events stay in the journal past the cursor."""
         self._runs += 1
         if self._runs > 1:
             await self.dlq.release(self.name)
@@ -151,37 +167,96 @@ class SinkWorker:
         # retried even without live traffic: one replay is the health probe, at a backoff
         # while it keeps failing; once one succeeds the rest replay at the configured rate.
         self._probe_at = time.monotonic()
-        while True:
-            if not self.enabled():
-                self.stats.state = "disabled"
-                self._nudge.clear()
+        window = self._window = Window()
+        try:
+            while True:
+                await self._step(window)
+        finally:
+            await window.cancel()
+
+    async def _step(self, window: Window) -> None:
+        """One turn of the loop: retire what ended, send more, wait for something to happen."""
+        self._nudge.clear()
+        if await self._retire(window):
+            await self._maybe_replay()
+        if not self.enabled():
+            if window:  # let the batches already sent end; send no more
+                await self._wait(window, more=False)
+                return
+            self.stats.state = "disabled"
+            await self._nudge.wait()
+            return
+        read = await self._fill(window)
+        if window:
+            if window.in_flight():
+                await self._wait(window, more=window.in_flight() < self.limit.current)
+            return
+        if read:
+            return
+        if self.stats.state not in ("open", "failing"):
+            self.stats.state = "idle"
+        if await self._maybe_replay():
+            return
+        timeout = None
+        if self.dlq.depth(self.name) and self.auto_replay:
+            timeout = self.replay_interval if self.healthy else max(0.05, self._probe_at - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
                 await self._nudge.wait()
-                continue
-            self._nudge.clear()
-            cursor = self.journal.cursors.get(self.name, 0)
-            rows, upto = await self.journal.read_batch(cursor, self.batch_size)
-            if rows:
-                try:
-                    await self._deliver_rows(rows, upto)
-                except DeadLetterWriteError as exc:
-                    await self._hold(exc)
-                    continue
-                self._hold_delay = HOLD_INITIAL_S
-                await self._maybe_replay()
-                continue
-            if upto > cursor:  # only quarantined segments lay ahead (counted as journal_corrupt)
-                self.journal.advance(self.name, upto)
-                continue
-            if self.stats.state not in ("open", "failing"):
-                self.stats.state = "idle"
-            if await self._maybe_replay():
-                continue
-            timeout = None
-            if self.dlq.depth(self.name) and self.auto_replay:
-                timeout = self.replay_interval if self.healthy else max(0.05, self._probe_at - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._nudge.wait()
+
+    async def _fill(self, window: Window) -> bool:
+        """Read and send batches while the limit allows. True if anything was read."""
+        if not window:
+            self._read_to = self.journal.cursors.get(self.name, 0)
+        read = False
+        while window.in_flight() < self.limit.current and len(window) < 4 * self.limit.maximum:
+            rows, upto = await self.journal.read_batch(self._read_to, self.batch_size)
+            if not rows:
+                if upto > self._read_to:  # only quarantined segments lay ahead (counted as journal_corrupt)
+                    window.add(Batch(upto, None))
+                    self._read_to = upto
+                    read = True
+                return read
+            upto = max(upto, rows[-1][0])
+            task = asyncio.create_task(self._deliver_rows(rows, upto), name=f"sink:{self.name}:{upto}")
+            window.add(Batch(upto, task))
+            self._read_to = upto
+            read = True
+        return read
+
+    async def _wait(self, window: Window, *, more: bool) -> None:
+        """Until a batch's send ends or, when there is room for more (`more`), the journal grows."""
+        waits: set[asyncio.Future[Any]] = set(window.pending())
+        nudge = asyncio.ensure_future(self._nudge.wait()) if more else None
+        if nudge is not None:
+            waits.add(nudge)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if nudge is not None:
+                nudge.cancel()
+
+    async def _retire(self, window: Window) -> bool:
+        """Move the cursor past the batches at the front whose send ended, in order. A
+        failed DLQ write cancels the rest and holds (they are read again from the cursor);
+        any other error of a batch (a bug) ends run(), for the supervisor to restart it.
+        True if the cursor moved."""
+        moved = False
+        while (batch := window.done_front()) is not None:
+            task = batch.task
+            if task is not None:
+                exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+                if isinstance(exc, (DeadLetterWriteError, asyncio.CancelledError)):
+                    await window.cancel()
+                    if isinstance(exc, DeadLetterWriteError):
+                        await self._hold(exc)
+                    return moved
+                if exc is not None:
+                    raise exc
+            self.journal.advance(self.name, batch.upto)
+            self._hold_delay = HOLD_INITIAL_S
+            moved = True
+        return moved
 
     async def _start_sink(self) -> None:
         delay = 1.0
@@ -208,6 +283,7 @@ class SinkWorker:
                 delay = min(delay * 2, 60.0)
 
     async def _deliver_rows(self, rows: list[tuple[int, Event]], upto: int) -> None:
+        """Send one batch read from the journal (the cursor goes to `upto` when it retires)."""
         # Events may be shared with other sinks and the live stream: sinks must not mutate them.
         events = [e for _, e in rows]
         percent = self.rollout()
@@ -220,11 +296,17 @@ class SinkWorker:
         if events:
             self.stats.state = "sending"
             await self._deliver(events)
-        self.journal.advance(self.name, max(upto, rows[-1][0]))
 
-    async def _send(self, events: list[Event]) -> None:
+    async def _send(self, events: list[Event], tries: list[int] | None = None) -> None:
+        """One request through the chain; `tries[0]` counts this request's attempts (the
+        stats counter is shared by every batch in flight)."""
+
         def attempt() -> Awaitable[None]:
             self.stats.attempts += 1
+            if tries is not None:
+                tries[0] += 1
+                if tries[0] == 2:  # a retry: the sink is struggling now, not when the batch ends
+                    self.limit.congested()
             return self.sink.send(events)
 
         await self.chain.call(attempt)
@@ -233,11 +315,12 @@ class SinkWorker:
         """Send one live batch; on return it is delivered or in the DLQ."""
         first_attempt = time.time()
         while True:
-            before = self.stats.attempts
+            tries = [0]
             try:
-                await self._send(events)
+                await self._send(events, tries)
             except CircuitOpenError as exc:
                 # Wait for the breaker's probe slot; the batch stays ours (no DLQ).
+                self.limit.congested()
                 self.healthy = False
                 self.stats.state = "open"
                 await asyncio.sleep(max(0.05, exc.retry_after or 1.0))
@@ -250,11 +333,15 @@ class SinkWorker:
                 return
             except Exception as exc:  # RetryableError past its budget, or a sink bug
                 raise_if_cancelling()
+                if tries[0] <= 1:  # failed without a retry (a retry already counted as congestion)
+                    self.limit.congested()
                 self._failed(exc)
                 if not isinstance(exc, RetryableError):
                     log.error("sink %s raised an unclassified error: %r", self.name, exc)
-                await self._dead_letter(events, exc, self.stats.attempts - before, first_attempt)
+                await self._dead_letter(events, exc, tries[0], first_attempt)
                 return
+            if tries[0] == 1:
+                self.limit.clean()
             self._succeeded(events)
             return
 
@@ -280,6 +367,7 @@ class SinkWorker:
         return failed
 
     async def _dead_letter(self, events: list[Event], exc: BaseException, attempts: int, first: float) -> None:
+        """Park a failed part of a live batch in the DLQ: the one place a batch is dead-lettered."""
         try:
             await self.dlq.put(self.name, events, exc, max(1, attempts), first)
         except Exception as put_exc:
@@ -407,6 +495,9 @@ class SinkWorker:
             "enabled": self.enabled(),
             "rollout_percent": self.rollout(),
             "lag_events": lag,
+            "in_flight": self._window.in_flight(),
+            "max_in_flight": self.limit.maximum,
+            "concurrency_limit": self.limit.current,
             "sent": s.sent,
             "failed": s.failed,
             "attempts": s.attempts,
