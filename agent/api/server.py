@@ -88,8 +88,15 @@ class _Guarded(asyncio.Protocol):
             g.refused += 1
             self.inner = None
             transport.write(REFUSED)
-            transport.close()
             g.warn(f"connection cap {g.max_connections} reached, new connections refused")
+            # Closing now with the client's request unread would send a reset, which can
+            # destroy the 503 before it is read: half-close, drain, and close on the
+            # client's EOF or after a second (the fd is held that long at most).
+            if transport.can_write_eof():
+                transport.write_eof()
+                self.timer = asyncio.get_running_loop().call_later(1.0, transport.close)
+            else:
+                transport.close()
             return
         g.active += 1
         self.transport = transport
@@ -110,7 +117,7 @@ class _Guarded(asyncio.Protocol):
             self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
+        return self.inner.eof_received() if self.inner is not None else None  # refused: False closes
 
     def pause_writing(self) -> None:
         if self.inner is not None:
@@ -272,6 +279,11 @@ def _unix_listener(path: str) -> socket.socket:
     return sock
 
 
+def _reason(exc: OSError) -> str:
+    """asyncio's bind error says the address twice; the errno's text is enough."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
 class HttpServer:
     """The agent's aiohttp app on its listeners; `start()` returns the base URL."""
 
@@ -313,7 +325,7 @@ class HttpServer:
                 await site.start()
             except OSError as exc:
                 raise ServerStartError(
-                    f"cannot listen on {cfg.host}:{cfg.port} (server.host, server.port): {exc.strerror or exc}"
+                    f"cannot listen on {cfg.host}:{cfg.port} (server.host, server.port): {_reason(exc)}"
                 ) from None
             if cfg.unix_socket:
                 await _GuardedSite(runner, self.guard, sock=_unix_listener(cfg.unix_socket)).start()
