@@ -1,12 +1,14 @@
 """Salvage instead of silent loss (issue 18, item 3). Each test corrupts bytes on purpose.
 
-- a segment's body (36 bytes overwritten in the file; quick_check still passes): the
-  segment is quarantined with its bytes, its events counted as journal_corrupt (the
-  row's count), every sink moves past it, /api/v1/sinks answers 200, and the journal
-  compacts past it;
+- a segment's body (bytes overwritten in the file, inside one event or across two;
+  quick_check still passes): the segment is quarantined with its bytes, every other
+  event of it is still delivered (per-event checksums, segment format 1) and exactly the
+  damaged ones are counted as journal_corrupt; every sink moves past the hole,
+  /api/v1/sinks answers 200, and the journal compacts past it. A format-0 segment (as
+  0.1.0 wrote them, no per-event checksums) still costs its whole row;
 - the file header (agent.db is quarantined at open): the new start salvages every
   segment and cursor from the quarantined file and delivers them, nothing counted;
-  with a damaged segment as well, only that one is counted;
+  with a damaged segment as well, only its damaged events are counted;
 - pages in the middle of the file: what still reads is delivered, and every acked event
   that is not is counted under journal_corrupt (none silently lost);
 - a cursor row: garbled bytes in the cursors page, or a value no seq can be: that sink
@@ -21,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from agent import losses
+from agent.event import Event
 from agent.storage.database import DB_FILE
 from tests.helpers import agent_config, await_until, jsonl_sink, post_events, read_jsonl
 
@@ -59,22 +63,43 @@ async def make_backlog(data: Path, segments: int = 8, per: int = 500) -> list[li
     return acked
 
 
-def damage_segment(db: Path, index: int, n: int = 36) -> tuple[int, int]:
-    """Overwrite `n` bytes in the middle of the index-th segment's body, in the file itself
-    (found by its bytes: a body spans overflow pages). Returns (seq, count) of that segment."""
+def event_spans(body: bytes) -> list[tuple[int, int]]:
+    """The byte range of each event in a segment body (a msgpack array of events), found
+    by encoding them one at a time: independent of how the journal frames them."""
+    parts = [msgspec.msgpack.encode(e) for e in msgspec.msgpack.decode(body, type=list[Event])]
+    start = len(body) - sum(map(len, parts))  # after the array header
+    spans = []
+    for p in parts:
+        spans.append((start, start + len(p)))
+        start += len(p)
+    return spans
+
+
+def damage_segment(db: Path, index: int, n: int = 36, event: int | None = None) -> tuple[int, int, list[int]]:
+    """Overwrite `n` bytes of the index-th segment's body, in the file itself (found by its
+    bytes: a body spans overflow pages): in the middle of the body, or inside its event
+    number `event`. Returns (seq, count, positions in the segment of the events hit)."""
     with sqlite3.connect(db) as conn:
         seq, count, body = conn.execute("SELECT seq, count, body FROM journal ORDER BY seq LIMIT 1 OFFSET ?",
                                         (index,)).fetchone()
+    spans = event_spans(body)
+    if event is None:
+        at_body = len(body) // 2
+    else:
+        lo, hi = spans[event]
+        assert hi - lo > n + 2
+        at_body = (lo + hi - n) // 2
+    hit = [i for i, (lo, hi) in enumerate(spans) if lo < at_body + n and at_body < hi]
     raw = db.read_bytes()
-    piece = body[len(body) // 2: len(body) // 2 + n]
+    piece = body[at_body - 24: at_body + n]  # with some bytes before it: an event's own bytes may repeat
     at = raw.find(piece)
     assert at > 0 and raw.count(piece) == 1
     with open(db, "r+b") as f:
-        f.seek(at)
+        f.seek(at + 24)
         f.write(b"\xc1" * n)  # 0xc1: a byte msgpack never uses
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"  # SQLite sees nothing wrong
-    return seq, count
+    return seq, count, hit
 
 
 def delivered(tmp: Path, sink: str) -> set[str]:
@@ -88,11 +113,14 @@ async def get(agent, path: str) -> tuple[int, Any]:  # type: ignore[no-untyped-d
             return r.status, await r.json()
 
 
-async def test_a_damaged_segment_is_quarantined_counted_and_skipped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["inside_one_event", "across_events"])
+async def test_a_damaged_segment_costs_only_its_damaged_events(tmp_path: Path, where: str) -> None:
     data = tmp_path / "data"
     acked = await make_backlog(data)
-    seq, count = damage_segment(data / DB_FILE, 3)
-    expected = {i for k, ids in enumerate(acked) if k != 3 for i in ids}
+    seq, count, hit = damage_segment(data / DB_FILE, 3, event=250 if where == "inside_one_event" else None)
+    assert len(hit) == 1 if where == "inside_one_event" else len(hit) >= 2
+    damaged = {acked[3][i] for i in hit}
+    expected = {i for ids in acked for i in ids} - damaged  # the rest of segment 3 too
     async with agent_on(delivering_config(data, tmp_path)) as agent:
         status, body = await get(agent, "/api/v1/sinks")  # reads at the cursors: must not 500
         assert status == 200, body
@@ -101,19 +129,40 @@ async def test_a_damaged_segment_is_quarantined_counted_and_skipped(tmp_path: Pa
         assert await agent.flush(10)  # every cursor reaches the end: the hole does not stall them
         status, body = await get(agent, "/api/v1/sinks")
         assert status == 200 and all(s["lag_events"] == 0 for s in body["sinks"])
-        assert agent.ledger.by_reason().get(losses.JOURNAL_CORRUPT) == count == len(acked[3])
+        assert agent.ledger.by_reason().get(losses.JOURNAL_CORRUPT) == len(hit)  # exactly the damaged ones
         await agent.journal.checkpoint()
         assert agent.journal.segments == 0  # compacted past the hole
         status, body = await get(agent, "/api/v1/losses")
-        assert body["by_reason"][losses.JOURNAL_CORRUPT] == count
+        assert body["by_reason"][losses.JOURNAL_CORRUPT] == len(hit)
     for sink in SINKS:
-        assert not delivered(tmp_path, sink) & set(acked[3])
+        assert not delivered(tmp_path, sink) & damaged
+        assert len(read_jsonl(tmp_path / f"{sink}.jsonl")) == len(expected)  # each once
     with sqlite3.connect(data / DB_FILE) as conn:
         rows = conn.execute("SELECT seq, count, body, error FROM journal_quarantine").fetchall()
         assert conn.execute("SELECT count FROM losses WHERE reason = ?", (losses.JOURNAL_CORRUPT,)).fetchone() == (
-            count,)
-    assert len(rows) == 1 and rows[0][:2] == (seq, count)
+            len(hit),)
+    assert len(rows) == 1 and rows[0][:2] == (seq, len(hit)) and count == len(acked[3])
     assert b"\xc1" * 36 in rows[0][2] and rows[0][3]  # the bytes kept as found, with the error
+
+
+async def test_a_damaged_format_0_segment_costs_its_whole_row(tmp_path: Path) -> None:
+    """Rows written before segment format 1 (0.1.0, migration 3) have no per-event checksums:
+    they still read, and a damaged one is quarantined and counted whole, as before."""
+    data = tmp_path / "data"
+    acked = await make_backlog(data, segments=4)
+    conn = sqlite3.connect(data / DB_FILE, isolation_level=None)
+    conn.execute("UPDATE journal SET frames = NULL")  # what rows from before migration 3 look like
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # into the file, which is what gets damaged
+    conn.close()
+    _, count, _ = damage_segment(data / DB_FILE, 2)
+    expected = {i for k, ids in enumerate(acked) if k != 2 for i in ids}
+    async with agent_on(delivering_config(data, tmp_path)) as agent:
+        for sink in SINKS:
+            await await_until(lambda s=sink: delivered(tmp_path, s) >= expected, what=f"{sink} past the damage")
+        assert await agent.flush(10)
+        assert agent.ledger.by_reason().get(losses.JOURNAL_CORRUPT) == count == len(acked[2])
+    for sink in SINKS:
+        assert not delivered(tmp_path, sink) & set(acked[2])
 
 
 async def test_a_damaged_header_quarantines_the_file_and_everything_is_salvaged(tmp_path: Path) -> None:
@@ -136,21 +185,24 @@ async def test_a_damaged_header_quarantines_the_file_and_everything_is_salvaged(
         assert agent.journal.last_seq > sum(len(ids) for ids in acked)
 
 
-async def test_a_damaged_header_and_segment_counts_only_that_segment(tmp_path: Path) -> None:
+async def test_a_damaged_header_and_segment_counts_only_the_damaged_event(tmp_path: Path) -> None:
     data = tmp_path / "data"
     acked = await make_backlog(data)
-    _, count = damage_segment(data / DB_FILE, 5)
+    _, _, hit = damage_segment(data / DB_FILE, 5, event=100)
     with open(data / DB_FILE, "r+b") as f:
         f.write(b"\0" * 16)  # the magic string
+    damaged = {acked[5][i] for i in hit}
     async with agent_on(delivering_config(data, tmp_path)) as agent:
-        expected = {i for k, ids in enumerate(acked) if k != 5 for i in ids}
+        expected = {i for ids in acked for i in ids} - damaged  # salvage keeps the rest of segment 5 too
         for sink in SINKS:
             await await_until(lambda s=sink: delivered(tmp_path, s) >= expected, what=f"{sink} salvaged backlog")
         assert await agent.flush(10)
-        assert agent.ledger.by_reason()[losses.JOURNAL_CORRUPT] == count
-        assert agent.db.salvage["lost"] == count  # type: ignore[index,union-attr]
+        assert agent.ledger.by_reason()[losses.JOURNAL_CORRUPT] == len(hit) == 1
+        assert agent.db.salvage["lost"] == 1  # type: ignore[index,union-attr]
         rows = await agent.db.fetchall("SELECT count, origin, length(body) FROM journal_quarantine")  # type: ignore
-        assert [(n, o) for n, o, _ in rows] == [(count, agent.db.recovered_from)] and rows[0][2] > 0  # type: ignore
+        assert [(n, o) for n, o, _ in rows] == [(1, agent.db.recovered_from)] and rows[0][2] > 0  # type: ignore
+    for sink in SINKS:
+        assert not delivered(tmp_path, sink) & damaged
 
 
 async def test_garbled_pages_deliver_what_reads_and_count_the_rest(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The journal: every accepted event, durably, until every sink has confirmed it.
 
 Each group commit is one row, a *segment*: a msgpack array of events numbered
-first_seq..seq. Event seqs are never reused. Each sink has a cursor (the last event
-seq it confirmed); segments at or below every active sink's cursor are compacted.
+first_seq..seq, with a checksum per event (agent/storage/segment.py). Event seqs
+are never reused. Each sink has a cursor (the last event seq it confirmed); segments
+at or below every active sink's cursor are compacted.
 The payload size is capped by `max_bytes`: `drop_oldest` deletes the oldest segments
 (their events counted as `journal_full`), `reject` refuses new batches with
 JournalFullError.
@@ -12,9 +13,10 @@ never read back from SQLite; a sink catching up after an outage or a restart rea
 segments from the database.
 
 A segment read back that no longer decodes (damaged bytes), or whose events do not
-match its seqs, is moved to the `journal_quarantine` table with its bytes; its events
-(the row's count) are counted under `journal_corrupt`, and every sink reads on past the
-hole (`read_batch` says how far a cursor may move). A cursor that is not a plausible seq
+match its seqs, is moved to the `journal_quarantine` table with its bytes. Its events
+whose own checksum still holds go back into the journal (one row per run of consecutive
+ones); only the others are counted under `journal_corrupt`, and every sink reads on past
+the hole (`read_batch` says how far a cursor may move). A cursor that is not a plausible seq
 is reset to the start of the journal: its sink receives again what is still stored.
 """
 
@@ -28,10 +30,11 @@ from collections.abc import Callable, Sequence
 
 from agent import losses
 from agent.errors import JournalFullError
-from agent.event import Event, msgpack_encoder
+from agent.event import Event
 from agent.losses import LossLedger
+from agent.storage import segment
 from agent.storage.database import Database
-from agent.storage.salvage import NEW_SINKS_FROM, CorruptSegment, decode_segment, lost_in
+from agent.storage.salvage import NEW_SINKS_FROM
 
 log = logging.getLogger("sidecar_agent.journal")
 
@@ -41,6 +44,7 @@ DECODED_CACHE = 8  # segments read back from SQLite, kept decoded for sequential
 COMPACT_CHUNK = 500  # segments deleted per transaction
 
 Segment = tuple[int, int, list[Event]]  # (first_seq, last_seq, events)
+_ROW_BYTES = "length(body) + coalesce(length(frames), 0)"
 _UPSERT_CURSOR = "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq"
 
 
@@ -72,12 +76,13 @@ class Journal:
         self.quarantined = 0  # segments moved to journal_quarantine by this process
         self._new_sinks_from: int | None = None  # after a salvage that lost cursors: see attach()
         self._append_lock = asyncio.Lock()  # seqs are assigned in memory: one append at a time
+        self._freed = False  # rows were deleted since the last reclaim: the freelist may be large
 
     async def open(self) -> None:
         """Read sequence, size, cursors and the persisted loss ledger."""
         rows = await self.db.fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'journal'")
         ((segments, count, size, low, high),) = await self.db.fetchall(
-            "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(length(body)), 0), min(first_seq), max(seq)"
+            f"SELECT count(*), coalesce(sum(count), 0), coalesce(sum({_ROW_BYTES}), 0), min(first_seq), max(seq)"
             " FROM journal"
         )
         self.last_seq = max(rows[0][0] if rows and isinstance(rows[0][0], int) else 0, high or 0)
@@ -145,8 +150,8 @@ class Journal:
             return await self._append(events)
 
     async def _append(self, events: list[Event]) -> tuple[int, int]:
-        body = msgpack_encoder.encode(events)
-        size = len(body) + SEGMENT_OVERHEAD
+        body, frames = segment.encode(events)
+        size = len(body) + len(frames) + SEGMENT_OVERHEAD
         if self.bytes + size > self.max_bytes:
             if self.overflow == "reject":
                 raise JournalFullError(f"journal is full ({self.bytes} of {self.max_bytes} bytes)")
@@ -157,8 +162,8 @@ class Journal:
         moved = [(s, self.cursors[s]) for s in self._dirty_cursors if s in self.cursors]
         async with self.db.tx() as conn:
             await conn.execute(
-                "INSERT INTO journal (seq, first_seq, count, body) VALUES (?, ?, ?, ?)",
-                (last, first, len(events), body),
+                "INSERT INTO journal (seq, first_seq, count, body, frames) VALUES (?, ?, ?, ?, ?)",
+                (last, first, len(events), body, frames),
             )
             if moved:
                 await conn.executemany(_UPSERT_CURSOR, moved)
@@ -187,7 +192,7 @@ class Journal:
         async with self.db.tx() as conn:
             cur = await conn.execute(
                 "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal ORDER BY seq LIMIT ?)"
-                " RETURNING seq, count, length(body)",
+                f" RETURNING seq, count, {_ROW_BYTES}",
                 (n,),
             )
             deleted = list(await cur.fetchall())
@@ -197,9 +202,10 @@ class Journal:
         return dropped
 
     def _forget(self, deleted: Sequence[Sequence[int]]) -> int:
-        """Account for deleted segments (seq, count, body length); returns their events."""
+        """Account for deleted segments (seq, count, bytes); returns their events."""
         if not deleted:
             return 0
+        self._freed = True
         events = sum(c for _, c, _ in deleted)
         self.rows -= events
         self.segments -= len(deleted)
@@ -258,17 +264,16 @@ class Journal:
                 seg = self._decoded.get(seq)
                 if seg is None:
                     got = await self.db.fetchall(
-                        "SELECT first_seq, seq, count, body FROM journal WHERE seq = ?", (seq,)
+                        "SELECT first_seq, seq, count, body, frames FROM journal WHERE seq = ?", (seq,)
                     )
                     if not got:
                         continue  # compacted meanwhile
-                    first, last, count, body = got[0]
+                    first, last, count, body, frames = got[0]
                     try:
-                        seg = (first, last, decode_segment(first, last, count, body))
-                    except CorruptSegment as exc:
-                        await self._quarantine(seq, first, count, body, str(exc))
-                        cursor = seq
-                        continue
+                        seg = (first, last, segment.decode(first, last, count, body, frames))
+                    except segment.CorruptSegment as exc:
+                        await self._quarantine(seq, first, count, body, frames, str(exc))
+                        break  # read on from `cursor`: the intact events are rows of their own now
                     self._decoded[seq] = seg
                     while len(self._decoded) > DECODED_CACHE:
                         self._decoded.popitem(last=False)
@@ -279,34 +284,54 @@ class Journal:
                     break
         return found, cursor
 
-    async def _quarantine(self, seq: int, first: int, count: int, body: bytes, error: str) -> None:
-        """Move a segment that does not decode to journal_quarantine (bytes kept) and count
-        its events under `journal_corrupt`. Idempotent: of two readers, one moves it."""
+    async def _quarantine(
+        self, seq: int, first: int, count: int, body: bytes, frames: bytes | None, error: str
+    ) -> None:
+        """Move a segment that does not decode to journal_quarantine (bytes kept), put back
+        its events that still read (segment.recover: one row per run of consecutive ones)
+        and count the rest under `journal_corrupt`. Idempotent: of two readers, one moves it."""
+        runs, lost = segment.recover(first, seq, count, body, frames)
+        rows = [(start + len(evs) - 1, start, len(evs), *segment.encode(evs)) for start, evs in runs]
         async with self.db.tx() as conn:
-            cur = await conn.execute("DELETE FROM journal WHERE seq = ? RETURNING length(body)", (seq,))
+            cur = await conn.execute(f"DELETE FROM journal WHERE seq = ? RETURNING {_ROW_BYTES}", (seq,))
             gone = list(await cur.fetchall())
             if gone:
                 await conn.execute(
-                    "INSERT INTO journal_quarantine (seq, first_seq, count, body, error, quarantined)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (seq, first, count, body if isinstance(body, bytes) else b"", error[:2000], time.time()),
+                    "INSERT INTO journal_quarantine (seq, first_seq, count, body, frames, error, quarantined)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        seq,
+                        first,
+                        lost,
+                        body if isinstance(body, bytes) else b"",
+                        frames if isinstance(frames, bytes) else None,
+                        error[:2000],
+                        time.time(),
+                    ),
+                )
+                await conn.executemany(
+                    "INSERT INTO journal (seq, first_seq, count, body, frames) VALUES (?, ?, ?, ?, ?)", rows
                 )
         if not gone:
             return
-        lost = lost_in(first, seq, count)
-        self.rows -= count if isinstance(count, int) else 0
-        self.segments -= 1
+        kept = sum(n for _, _, n, _, _ in rows)
+        self.rows += kept - (count if isinstance(count, int) else 0)
+        self.segments += len(rows) - 1
+        self.bytes += sum(len(b) + len(f) + SEGMENT_OVERHEAD for _, _, _, b, f in rows)
         self.bytes -= (gone[0][0] or 0) + SEGMENT_OVERHEAD
         if isinstance(first, int) and first <= self.first_seq:
-            self.first_seq = seq + 1
+            self.first_seq = rows[0][1] if rows else seq + 1
         self._decoded.pop(seq, None)
+        self._freed = True
         self.quarantined += 1
         self.ledger.add(losses.JOURNAL_CORRUPT, lost)
         log.error(
-            "journal segment %s..%s does not decode (%s): moved to journal_quarantine, %d events counted as %s",
+            "journal segment %s..%s does not decode (%s): moved to journal_quarantine; %d of its events still"
+            " read and stay journaled, %d counted as %s",
             first,
             seq,
             error,
+            kept,
             lost,
             losses.JOURNAL_CORRUPT,
         )
@@ -314,7 +339,7 @@ class Journal:
     # -- housekeeping --------------------------------------------------------------
 
     async def checkpoint(self) -> None:
-        """Persist moved cursors and changed loss counters, then compact."""
+        """Persist moved cursors and changed loss counters, compact, and give free pages back."""
         dirty = [(s, self.cursors.get(s)) for s in self._dirty_cursors]
         self._dirty_cursors.clear()
         counts = self.ledger.take_dirty()
@@ -342,6 +367,9 @@ class Journal:
             if salvaged:
                 self._new_sinks_from = None
         await self.compact()
+        if self._freed:  # give space back once a backlog has drained (bounded steps; see Database.reclaim)
+            self._freed = False
+            self._freed = not await self.db.reclaim()
 
     async def compact(self) -> int:
         """Delete segments every active sink has confirmed. Returns how many events went."""
@@ -351,7 +379,7 @@ class Journal:
             async with self.db.tx() as conn:
                 cur = await conn.execute(
                     "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq <= ? ORDER BY seq LIMIT ?)"
-                    " RETURNING seq, count, length(body)",
+                    f" RETURNING seq, count, {_ROW_BYTES}",
                     (upto, COMPACT_CHUNK),
                 )
                 deleted = list(await cur.fetchall())

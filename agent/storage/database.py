@@ -79,13 +79,29 @@ CREATE TABLE IF NOT EXISTS journal_quarantine (
 );
 """
 
+# Segment format 1 (agent/storage/segment.py): per-event offsets and checksums beside the
+# body, so one damaged event costs only itself. NULL in rows written before: format 0,
+# still read as it is (rows are never rewritten to change format).
+SCHEMA_V3 = """
+ALTER TABLE journal ADD COLUMN frames BLOB;
+ALTER TABLE journal_quarantine ADD COLUMN frames BLOB;
+"""
+
 # Append new steps; never edit one that has shipped.
 MIGRATIONS = [
     Migration(1, "initial schema (release 0.1.0)", SCHEMA_V1),
     Migration(2, "journal_quarantine: segments that failed to decode", SCHEMA_V2),
+    Migration(3, "journal.frames: per-event checksums (segment format 1)", SCHEMA_V3),
 ]
 
 DB_FILE = "agent.db"
+# Giving space back (incremental auto-vacuum). A file made before it needs one VACUUM to
+# switch, done at open when that copies little: past this much live data it waits for a
+# start where the journal is smaller (VACUUM copies the live pages, not the free ones).
+SWITCH_VACUUM_MAX_BYTES = 64 << 20
+RECLAIM_MIN_PAGES = 1024  # a freelist smaller than this (or than a quarter of the file) is kept for reuse
+RECLAIM_STEP_PAGES = 512  # pages given back per step: each step is one short write, between commits
+WAL_SIZE_LIMIT = 16 << 20  # the WAL file is truncated back to this after a checkpoint
 
 
 class Database:
@@ -113,6 +129,7 @@ class Database:
             self._move_aside()
         self.writer = await self._connect()
         await migrate(self.writer, MIGRATIONS, f"agent database {self.path}")
+        await self._switch_to_incremental_vacuum()
         if self.recovered_from is not None:
             await self._salvage(self.recovered_from)
         self.reader = await self._connect()
@@ -142,10 +159,60 @@ class Database:
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # Before WAL mode: on a new file this is what makes it incremental (WAL writes the header).
+        await conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         await conn.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
         await conn.execute("PRAGMA busy_timeout=5000")
         return conn
+
+    async def _switch_to_incremental_vacuum(self) -> None:
+        """A file from before incremental auto-vacuum (0.1.0, or any made without it) needs one
+        VACUUM to switch. Done here, at open, when the live data is small; otherwise logged and
+        left for a later start (the journal is usually small once its backlog has drained)."""
+        assert self.writer is not None
+        if (await self._pragma("auto_vacuum")) == 2:
+            return
+        pages, free, size = [await self._pragma(p) for p in ("page_count", "freelist_count", "page_size")]
+        live = (pages - free) * size
+        if live > SWITCH_VACUUM_MAX_BYTES:
+            log.warning(
+                "%s: %d MiB of live data; switching to incremental auto-vacuum (one VACUUM) waits for a smaller"
+                " journal at a later start",
+                self.path,
+                live >> 20,
+            )
+            return
+        await self.writer.execute("VACUUM")  # applies auto_vacuum=INCREMENTAL (set by _connect)
+        log.info(
+            "%s: switched to incremental auto-vacuum (%d MiB before, %d MiB live)",
+            self.path,
+            pages * size >> 20,
+            live >> 20,
+        )
+
+    async def _pragma(self, name: str) -> int:
+        assert self.writer is not None
+        rows = list(await self.writer.execute_fetchall(f"PRAGMA {name}"))
+        return int(rows[0][0])
+
+    async def reclaim(self, max_steps: int = 4) -> bool:
+        """Give free pages back to the file system (incremental vacuum) when the freelist is
+        large: at most `max_steps` steps of RECLAIM_STEP_PAGES, each a short write on its own
+        (the committer's appends go in between). Returns False while some is left to give back.
+        The file shrinks at the next WAL checkpoint."""
+        assert self.writer is not None, "database is not open"
+        for _ in range(max_steps):
+            async with self._lock:
+                pages, free = await self._pragma("page_count"), await self._pragma("freelist_count")
+                if free < max(RECLAIM_MIN_PAGES, pages // 4) or await self._pragma("auto_vacuum") != 2:
+                    return True
+                # executescript steps the pragma to completion (execute() would free one page);
+                # in autocommit mode it is a transaction of its own.
+                await self.writer.executescript(f"PRAGMA incremental_vacuum({RECLAIM_STEP_PAGES});")
+            await asyncio.sleep(0)
+        return False
 
     async def _healthy(self) -> bool:
         try:

@@ -6,7 +6,8 @@ as found) and copies into the fresh database, in order:
 
 - every journal segment that still decodes, with its seqs (the high-water mark too, so
   seqs are never reused); a segment that does not decode goes to `journal_quarantine`
-  with its bytes, its events counted under `journal_corrupt`;
+  with its bytes, and what still reads in it (each event whose checksum holds, see
+  segment.py) goes back into the journal; only the rest is counted under `journal_corrupt`;
 - every cursor that is still a plausible seq. If the cursors table cannot be read whole,
   a sink without a cursor starts at the salvaged journal's start (meta key
   `journal.new_sinks_from`): it may receive events again, it loses none;
@@ -35,10 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from agent import losses
-from agent.event import Event, stored_batch_decoder
+from agent.event import stored_batch_decoder
+from agent.storage import segment
 
 if TYPE_CHECKING:
     from agent.storage.database import Database
@@ -51,32 +51,6 @@ PAGE_SIZES = (4096, 1024, 2048, 8192, 16384, 32768, 65536, 512)
 _DLQ_COLUMNS = (
     "sink, events, count, error_class, error, attempts, first_attempt, last_attempt, status, created, updated"
 )
-
-
-class CorruptSegment(ValueError):
-    """A stored segment that does not decode into the events its row says it holds."""
-
-
-def decode_segment(first: int, last: int, count: int, body: bytes) -> list[Event]:
-    """The events of a stored segment; CorruptSegment if its bytes do not decode or do not
-    match its seqs (first..last, `count` events)."""
-    try:
-        events = stored_batch_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
-        raise CorruptSegment(f"{type(exc).__name__}: {exc}") from exc
-    if not (len(events) == count == last - first + 1):
-        raise CorruptSegment(f"{len(events)} events decoded for seqs {first}..{last} (count {count})")
-    return events
-
-
-def lost_in(first: object, last: object, count: object) -> int:
-    """How many events a damaged segment row stands for: its count column, unless that is
-    not a plausible number (then its seq span)."""
-    if isinstance(count, int) and count >= 0:
-        return count
-    if isinstance(first, int) and isinstance(last, int) and last >= first:
-        return last - first + 1
-    return 0
 
 
 @dataclass
@@ -104,8 +78,8 @@ class Report:
 class _Found:
     report: Report
     last_seq: int = 0
-    segments: list[tuple[int, int, int, bytes]] = field(default_factory=list)
-    corrupt: list[tuple[int, int, int, bytes, str]] = field(default_factory=list)
+    segments: list[tuple[int, int, int, bytes, bytes | None]] = field(default_factory=list)  # journal rows
+    corrupt: list[tuple[int, int, int, bytes, bytes | None, str]] = field(default_factory=list)
     losses: list[tuple[str, str, int]] = field(default_factory=list)
     dlq: list[tuple[Any, ...]] = field(default_factory=list)
 
@@ -260,28 +234,41 @@ def _read(conn: sqlite3.Connection, found: _Found) -> None:
         high = 0
     high_hint = max(high, 1 << 40)  # how far _keys may probe past a damaged page
     covered: list[tuple[int, int]] = []
+    try:  # a file from before migration 3 has no frames column: all its segments are format 0
+        conn.execute("SELECT frames FROM journal LIMIT 0")
+        columns = "body, frames"
+    except sqlite3.Error:
+        columns = "body, NULL"
     for seq, first, count in _keys(
         conn, "SELECT seq, first_seq, count FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", high_hint
     ):
+        frames = None
         try:
-            body = conn.execute("SELECT body FROM journal WHERE seq = ?", (seq,)).fetchone()[0]
+            body, frames = conn.execute(f"SELECT {columns} FROM journal WHERE seq = ?", (seq,)).fetchone()
         except sqlite3.Error as exc:
             body, error = b"", f"unreadable: {exc}"
         else:
             try:
-                decode_segment(first, seq, count, body)
+                segment.decode(first, seq, count, body, frames)
                 error = ""
-            except CorruptSegment as exc:
+            except segment.CorruptSegment as exc:
                 error = str(exc)
         if isinstance(first, int) and isinstance(seq, int) and seq >= first:
             covered.append((first, seq))
-        if error or not isinstance(body, bytes):
-            n = lost_in(first, seq, count)
-            found.corrupt.append((seq, first if isinstance(first, int) else seq, n, body or b"", error or "not bytes"))
+        if error:
+            # Every event whose own checksum holds is kept (format 1); only the rest is lost.
+            runs, n = segment.recover(first, seq, count, body, frames)
+            for start, events in runs:
+                found.segments.append((start + len(events) - 1, start, len(events), *segment.encode(events)))
+                r.segments += 1
+                r.events += len(events)
+            kept = body if isinstance(body, bytes) else b""
+            frames = frames if isinstance(frames, bytes) else None
+            found.corrupt.append((seq, first if isinstance(first, int) else seq, n, kept, frames, error))
             r.corrupt_segments += 1
             r.corrupt_events += n
         else:
-            found.segments.append((seq, first, count, body))
+            found.segments.append((seq, first, count, body, frames))
             r.segments += 1
             r.events += count
         high = max(high, seq if isinstance(seq, int) else 0)
@@ -353,19 +340,20 @@ async def _write(db: Database, found: _Found) -> None:
     async with db.tx() as conn:
         for i in range(0, len(found.segments), 500):
             await conn.executemany(
-                "INSERT INTO journal (seq, first_seq, count, body) VALUES (?, ?, ?, ?)", found.segments[i : i + 500]
+                "INSERT INTO journal (seq, first_seq, count, body, frames) VALUES (?, ?, ?, ?, ?)",
+                found.segments[i : i + 500],
             )
         await conn.executemany(
-            "INSERT INTO journal_quarantine (seq, first_seq, count, body, error, origin, quarantined)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(seq, first, n, body, error[:2000], r.source, now) for seq, first, n, body, error in found.corrupt],
+            "INSERT INTO journal_quarantine (seq, first_seq, count, body, frames, error, origin, quarantined)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(seq, first, n, body, fr, e[:2000], r.source, now) for seq, first, n, body, fr, e in found.corrupt],
         )
         if found.last_seq:  # seqs are never reused, also those of lost segments
             await conn.execute("DELETE FROM sqlite_sequence WHERE name = 'journal'")
             await conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('journal', ?)", (found.last_seq,))
         await conn.executemany("INSERT INTO cursors (sink, seq) VALUES (?, ?)", list(r.cursors.items()))
         if r.cursors_lost:
-            start = min(f for _, f, _, _ in found.segments) - 1 if found.segments else found.last_seq
+            start = min(row[1] for row in found.segments) - 1 if found.segments else found.last_seq
             await conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (NEW_SINKS_FROM, str(start)),
