@@ -322,3 +322,17 @@ def resolve(config: Config | dict[str, Any] | str | os.PathLike[str] | None) -> 
     if isinstance(config, dict):
         return from_dict(config)
     return load(config)
+
+
+def differences(a: Config, b: Config) -> list[str]:
+    """The key paths where two configs differ (`agent.data_dir`, `sinks`), their origin aside."""
+    out: list[str] = []
+    for f in msgspec.structs.fields(Config):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "origin" or x == y:
+            continue
+        if isinstance(x, msgspec.Struct):
+            out += [f"{f.name}.{g.name}" for g in msgspec.structs.fields(x) if getattr(x, g.name) != getattr(y, g.name)]
+        else:
+            out.append(f.name)
+    return out

@@ -150,7 +150,13 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
     global _agent, _thread, _hooks_installed, _owner_tags
     with _lock:
         if _agent is not None and _agent.state in ("starting", "running"):
-            if config is not None and (differ := differences(_agent.config, resolve(config))):
+            # A forwarder (this data dir is another process's, or this is a fork child) takes
+            # whatever config it is given: the owner's is the one that counts.
+            if (
+                isinstance(_agent, Agent)
+                and config is not None
+                and (differ := differences(_agent.config, resolve(config)))
+            ):
                 raise ConfigError(
                     f"agent.start(): an agent already runs in this process with another config ({', '.join(differ)}"
                     " differ); call agent.stop() first, or agent.start() without a config to get the running one"
