@@ -2,7 +2,7 @@
 // their panels, dialogs, metric explorer), starts them in the order that gets the first
 // chart on screen soonest, routes live events to them, and runs the timers.
 // The parts: data-source.js, overview.js, tabs.js, sinks-dlq.js, flags-tab.js,
-// dialogs.js, metric-explorer.js; window.sidecarDashboard is this object (tests, bench).
+// dialogs.js, metric-explorer.js, processes.js; window.sidecarDashboard is this object (tests, bench).
 
 import { Api } from "./api.js";
 import { ChartManager, uplotFactory } from "./chart-manager.js";
@@ -12,6 +12,7 @@ import { DATA_SOURCE_FLAG, FLAG_EVENT, FlagsTab } from "./flags-tab.js";
 import { MetricExplorer } from "./metric-explorer.js";
 import { EVENT_ROWS, Overview } from "./overview.js";
 import * as P from "./panels.js";
+import { ProcessesTab } from "./processes.js";
 import { SessionTracker } from "./session-tracker.js";
 import { DlqTab, SinksTab } from "./sinks-dlq.js";
 import { Tabs } from "./tabs.js";
@@ -32,10 +33,12 @@ export class Dashboard {
       onRecent: (events) => { this.overview.showRecent(events); this.tracker.ingest(events); } });
     this.sinks = new SinksTab({ $, api });
     this.dlq = new DlqTab({ $, win, api, sinks: this.sinks, confirm: (text) => this.dialogs.confirm(text) });
+    this.processes = new ProcessesTab({ $, api });
     this.flags = new FlagsTab({ $, api, hasStore: () => Boolean(this.uiConfig?.store), onDataSourceSet: () => this.source.poll() });
     this.tabs = new Tabs({ $, doc, win,
       panels: { sinks: () => this.sinks.load(), dlq: () => this.dlq.load(), flags: () => this.flags.refresh(),
-        sessions: () => P.fillSessions($("sessions"), $("agents"), this.tracker) },
+        sessions: () => P.fillSessions($("sessions"), $("agents"), this.tracker),
+        processes: () => this.processes.load() },
       onShow: (tab) => this.explorer?.setVisible(tab === "metrics") });
     this.explorer = null;
     this.charts = null;

@@ -91,6 +91,13 @@ export function flagRow(f, onSet, onClear) {
   return row([name, show(f.value), f.layer, show(f.default), tools], { flag: f.name });
 }
 
+// A forwarding process (a status `forwarders` entry). "gone" once its connection closed;
+// its last counts stay (the owner lists up to 32 departed ones).
+export function forwarderRow(f) {
+  return row([String(f.pid), cell(f.connected ? "connected" : "gone", f.connected ? "good" : "muted"), num(f.events),
+    num(f.batches), time(f.last_seen), cell(num(f.lost), f.lost ? "bad" : ""), num(f.spilled)], { pid: String(f.pid) });
+}
+
 // The Sessions tab: active sessions and the agents seen, from a SessionTracker.
 export function fillSessions(sessionsTable, agentsTable, tracker) {
   fill(sessionsTable, tracker.activeSessions().map((s) => row([s.id, num(s.count), cell(num(s.errors), s.errors ? "bad" : ""), time(s.first), time(s.last)], { session: s.id })), "no active sessions");

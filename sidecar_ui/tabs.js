@@ -1,6 +1,6 @@
-// Tab routing: the URL hash (#overview, #metrics?…, #sinks, #dlq, #flags, #sessions)
-// picks the shown section and the highlighted link; the shown tab's panel is refreshed
-// when it is shown and on every `refresh()` (the dashboard calls it every 2 s).
+// Tab routing: the URL hash (#overview, #metrics?…, #sinks, #dlq, #flags, #sessions,
+// #processes) picks the shown section and the highlighted link; the shown tab's panel is
+// refreshed when it is shown and on every `refresh()` (the dashboard calls it every 2 s).
 
 export class Tabs {
   // `panels`: tab name -> refresh function; `onShow(tab)` runs after each switch.

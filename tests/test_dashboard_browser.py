@@ -279,3 +279,61 @@ async def test_dual_shows_each_event_once_and_switches_live(agents, open_page, s
                                  timeout=TIMEOUT_MS)
     (after,) = await post(agent, {"name": "after.switch", "value": 1})
     await page.wait_for_selector(row(after), timeout=TIMEOUT_MS)
+
+
+FORWARDER = """
+import os, sys, agent
+fw = agent.start({"agent": {"data_dir": sys.argv[1], "id": "test-agent"}, "server": {"enabled": False}})
+assert type(fw).__name__ == "Forwarder", fw
+for k in range(int(sys.argv[2])):
+    agent.record("worker.job", k, data={"k": k})
+assert agent.flush(60)
+print(os.getpid(), flush=True)
+sys.stdin.read()  # connected until the test closes stdin; the exit hook stops the forwarder
+"""
+
+
+async def test_processes_tab_lists_a_forwarding_process(agents, open_page):
+    """An owner and one worker process forwarding to it (same data dir): the Processes tab
+    shows the worker's pid, its committed events and connected; once it exits, gone."""
+    import sys
+
+    from agent.forwarding.owner import Owner
+    from tests.helpers import subprocess_env
+
+    agent = await agents()
+    owner = Owner(agent)  # what agent.start() runs beside the Agent in the owning process
+    await owner.start()
+    agent.forwarding = owner  # shown in status, /metrics and so on the page
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FORWARDER, agent.config.agent.data_dir, "25", env=subprocess_env(),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        pid = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
+        assert pid.isdigit(), pid
+        page = await open_page(agent.server_url + "/#processes")
+        fw_row = f'#forwarders tbody tr[data-pid="{pid}"]'
+        await page.wait_for_selector(fw_row, timeout=TIMEOUT_MS)
+        cells = page.locator(fw_row + " td")
+        assert await cells.nth(0).text_content() == pid
+        assert await cells.nth(1).text_content() == "connected"
+        assert await cells.nth(2).text_content() == "25"  # events committed for it
+        assert await cells.nth(5).text_content() == "0"  # lost
+        assert "1 of 1 forwarders connected" in await page.text_content("#processes-status")
+        # the worker's events carry its pid, as the owner's newest events show
+        await page.click("a[data-tab=overview]")
+        await page.wait_for_selector(f'#events tbody tr:has(td:text-is("worker.job")):has-text("pid={pid}")',
+                                     timeout=TIMEOUT_MS)
+        # the worker exits: it stays listed, as gone, with its counts
+        proc.stdin.close()
+        assert await asyncio.wait_for(proc.wait(), 120) == 0
+        await page.click("a[data-tab=processes]")
+        await page.wait_for_selector(fw_row + ' td:text-is("gone")', timeout=TIMEOUT_MS)
+        assert await cells.nth(2).text_content() == "25"
+        assert "0 of 1 forwarders connected" in await page.text_content("#processes-status")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await owner.stop(1.0)
