@@ -75,6 +75,9 @@ def _op(
 
 
 _NUM = {"type": "number"}
+# Epoch seconds from 1970 to about year 5000: far beyond any stored event, and within what
+# SQLite's integers hold (an out-of-range value from a client should be a 400, not more).
+_TIME = {"type": "number", "minimum": 0, "maximum": 1e11}
 _LIST_OF_OBJ = {"type": "array", "items": _OBJ}
 _SINK = _q("sink", "one sink's entries (404 when there is no such sink)")
 _STATUS = _q("status", "pending, expired or corrupt", {"type": "string"})
@@ -99,8 +102,9 @@ def spec() -> dict[str, Any]:
         "required": True,
         "content": {
             JSON: {"schema": {"anyOf": [event_ref, {"type": "array", "items": event_ref}]}},
-            "application/x-ndjson": {"schema": {"type": "string"}},
-            "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
+            # The same events, one JSON object a line / as a msgpack array.
+            "application/x-ndjson": {"schema": {"type": "array", "items": event_ref}},
+            "application/msgpack": {"schema": {"type": "array", "items": event_ref}},
         },
     }
     ready = {
@@ -113,8 +117,8 @@ def spec() -> dict[str, Any]:
         _q("source", "source name"),
         _q("agent", "agent id"),
         _q("session", "session id"),
-        _q("from", "epoch seconds", _NUM),
-        _q("to", "epoch seconds", _NUM),
+        _q("from", "epoch seconds", _TIME),
+        _q("to", "epoch seconds", _TIME),
         _q("cursor", "the `next` value of the previous page"),
         _q("limit", "at most 1000", _NUM),
     ]
@@ -122,9 +126,9 @@ def spec() -> dict[str, Any]:
         _q("name", "the event name (or all=1)"),
         _q("all", "1: every name (agg=count only)"),
         _q("agg", "avg, sum, min, max, count, p50, p95, p99"),
-        _q("from", "epoch seconds", _NUM),
-        _q("to", "epoch seconds", _NUM),
-        _q("step", "seconds per point", _NUM),
+        _q("from", "epoch seconds", _TIME),
+        _q("to", "epoch seconds", _TIME),
+        _q("step", "seconds per point", {"type": "number", "exclusiveMinimum": 0, "maximum": 1e9}),
     ]
     paths: dict[str, Any] = {
         "/healthz": {"get": _op("liveness", {"200": _json(_OBJ, "the process answers")}, public=True)},
