@@ -1,30 +1,49 @@
-# `make run` and `make test` create or reuse .venv and install everything they need.
+# `make run`, `make test` and `make lint` create or reuse .venv and install what each needs:
+# run only the package and its runtime dependencies, test adds the test extras, lint ruff and mypy.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
-LINT_STAMP := $(VENV)/.lint-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# A .venv is used only once this marker exists, and the marker is written only for a .venv
+# whose Python is >= 3.11 and has pip: one made by an older Python, or half made by an
+# interrupted run, is deleted and made again, never reused. Each install has its own stamp,
+# written only when pip succeeded, so a failed install is retried by the next run.
+VENV_OK := $(VENV)/.checked
+USABLE := import sys, pip; sys.exit(sys.version_info < (3, 11))
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
 
 .PHONY: run test lint install bench clean
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+$(VENV_OK):
+	@if ! $(BIN)/python -c '$(USABLE)' 2>/dev/null; then \
+	  $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    echo "error: sidecar-agent needs Python >= 3.11; '$(PY)' is $$($(PY) -V 2>&1 || echo missing)." \
+	         "Try: make $(or $(MAKECMDGOALS),run) PY=python3.11" >&2; exit 1; }; \
+	  echo "$(PY) -m venv $(VENV)"; rm -rf $(VENV) && $(PY) -m venv $(VENV) && $(BIN)/python -c '$(USABLE)'; \
+	fi
+	@touch $@
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+$(RUN_STAMP): $(VENV_OK) pyproject.toml
+	$(PIP) install --quiet -e .
+	touch $@
 
-install: $(STAMP)
+$(TEST_STAMP): $(VENV_OK) pyproject.toml
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
 
-$(LINT_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,lint]'
-	touch $(LINT_STAMP)
+$(LINT_STAMP): $(VENV_OK) pyproject.toml
+	$(PIP) install --quiet -e '.[lint]'
+	touch $@
 
-run: $(STAMP)
+install: $(RUN_STAMP)
+
+# The agent with the embedded defaults, or CONFIG=path/to/agent.toml; Ctrl-C stops it.
+run: $(RUN_STAMP)
 	$(BIN)/sidecar-agent run $(if $(CONFIG),--config $(CONFIG))
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ruff (lint and format check) and mypy over the agent and the built-in plugins: 0 errors.
@@ -33,7 +52,7 @@ lint: $(LINT_STAMP)
 	$(BIN)/ruff format --check agent plugins
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python bench/record_overhead.py
 
 clean:

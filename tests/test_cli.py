@@ -116,3 +116,21 @@ def test_run_with_a_port_out_of_range_is_a_config_error(tmp_path):
     r = run_cli("run", "--config", str(cfg), cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.splitlines() == [f"error: {cfg}: server.port: expected int <= 65535"]
+
+
+def test_init_writes_the_starter_config_and_never_overwrites(tmp_path):
+    from tests.helpers import ROOT
+
+    r = run_cli("init", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    written = (tmp_path / "agent.toml").read_text()
+    assert written == (ROOT / "examples" / "agent.toml").read_text()  # the README starts from the same file
+    r = run_cli("check-config", "agent.toml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "agent.toml").write_text("# mine\n")
+    r = run_cli("init", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == ["error: agent.toml exists; pass --force to overwrite it"]
+    assert (tmp_path / "agent.toml").read_text() == "# mine\n"
+    assert run_cli("init", "--force", "agent.toml", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "agent.toml").read_text() == written

@@ -105,6 +105,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write the starter config (loopback only, data beside it) to a new file."""
+    from importlib import resources
+
+    target = Path(args.file)
+    if target.exists() and not args.force:
+        raise AgentError(f"{target} exists; pass --force to overwrite it")
+    target.write_text(resources.files(__package__).joinpath("starter.toml").read_text(encoding="utf-8"))
+    print(
+        f"wrote {target}; check it with `sidecar-agent check-config {target}`, run it with"
+        f" `sidecar-agent run --config {target}`"
+    )
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"sidecar-agent {__version__}")
     return 0
@@ -130,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", "-c")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plugins)
+    i = sub.add_parser("init", help="write a starter config: loopback only, data in .sidecar-agent/ beside it")
+    i.add_argument("file", nargs="?", default="agent.toml", help="where to write it (default: agent.toml)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing file")
+    i.set_defaults(fn=cmd_init)
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(fn=cmd_version)
     d = sub.add_parser("dlq", help="inspect, replay or purge the dead-letter queue")
