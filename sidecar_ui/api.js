@@ -1,5 +1,8 @@
-// HTTP calls to the agent. The token is asked once per tab (sessionStorage) and sent
-// only with mutating calls; a 401 asks again.
+// HTTP calls to the agent. With a token set on the agent every /api/ call needs it
+// (docs/security.md): the first 401 asks for it once (one prompt however many calls were
+// refused at the same time), keeps it in this tab (sessionStorage) and sends it as a
+// Bearer header. It also opens a session (POST /api/v1/session): an HttpOnly, SameSite
+// cookie the browser sends with the live WebSocket, which cannot carry a header.
 
 const TOKEN_KEY = "sidecar-agent-token";
 
@@ -10,27 +13,59 @@ export class ApiError extends Error {
 export class Api {
   constructor({ fetchImpl = (...a) => fetch(...a), storage = null, askToken = async () => null, base = "" } = {}) {
     Object.assign(this, { fetchImpl, storage, askToken, base });
+    this.asking = null; // the prompt in progress, shared by every refused call
+    this.declined = false; // the prompt was cancelled: reads fail until the page is reloaded
   }
 
-  async get(path) {
-    const res = await this.fetchImpl(this.base + path, { headers: { Accept: "application/json" } });
-    return this._body(res);
+  get(path) {
+    return this.call(path, () => ({}), "this agent needs its token to show anything");
   }
 
-  async mutate(method, path, body) {
+  mutate(method, path, body) {
+    const init = () => ({
+      method,
+      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    return this.call(path, init, "a token is needed for this change");
+  }
+
+  async call(path, init, refused) {
     for (let attempt = 0; attempt < 3; attempt++) {
-      const headers = { Accept: "application/json" };
-      const token = this.storage?.getItem(TOKEN_KEY);
-      if (token) headers.Authorization = `Bearer ${token}`;
-      if (body !== undefined) headers["Content-Type"] = "application/json";
-      const res = await this.fetchImpl(this.base + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+      const sent = this.storage?.getItem(TOKEN_KEY) || null;
+      const req = init();
+      req.headers = { Accept: "application/json", ...req.headers };
+      if (sent) req.headers.Authorization = `Bearer ${sent}`;
+      const res = await this.fetchImpl(this.base + path, req);
       if (res.status !== 401) return this._body(res);
-      this.storage?.removeItem(TOKEN_KEY);
-      const fresh = await this.askToken(attempt > 0);
-      if (!fresh) throw new ApiError(401, "a token is needed for this change");
-      this.storage?.setItem(TOKEN_KEY, fresh);
+      const current = this.storage?.getItem(TOKEN_KEY) || null;
+      if (current && current !== sent) continue; // another call's prompt got a new token meanwhile
+      if (!(await this.login(Boolean(sent)))) throw new ApiError(401, refused);
     }
     throw new ApiError(401, "the token was refused");
+  }
+
+  // Ask for the token (`again`: the last one was refused); true once there is a new one.
+  login(again) {
+    if (this.declined) return Promise.resolve(false);
+    if (!this.asking) {
+      this.asking = (async () => {
+        this.storage?.removeItem(TOKEN_KEY);
+        const fresh = await this.askToken(again);
+        if (!fresh) {
+          this.declined = true;
+          return false;
+        }
+        this.storage?.setItem(TOKEN_KEY, fresh);
+        try {
+          await this.fetchImpl(this.base + "/api/v1/session", {
+            method: "POST", headers: { Accept: "application/json", Authorization: `Bearer ${fresh}` },
+          });
+        } catch { /* the next call reports an unreachable agent */ }
+        return true;
+      })().finally(() => { this.asking = null; });
+    }
+    return this.asking;
   }
 
   async _body(res) {

@@ -337,3 +337,38 @@ async def test_processes_tab_lists_a_forwarding_process(agents, open_page):
             proc.kill()
             await proc.wait()
         await owner.stop(1.0)
+
+
+async def test_token_prompt_once_then_history_live_stream_and_a_reload(agents, open_page):
+    """With a token, reads need it too (docs/security.md): the page asks once, however many
+    calls were refused, then shows history and the live WebSocket (carried by the session
+    cookie the login set); a reload of the tab asks nothing."""
+    token = "br0wser-t0ken"
+    agent = await agents(server={"token": token})
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as s, s.post(agent.server_url + "/api/v1/events",
+                                                   json=[{"name": "before.login", "value": 1}], headers=auth) as r:
+        assert r.status == 202
+        (old,) = (await r.json())["ids"]
+    assert await agent.flush(5)
+    open_page.allow.append("status of 401 (Unauthorized)")  # the browser logs the refused reads
+    page = await open_page(agent.server_url)
+    await page.wait_for_selector("#token-dialog[open]", timeout=TIMEOUT_MS)
+    await page.fill("#token-input", token)
+    await page.click("#token-ok")
+    await page.wait_for_selector(row(old), timeout=TIMEOUT_MS)
+    await page.wait_for_selector("#conn.live", timeout=TIMEOUT_MS)
+    async with aiohttp.ClientSession() as s, s.post(agent.server_url + "/api/v1/events",
+                                                   json={"name": "after.login", "value": 2}, headers=auth) as r:
+        (live,) = (await r.json())["ids"]
+    await page.wait_for_selector(row(live), timeout=TIMEOUT_MS)
+    assert await page.evaluate("sessionStorage.getItem('sidecar-agent-token')") == token
+    # The timers keep reading (status every 2 s): no second prompt.
+    await page.wait_for_function("() => document.querySelector('#conn').classList.contains('live')",
+                                 timeout=TIMEOUT_MS)
+    await asyncio.sleep(2.5)
+    assert await page.locator("#token-dialog[open]").count() == 0
+    await page.reload()
+    await page.wait_for_selector("#conn.live", timeout=TIMEOUT_MS)
+    await page.wait_for_selector(row(live), timeout=TIMEOUT_MS)
+    assert await page.locator("#token-dialog[open]").count() == 0
