@@ -1,6 +1,6 @@
 """An asyncio app with the agent on its own loop: `async with Agent(config)`.
 
-    python examples/asyncio_app.py            # prints what the jsonl sink writes
+    .venv/bin/python examples/asyncio_app.py  # after make run; prints what the jsonl sink writes
 """
 
 from __future__ import annotations

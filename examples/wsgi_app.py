@@ -1,6 +1,6 @@
 """A threaded WSGI app (stdlib wsgiref) with the embedded agent.
 
-    python examples/wsgi_app.py               # serves http://127.0.0.1:8000 briefly, then exits
+    .venv/bin/python examples/wsgi_app.py     # after make run; serves http://127.0.0.1:8000 briefly, then exits
 
 `agent.start()` runs the agent on a daemon thread; `agent.timer` times each request and
 `agent.counter` is safe from every request thread. At exit the agent stops by itself.
