@@ -72,6 +72,10 @@ class ServerSection(_Section):
     header_timeout_s: PositiveFloat = 10.0
     keepalive_timeout_s: PositiveFloat = 15.0
     max_connections: PositiveInt = 512
+    # A live-stream (WebSocket) client's queue bound; past it its oldest events go (`stream_dropped`).
+    stream_client_max_bytes: PositiveInt = 4 * 1024 * 1024
+    # /readyz: a sink whose oldest undelivered event is older than this is `degraded`.
+    ready_max_lag_s: PositiveFloat = 60.0
 
 
 class PluginsSection(_Section):

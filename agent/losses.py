@@ -21,6 +21,7 @@ STOPPED = "stopped"  # record() after stop()
 START_FAILED = "start_failed"  # record() on an agent whose start() raised, or left queued by it
 DISK_ERROR = "disk_error"
 JOURNAL_CORRUPT = "journal_corrupt"  # journaled events in a segment that no longer decodes, or unreadable
+STREAM_DROPPED = "stream_dropped"  # live-stream events a slow WebSocket client missed (still journaled)
 
 
 class LossLedger:

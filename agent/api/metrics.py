@@ -90,7 +90,7 @@ def render(agent: AgentView) -> str:
     w.metric(
         "stream_dropped_messages",
         "counter",
-        "Live-stream messages dropped for slow clients.",
+        "Live-stream events dropped for slow clients (also events_lost{reason=stream_dropped}).",
         [({}, agent.stream.dropped)],
     )
     w.metric(

@@ -3,8 +3,9 @@
 The client may send `{"subscribe": {"names": [...], "prefixes": [...], "sources": [...],
 "kinds": [...], "session_id": "..."}}` at any time. Messages to the client are
 `{"type": "events", "events": [...]}` and, when it fell behind,
-`{"type": "dropped", "count": n}`. Browser Origins must match the server's host or
-`server.allowed_origins`.
+`{"type": "dropped", "count": n}` (events dropped from its queue, oldest first, since
+the last message; see agent.pipeline.stream). Browser Origins must match the server's
+host or `server.allowed_origins`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from agent.api.keys import AGENT, WEBSOCKETS
-from agent.event import json_encoder
 from agent.pipeline.stream import Subscription
+
+MESSAGE_BYTES = 256 * 1024  # about this much JSON per message, so a message is never the whole queue
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -46,9 +48,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "origin not allowed"}, status=403)
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024)
     await ws.prepare(request)
-    hub = request.app[AGENT].stream
+    agent = request.app[AGENT]
+    hub = agent.stream
     request.app[WEBSOCKETS].add(ws)
-    sub = hub.subscribe(Subscription())
+    sub = hub.subscribe(Subscription(max_bytes=agent.config.server.stream_client_max_bytes, ledger=agent.ledger))
     sender = asyncio.create_task(_send_loop(ws, sub))
     try:
         async for msg in ws:
@@ -70,15 +73,21 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _send_loop(ws: web.WebSocketResponse, sub: Subscription) -> None:
+    """Send queued events as they come. While a send waits on a client that does not
+    read, new events queue (and the oldest drop) in `sub`, never in the socket's buffer."""
     reported = 0
     while not ws.closed:
-        batch = await sub.queue.get()
-        while not sub.queue.empty() and len(batch) < 1000:
-            batch.extend(sub.queue.get_nowait())
+        await sub.ready.wait()
+        batch = sub.take(MESSAGE_BYTES)
         if sub.dropped != reported:
             await ws.send_str(f'{{"type":"dropped","count":{sub.dropped - reported}}}')
             reported = sub.dropped
-        await ws.send_str('{"type":"events","events":' + json_encoder.encode(batch).decode() + "}")
+        if batch:
+            await ws.send_str(_events_message(batch))
+
+
+def _events_message(batch: list[bytes]) -> str:
+    return '{"type":"events","events":[' + b",".join(batch).decode() + "]}"
 
 
 def add_routes(app: web.Application) -> None:
