@@ -1,0 +1,126 @@
+"""Pre-bound metric handles (agent.counter_handle / gauge_handle / histogram_handle): what
+they record, and that they follow the process-wide agent through start, stop and fork."""
+
+from __future__ import annotations
+
+import os
+
+from tests.helpers import read_jsonl
+from tests.test_embed import _run_script
+
+
+def _events(cfg):
+    return read_jsonl(cfg["sinks"]["out"]["path"])
+
+
+def test_handles_record_what_record_would(embedded, jsonl_config):
+    tags = {"region": "eu"}
+    orders = embedded.counter_handle("orders.placed", tags=tags)
+    depth = embedded.gauge_handle("queue.depth")
+    latency = embedded.histogram_handle("http.latency_s", tags={"route": "/a"})
+    tags["region"] = "us"  # the handle copied its tags: later changes do not leak in
+    a = embedded.start(jsonl_config)
+    orders.inc()
+    orders.inc(3)
+    depth.set(17)
+    latency.observe(0.25)
+    embedded.record("orders.placed", 1, kind="counter", tags={"region": "eu"})  # the same, by hand
+    assert embedded.flush(10)
+    got = _events(jsonl_config)
+    pid = str(os.getpid())
+    by_name: dict[str, list] = {}
+    for e in got:
+        by_name.setdefault(e["name"], []).append(e)
+    assert [(e["kind"], e["value"], e["tags"]) for e in by_name["orders.placed"]] == [
+        ("counter", 1.0, {"region": "eu", "pid": pid}),
+        ("counter", 3.0, {"region": "eu", "pid": pid}),
+        ("counter", 1.0, {"region": "eu", "pid": pid}),
+    ]
+    (d,) = by_name["queue.depth"]
+    assert d["value"] == 17 and d["tags"] == {"pid": pid} and d.get("kind", "gauge") == "gauge"
+    (h,) = by_name["http.latency_s"]
+    assert h["kind"] == "histogram" and h["value"] == 0.25 and h["tags"] == {"route": "/a", "pid": pid}
+    assert all(e["source"] == "app" and e["id"] for e in got)
+    assert len({e["id"] for e in got}) == len(got)
+    assert a.ledger.total() == 0
+
+
+def test_a_handle_made_before_start_counts_until_then_and_follows_a_restart(embedded, jsonl_config, tmp_path):
+    hits = embedded.counter_handle("hits")
+    hits.inc()
+    hits.inc()
+    a = embedded.start(jsonl_config)
+    assert a.ledger.by_reason().get("not_started") == 2  # as agent.record() before start()
+    hits.inc()
+    assert embedded.flush(10)
+    embedded.stop()
+    hits.inc()  # stopped: counted, not queued anywhere
+    second = dict(jsonl_config, sinks={"out": {**jsonl_config["sinks"]["out"], "path": str(tmp_path / "b.jsonl")}})
+    b = embedded.start(second)
+    assert b.ledger.by_reason().get("not_started") == 2 + 1  # the data dir's ledger, plus the call while stopped
+    hits.inc(5)  # bound again, to the new agent
+    assert embedded.flush(10)
+    assert [e["value"] for e in _events(jsonl_config)] == [1.0]
+    assert [e["value"] for e in _events(second)] == [5.0]
+
+
+def test_a_full_intake_is_counted_for_a_handle(embedded, jsonl_config):
+    jsonl_config["agent"]["intake_capacity"] = 2
+    a = embedded.start(jsonl_config)
+    burst = embedded.counter_handle("burst")
+    n = 5000
+    for _ in range(n):
+        burst.inc()
+    assert embedded.flush(10)
+    lost = a.ledger.by_reason().get("intake_full", 0)
+    assert lost > 0 and len(_events(jsonl_config)) + lost == n
+
+
+def test_invalid_handle_is_counted_not_raised(embedded, jsonl_config):
+    a = embedded.start(jsonl_config)
+    embedded.counter_handle("").inc()
+    embedded.gauge_handle("ok").set("not a number")  # type: ignore[arg-type]
+    embedded.counter_handle("fine").inc()
+    assert embedded.flush(10)
+    assert [e["name"] for e in _events(jsonl_config)] == ["fine"]
+    assert a.ledger.by_reason().get("invalid") == 2
+
+
+def test_a_handle_bound_before_fork_records_through_the_childs_forwarder(tmp_path):
+    r = _run_script(
+        tmp_path,
+        """
+        import os, sys
+        import agent
+
+        cfg = {"agent": {"data_dir": "data"}, "server": {"enabled": False},
+               "sinks": {"out": {"type": "jsonl", "path": "out.jsonl", "policies": []}}}
+        hits = agent.counter_handle("hits", tags={"side": "any"})
+        parent = agent.start(cfg)
+        hits.inc(1)  # bound to the parent's agent
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                assert type(agent.current()).__name__ == "Forwarder"
+                hits.inc(2)  # the same handle: bound again, to the child's forwarder
+                assert agent.flush(10)
+                agent.stop()
+            except BaseException as exc:
+                print("child failed:", repr(exc), file=sys.stderr, flush=True)
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        hits.inc(3)
+        assert agent.flush(10)
+        assert parent.ledger.total() == 0, parent.ledger.snapshot()
+        agent.stop()
+        print(pid)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """,
+    )
+    assert r.returncode == 0, r.stderr
+    child = r.stdout.split()[-1]
+    got = sorted((e["value"], e["tags"]["pid"]) for e in read_jsonl(tmp_path / "out.jsonl"))
+    parent = got[0][1]
+    assert got == [(1.0, parent), (2.0, child), (3.0, parent)] and parent != child
