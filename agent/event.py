@@ -310,6 +310,95 @@ def _deep_json_item(body: bytes) -> int:
     return -1
 
 
+# msgpack scalars of a fixed size (head byte included), and those with a length after the head
+_MSGPACK_FIXED = {
+    0xC0: 1,
+    0xC2: 1,
+    0xC3: 1,
+    0xCA: 5,
+    0xCB: 9,
+    0xCC: 2,
+    0xCD: 3,
+    0xCE: 5,
+    0xCF: 9,
+    0xD0: 2,
+    0xD1: 3,
+    0xD2: 5,
+    0xD3: 9,
+    0xD4: 3,
+    0xD5: 4,
+    0xD6: 6,
+    0xD7: 10,
+    0xD8: 18,
+}
+_MSGPACK_SIZED = {
+    0xC4: (1, 0),
+    0xC5: (2, 0),
+    0xC6: (4, 0),
+    0xC7: (1, 1),
+    0xC8: (2, 1),
+    0xC9: (4, 1),
+    0xD9: (1, 0),
+    0xDA: (2, 0),
+    0xDB: (4, 0),
+}  # bin, ext (+ its type byte), str
+_MSGPACK_CONTAINER = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # arrays, maps (2 per entry)
+
+
+def _msgpack_head(b: bytes, p: int) -> tuple[int, int]:
+    """At a msgpack object at `p`: (children, position after its head), with children -1
+    for a scalar (whose payload is skipped too). IndexError/KeyError when it is not msgpack."""
+    c = b[p]
+    if c <= 0x7F or c >= 0xE0:
+        return -1, p + 1
+    if c <= 0x8F:
+        return 2 * (c & 0x0F), p + 1
+    if c <= 0x9F:
+        return c & 0x0F, p + 1
+    if c <= 0xBF:
+        return -1, p + 1 + (c & 0x1F)
+    if c in _MSGPACK_FIXED:
+        return -1, p + _MSGPACK_FIXED[c]
+    if c in _MSGPACK_SIZED:
+        width, extra = _MSGPACK_SIZED[c]
+        if p + 1 + width > len(b):
+            raise IndexError(p)
+        return -1, p + 1 + width + extra + int.from_bytes(b[p + 1 : p + 1 + width], "big")
+    width, per = _MSGPACK_CONTAINER[c]
+    if p + 1 + width > len(b):
+        raise IndexError(p)
+    return per * int.from_bytes(b[p + 1 : p + 1 + width], "big"), p + 1 + width
+
+
+def _deep_msgpack_item(body: bytes) -> int:
+    """The index of the first item of a msgpack body that nests past the data limit (0 for
+    a body that is one object), without recursion; -1 when it cannot be told."""
+    limit = MAX_DATA_DEPTH + 1  # the event, then data's own levels
+    try:
+        items, p = _msgpack_head(body, 0)
+        if not (0x90 <= body[0] <= 0x9F or body[0] in (0xDC, 0xDD)):  # one object, not an array
+            items, p = 1, 0
+        for index in range(items):
+            open_: list[int] = []  # children still to come, per open container
+            while True:
+                children, p = _msgpack_head(body, p)
+                if children >= 0 and len(open_) + 1 > limit:
+                    return index
+                if children > 0:
+                    open_.append(children)
+                    continue
+                while open_:  # this object is complete: so may be the containers around it
+                    open_[-1] -= 1
+                    if open_[-1]:
+                        break
+                    open_.pop()
+                if not open_:
+                    break
+    except (IndexError, KeyError):
+        pass
+    return -1
+
+
 def decode_input(body: bytes, content_type: str) -> tuple[list[EventIn], list[InvalidEvent]]:
     """Decode a request body (JSON object/array, NDJSON or msgpack) into input items.
 
@@ -329,7 +418,8 @@ def decode_input(body: bytes, content_type: str) -> tuple[list[EventIn], list[In
         except msgspec.DecodeError as exc:
             raise InvalidEvent(-1, f"body is not valid msgpack: {exc}") from None
         except RecursionError:
-            raise InvalidEvent(-1, f"body {_TOO_DEEP}") from None
+            index = _deep_msgpack_item(body)
+            raise InvalidEvent(index, f"{'body' if index < 0 else 'item'} {_TOO_DEEP}") from None
         raw = _msgpack_any.decode(body)
         return _validate_items(raw if isinstance(raw, list) else [raw])
     if ctype in ("application/x-ndjson", "application/ndjson", "application/jsonl"):

@@ -94,7 +94,9 @@ HOSTILE = [
                  "data.q[0] must be a finite number", id="msgpack-nan-in-data"),
     pytest.param(_msgpack(GOOD, {"name": "x", "data": {"b": b"\x00bin"}}), MSGPACK, 1,
                  "data.b must be a JSON value, got bytes", id="msgpack-bytes-in-data"),
-    pytest.param(DEEP_MSGPACK, MSGPACK, -1, "body nests too deeply", id="msgpack-1500-deep"),
+    pytest.param(DEEP_MSGPACK, MSGPACK, 1, "item nests too deeply", id="msgpack-1500-deep"),
+    pytest.param(DEEP_MSGPACK[1 + len(msgspec.msgpack.encode(GOOD)):], MSGPACK, 0, "item nests too deeply",
+                 id="msgpack-object-1500-deep"),
 ]
 
 
