@@ -5,7 +5,9 @@
   master does and every worker gets a forwarder at fork.
 - gunicorn --max-requests 50: workers are recycled (with and without --preload; without
   it the owner itself is recycled and the next worker to start takes the data dir).
-- gunicorn SIGHUP mid-traffic: new workers are started and the old ones stopped.
+- gunicorn SIGHUP mid-traffic: new workers are started and the old ones stopped;
+  without --preload the owner is an old worker, and a new one takes the data dir over
+  (failover), so the events reach the sink while the server still runs.
 - uvicorn --workers 4 (examples/uvicorn_app): spawned workers, each calling start().
 
 A bounded number of requests, then SIGTERM to the master; every request's event must
@@ -31,7 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ROOT, read_jsonl, subprocess_env
+from tests.helpers import ROOT, read_jsonl, subprocess_env, wait_until
 from tests.test_forwarding import assert_exactly_once
 
 REQUESTS = 200
@@ -161,9 +163,17 @@ def test_gunicorn_max_requests_recycling_loses_nothing(tmp_path, free_port, prel
 def test_gunicorn_sighup_reload_mid_traffic_loses_nothing(tmp_path, free_port, preload):
     """SIGHUP while 8 clients keep sending: gunicorn starts new workers and stops the
     old ones gracefully; the old ones hand over (or spill) and the new ones forward.
-    Traffic goes on until the new workers have served 100 requests (bounded)."""
+    Traffic goes on until the new workers have served 100 requests, and 100 more once
+    every old worker is gone (bounded).
+
+    A worker_exit hook holds each exiting worker for 3 s, so without --preload the new
+    workers all start while the old owner still holds the data dir (they forward), and
+    it leaves after them: no process owns the data dir until a new worker takes it over.
+    Without the hook a new worker that boots after the old owner left just owns it."""
     pytest.importorskip("gunicorn")
     issued = [0]
+    conf = tmp_path / "gunicorn_conf.py"
+    conf.write_text("import time\n\ndef worker_exit(server, worker):\n    time.sleep(3)\n")
 
     def traffic(base: str, proc: subprocess.Popen) -> set[str]:
         lock = threading.Lock()
@@ -174,7 +184,7 @@ def test_gunicorn_sighup_reload_mid_traffic_loses_nothing(tmp_path, free_port, p
         def client() -> None:
             while not stop.is_set():
                 with lock:
-                    if issued[0] >= 5000:  # the bound, should the new workers never answer
+                    if issued[0] >= 50000:  # the bound, should the new workers never answer
                         return
                     i = issued[0]
                     issued[0] += 1
@@ -189,7 +199,7 @@ def test_gunicorn_sighup_reload_mid_traffic_loses_nothing(tmp_path, free_port, p
         def answered(pred: Callable[[], bool]) -> bool:
             for _ in range(2400):  # bounded: 120 s
                 with lock:
-                    if pred() or errors or issued[0] >= 5000:
+                    if pred() or errors or issued[0] >= 50000:
                         return pred()
                 time.sleep(0.05)
             return False
@@ -208,6 +218,12 @@ def test_gunicorn_sighup_reload_mid_traffic_loses_nothing(tmp_path, free_port, p
             assert len(old) == WORKERS, old
             proc.send_signal(signal.SIGHUP)  # mid-traffic: requests are in flight now
             assert answered(lambda: sum(1 for _, body in answers if body not in old) >= 100), "no new worker answered"
+            # And on after every old worker (the owner among them, without --preload) is
+            # gone: those requests need an owner that is a new worker (failover).
+            wait_until(lambda: not any(psutil.pid_exists(int(p)) for p in old), timeout=120, what="old workers gone")
+            with lock:
+                after = len(answers)
+            assert answered(lambda: len(answers) >= after + 100), "no requests answered after the reload"
         finally:
             stop.set()
             for t in threads:
@@ -216,9 +232,19 @@ def test_gunicorn_sighup_reload_mid_traffic_loses_nothing(tmp_path, free_port, p
         assert len(answers) == issued[0] and all(status == 200 for status, _ in answers)
         pids = {body.strip() for _, body in answers}
         assert pids - {p.strip() for p in old}, "no new worker answered"
+
+        # Some process owns the data dir after the reload, while the server still runs:
+        # with --preload the master; without it the old owner was a worker that exited,
+        # and a new worker (a forwarder) took the data dir over. Every request's event
+        # reaches the sink now, not only when an agent is started after shutdown.
+        def delivered() -> bool:
+            got = {e["data"]["i"] for e in read_jsonl(tmp_path / "out.jsonl") if e["name"] == "http.request"}
+            return got >= set(range(issued[0]))
+
+        wait_until(delivered, timeout=120, what="every request's event in the sink before the server stops")
         return pids
 
-    pids = _serve(tmp_path, _gunicorn(free_port, *(["--preload"] if preload else [])), traffic)
+    pids = _serve(tmp_path, _gunicorn(free_port, "-c", str(conf), *(["--preload"] if preload else [])), traffic)
     _check(tmp_path, issued[0], pids)
 
 
