@@ -32,6 +32,27 @@ async def test_rows_inserted_counts_only_new_rows(pg_table):
     assert sink.ctx.stats["rows_inserted"] == 200
 
 
+async def test_a_fresh_batch_is_copied_straight_in_and_a_resent_one_takes_the_conflict_path(pg_table):
+    """New ids go in with one COPY into the table; a batch with ids already there (a retry
+    after an unknown outcome, a replay) fails that COPY as a whole and is written through
+    the staging table with ON CONFLICT DO NOTHING: new rows land, none twice."""
+    sink = sink_for(pg_table)
+    await sink.start()
+    try:
+        first, second = make_events(300), make_events(300)
+        await sink.send(first)
+        assert sink.ctx.stats["copy_conflicts"] == 0 and sink.ctx.stats["rows_inserted"] == 300
+        await sink.send(first[200:] + second)  # 100 already there, 300 new
+        assert sink.ctx.stats["copy_conflicts"] == 1 and sink.ctx.stats["rows_inserted"] == 600
+        await sink.send(second[:10])
+        assert sink.ctx.stats["copy_conflicts"] == 2 and sink.ctx.stats["rows_inserted"] == 600
+    finally:
+        await sink.close()
+    counts = await pg_table.count_ids([e.id for e in first + second])
+    assert set(counts.values()) == {1}
+    (row,) = await pg_table.fetch("SELECT count(*) AS n FROM {t}")
+    assert row["n"] == 600
+
 
 async def test_same_rows_as_supabase_mapping(pg_table):
     """Both sinks share agent.rows: the REST row and the asyncpg record agree."""
@@ -41,10 +62,6 @@ async def test_same_rows_as_supabase_mapping(pg_table):
     rest, rec = to_rest_row(e), to_record(e)
     assert list(rest) == list(COLUMNS)
     assert rec[0] == rest["id"] and rec[2] == rest["event_type"] and rec[5].isoformat() == rest["timestamp"]
-
-
-
-
 
 
 async def test_bad_credentials_are_permanent(pg_table):
