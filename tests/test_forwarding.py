@@ -495,3 +495,70 @@ def test_departed_forwarders_are_folded_into_totals():
     t = o.totals()
     assert t["forwarders"] == len(dead) + 1 and t["events"] == 10 * len(dead) + 7 and t["lost"] == len(dead)
     assert o.departed["forwarders"] == 5 and t["connected"] == 0
+
+
+def test_embedded_stop_ends_what_it_abandoned_and_closes_its_loop(tmp_path):
+    """agent.stop() on an embedded agent whose sink swallows its cancels: stop() abandons
+    the sink's task past its bound (Agent.abandoned), and then the agent's loop is closed
+    for good. The leftover coroutine is ended (its `finally` ran), not left pending on a
+    loop nobody runs, the agent's thread is gone, and no "Task was destroyed but it is
+    pending" is logged."""
+    r = _run(
+        tmp_path,
+        """
+        import asyncio, threading, types
+        import agent.embed as embed
+        from agent.plugin.hookspecs import hookimpl
+        from agent.runtime import Agent
+
+        class Deaf:
+            sending, ended = threading.Event(), threading.Event()
+
+            def __init__(self, name, options, ctx):
+                pass
+
+            async def start(self):
+                pass
+
+            async def send(self, events):
+                Deaf.sending.set()
+                try:
+                    while True:
+                        try:
+                            await asyncio.sleep(3600)
+                        except asyncio.CancelledError:
+                            continue  # as a buggy plugin might
+                finally:
+                    Deaf.ended.set()
+
+            async def close(self):
+                pass
+
+        plugin = types.ModuleType("deaf_plugin")
+
+        @hookimpl
+        def register_sinks(register):
+            register("deaf", Deaf)
+
+        plugin.register_sinks = register_sinks
+
+        class WithDeaf(Agent):
+            def __init__(self, cfg):
+                super().__init__(cfg, plugins=[plugin])
+
+        embed.Agent = WithDeaf
+        a = agent.start({"agent": {"data_dir": "data", "shutdown_timeout_s": 0.5}, "server": {"enabled": False},
+                         "dashboard": {"store": False}, "sinks": {"deaf": {"type": "deaf", "policies": []}}})
+        agent.record("x", 1)
+        assert Deaf.sending.wait(30)
+        loop = embed._loop
+        agent.stop()
+        print(json.dumps({"abandoned": a.abandoned, "closed": loop.is_closed(), "ended": Deaf.ended.is_set(),
+                          "threads": [t.name for t in threading.enumerate()]}), flush=True)
+        """,
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "sink:deaf" in out["abandoned"]
+    assert out["closed"] and out["ended"], out
+    assert "sidecar-agent" not in out["threads"]
+    assert "Task was destroyed" not in r.stderr, r.stderr
