@@ -7,9 +7,10 @@ retry, a restart or a DLQ replay) is it written the idempotent way, in one trans
 COPY into a per-connection temp table, then
 `INSERT INTO target SELECT ... FROM temp ON CONFLICT (id) DO NOTHING`. Either way
 re-sending a batch never duplicates rows (`copy_conflicts` counts the second path).
-The pool reconnects after a server restart; connection loss, timeouts and transient SQLSTATEs raise RetryableError, bad data and schema or
-permission problems raise PermanentError, and so does an event that cannot be converted
-to a row (agent.table.rows), so the core's bisection sends only that event to the DLQ.
+The pool reconnects after a server restart; connection loss, timeouts and transient
+SQLSTATEs raise RetryableError, bad data and schema or permission problems raise
+PermanentError, and so does an event that cannot be converted to a row
+(agent.table.rows), so the core's bisection sends only that event to the DLQ.
 """
 
 from __future__ import annotations
