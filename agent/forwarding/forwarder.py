@@ -328,7 +328,8 @@ class Forwarder(RecordQueue, Recorder):
         if self.url is not None:
             return HttpLink(self.url, self.config.server.token, self._on_message, self._drop)
         assert self.path is not None
-        return UnixLink(self.path, wire.Hello(pid=self.pid, agent_id=self.id), self._on_message, self._drop)
+        hello = wire.Hello(pid=self.pid, agent_id=self.id, reported=dict(self._reported))
+        return UnixLink(self.path, hello, self._on_message, self._drop)
 
     def _connect(self) -> None:
         try:

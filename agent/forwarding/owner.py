@@ -210,6 +210,9 @@ class Owner:
             peer.connected, peer.last_seen = True, time.time()
             peer.connections += 1
             peer.open += 1
+            for reason, n in hello.reported.items():  # counted by an earlier owner (failover)
+                if n > peer.losses.get(reason, 0):
+                    peer.losses[reason] = n
             # Before any ack (the acker writes only after a batch was read): who owns it now.
             writer.write(wire.encode(wire.Hello(pid=os.getpid(), agent_id=self.agent.id)))
             while True:

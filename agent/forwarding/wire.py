@@ -17,15 +17,16 @@ The conversation, per connection:
   forwarder -> owner: Hello(pid, agent_id), then Batch(seq, events, losses) and
                       Flush(seq, timeout) in any number, pipelined;
   owner -> forwarder: Hello(pid, agent_id) (who owns the data dir now: a forwarder
-                      counts an owner change by it), then Ack(seq, ok) for each, in order. A Batch is acked after the
-                      journal commit that holds it; a Flush after Agent.flush() for
-                      everything committed until then (ok = its result). ok=False means
-                      "not taken" (the owner is stopping, its journal is full): the
-                      forwarder keeps the batch and sends it again later.
+                      counts an owner change by it), then Ack(seq, ok) for each, in
+                      order. A Batch is acked after the journal commit that holds it; a
+                      Flush after Agent.flush() for everything committed until then (ok =
+                      its result). ok=False means "not taken" (the owner is stopping, its
+                      journal is full): the forwarder keeps the batch and sends it again.
 `seq` numbers a forwarder's messages (one space for batches and flushes). A batch sent
 again after a reconnect keeps its seq and its event ids, so a sink that dedupes by id
 (postgres, supabase, store) stores it once. `losses` are the forwarder's cumulative
-loss counts by reason; the owner adds what grew since the last batch from that pid.
+loss counts by reason; the owner adds what grew since the last batch from that pid (or
+since the `reported` counts of the Hello, which an earlier owner had already counted).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class Hello(msgspec.Struct, tag="hello", kw_only=True):
     pid: int
     agent_id: str = ""
     version: int = VERSION
+    # The forwarder's loss counts some owner already acked: a new owner (failover) takes
+    # them as the baseline, so it adds only what grew, not what the old owner counted.
+    reported: dict[str, int] = {}
 
 
 class Batch(msgspec.Struct, tag="batch", kw_only=True):
