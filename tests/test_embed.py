@@ -77,7 +77,8 @@ def test_timer_context_manager_and_decorators(embedded, jsonl_config):
     for e in got.values():
         assert e["kind"] == "histogram" and e["value"] >= 0
     assert got["block"]["tags"] == {"k": "v", "pid": str(os.getpid())}
-    assert got["agent.block"]["tags"] == {}  # Agent.record itself adds no tag
+    # Agent.record tags the producing process too (where the committer drains it)
+    assert got["agent.block"]["tags"] == {"pid": str(os.getpid())}
 
 
 def test_timer_made_before_start_records_after(embedded, jsonl_config):

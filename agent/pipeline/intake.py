@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from agent import losses
 from agent.errors import JournalFullError
-from agent.event import MAX_FUTURE_S, Event, assign_ids, check, default_kind
+from agent.event import MAX_FUTURE_S, MAX_TAGS, Event, assign_ids, check, default_kind
 from agent.losses import LossLedger
 from agent.pipeline.journal import Journal
 from agent.pipeline.recording import NEVER, Recorded, RecordQueue
@@ -45,13 +45,18 @@ log = logging.getLogger("sidecar_agent.intake")
 _time = time.time
 
 
-def event_from_record(t: Recorded, agent_id: str, ts_max: float | None = None) -> Event:
-    """Turn one record() tuple into a checked Event; raises ValueError when it is not one."""
+def event_from_record(t: Recorded, agent_id: str, ts_max: float | None = None, pid: str | None = None) -> Event:
+    """Turn one record() tuple into a checked Event; raises ValueError when it is not one.
+    `pid` is added as the tag `pid` unless the caller set one or the tags are full."""
     name, value, kind, tags, ts, data, session_id = t
     if tags:
         if not isinstance(tags, dict):
             raise ValueError(f"tags must be a dict, got {type(tags).__name__}")
         tags = {str(k): str(v) for k, v in tags.items()}  # a copy: the caller may reuse its dict
+        if pid is not None and "pid" not in tags and len(tags) < MAX_TAGS:
+            tags["pid"] = pid
+    elif pid is not None:
+        tags = {"pid": pid}
     return check(
         Event(
             name=name,
@@ -197,7 +202,7 @@ class Committer(RecordQueue):
                         t.ts = now
                     events.append(check(t, ts_max))
                 else:
-                    events.append(event_from_record(t, self.agent_id, ts_max))
+                    events.append(event_from_record(t, self.agent_id, ts_max, self.pid_tag))
             except (TypeError, ValueError) as exc:  # TypeError: a record() call's odd tags or str()
                 invalid.append(str(exc))
         if invalid:

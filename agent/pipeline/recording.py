@@ -6,6 +6,7 @@ threshold (`_rearm`) just before it drains."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -43,6 +44,10 @@ class RecordQueue:
         self.ledger = ledger
         self.capacity = capacity
         self.commit_batch = commit_batch
+        # The producing process, tagged as `pid` on each recorded event where the deque is
+        # drained, off the caller's thread. Taken here, not at import: a process forked
+        # before it started an agent must not tag its parent's pid.
+        self.pid_tag = str(os.getpid())
         self.records: deque[Any] = deque()  # at most `capacity` wait
         # None while accepting; once closed, the ledger reason for a refused record().
         self.refused: str | None = None
