@@ -243,3 +243,54 @@ def test_aimd_halves_once_per_round_and_grows_one_per_round() -> None:
     floor = AdaptiveLimit(1)
     floor.congested()
     assert floor.current == 1
+
+
+async def test_a_failed_dlq_write_with_batches_in_flight_keeps_every_event(tmp_path, monkeypatch) -> None:
+    """Batches that fail are parked in the DLQ; when parking the first of them fails (a
+    full disk), the cursor stays before it, the later batches in flight are dropped from
+    the window and read again: every event ends in the DLQ (some perhaps twice, never
+    none) and is delivered once the sink is back."""
+    import sqlite3
+
+    from agent.pipeline import delivery
+    from tests.helpers import make_agent
+    from tests.plugins_for_tests import STATE
+
+    monkeypatch.setattr(delivery, "HOLD_INITIAL_S", 0.05)
+    monkeypatch.setattr(delivery, "HOLD_MAX_S", 0.2)
+    STATE.reset()
+    STATE.down.add("p")  # every send fails retryably (no policies): each batch goes to the DLQ
+    agent = make_agent(tmp_path / "data", {"p": {"type": "poison", "batch_size": 10, "max_in_flight": 4}})
+    await agent.start()
+    try:
+        agent.flags.set("sinks.p.enabled", False, "test")
+        assert agent.dlq is not None and agent.journal is not None
+        real_put = agent.dlq.put
+        failures = {"left": 3, "seen": 0}
+
+        async def put(*args: Any, **kw: Any) -> int:
+            if failures["left"] and args[0] == "p":
+                failures["left"] -= 1
+                failures["seen"] += 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return await real_put(*args, **kw)
+
+        agent.dlq.put = put  # type: ignore[method-assign]
+        for i in range(50):
+            agent.record("e", i)
+        assert await agent.committer.drain(5)
+        start = agent.journal.cursors["p"]
+        agent.flags.set("sinks.p.enabled", True, "test")
+        await await_until(lambda: failures["seen"] >= 1, what="a failed DLQ write")
+        assert agent.journal.cursors["p"] == start  # the batch that could not be parked was not skipped
+        await await_until(lambda: agent.journal.cursors["p"] == agent.journal.last_seq, what="every batch parked")
+        entries = await agent.dlq.entries(sink="p", limit=1000)
+        parked = [e.value for entry in entries for e in await agent.dlq.events(entry.id) if e.name == "e"]
+        assert set(parked) == set(range(50))
+        STATE.down.discard("p")  # the sink is back: the DLQ is replayed
+        await await_until(lambda: agent.dlq.depth("p") == 0, timeout=60, what="the replay")
+        got = [e.value for e in STATE.delivered.get("p", []) if e.name == "e"]
+        assert set(got) == set(range(50))
+        assert agent.ledger.by_reason() == {}
+    finally:
+        await agent.stop()
