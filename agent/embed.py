@@ -118,8 +118,10 @@ def _after_fork_in_child() -> None:
     dir; the fds it inherited (lock, listening socket, connection) are closed in the
     child only, so the parent's lock and socket end with the parent."""
     global _agent, _owner, _thread, _loop, _lock, _early, _pid, _owner_tags, _retired
-    parent, owner, retired = _agent, _owner, _retired
+    parent, owner, retired, loop = _agent, _owner, _retired, _loop
     _agent = _owner = _thread = _loop = _retired = None
+    if loop is not None:
+        _release_listeners(loop)
     _lock = threading.Lock()
     _early = LossLedger()  # its lock may have been held by a parent thread at fork time
     _pid, _owner_tags = str(os.getpid()), None
@@ -133,7 +135,31 @@ def _after_fork_in_child() -> None:
     elif isinstance(parent, Forwarder):
         parent.forget_in_child()
     if parent is not None and parent.state in ("starting", "running"):
-        _agent = Forwarder(parent.config).start()
+        _agent = _start_forwarder(parent.config)  # it may take the data dir over, as any forwarder
+
+
+def _release_listeners(loop: asyncio.AbstractEventLoop) -> None:
+    """In a child of fork(): let go of the child's copies of the listening sockets the
+    parent's loop serves (the HTTP port, the forwarder socket). A copy left open would
+    keep the port bound, with nobody accepting, after the parent is gone, so a new owner
+    (failover) could not bind it and clients would hang in its backlog. Each such fd is
+    pointed at /dev/null with dup2: the parent's socket objects in the child's memory may
+    close that fd number later, and must not close another file by then."""
+    selector = getattr(loop, "_selector", None)  # the loop's own fds: no public API lists them
+    if selector is None:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in {key.fd for key in selector.get_map().values()}:
+            try:
+                with socket.socket(fileno=os.dup(fd)) as probe:
+                    listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            except OSError:
+                continue  # not a socket (the loop's self-pipe is one, but does not listen)
+            if listening:
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _lock_busy(data_dir: Path) -> bool:

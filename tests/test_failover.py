@@ -11,6 +11,7 @@ Each process is a real python process (tests/test_forwarding.py says why); they 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import losses_in_db, read_jsonl, subprocess_env, wait_http
+from tests.helpers import losses_in_db, read_jsonl, subprocess_env, wait_http, wait_until
 from tests.test_forwarding import assert_exactly_once
 
 OWNER = """
@@ -192,3 +193,75 @@ async def test_owner_goes_mid_traffic_and_a_forwarder_takes_over(tmp_path, free_
     assert {(d["w"], d["k"]) for d in (json.loads(r["data"]) for r in rows)} == expected
     assert losses_in_db(tmp_path / "data" / "agent.db") == {}
     assert not list((tmp_path / "data" / "forward" / "spill").glob("*"))
+
+
+FORKING_OWNER = """
+import json, os, sys, time, traceback
+from pathlib import Path
+import agent
+from tests.test_forwarding import _wait_file
+
+a = agent.start(json.loads(Path("cfg.json").read_text()))
+assert type(a).__name__ == "Agent", a
+for w in (1, 2):
+    if os.fork() == 0:  # a child forked after start(): a forwarder from the at-fork hook
+        code = 0
+        try:
+            fw = agent.current()
+            assert type(fw).__name__ == "Forwarder", fw
+            n, end = 0, time.monotonic() + 120
+            while n < %(n1)d or not (Path("gone").exists() and (fw.owner_changes or fw.took_over)):
+                assert time.monotonic() < end, "the owner never changed"
+                for k in range(n, n + 50):
+                    agent.record("fw.event", k, data={"w": w, "k": k})
+                n += 50
+                if n == %(n1)d:
+                    assert agent.flush(60)
+                    print("flushed", flush=True)
+                time.sleep(0.01)
+            ok = agent.flush(120)
+            cur = agent.current()
+            print(json.dumps({"pid": os.getpid(), "w": w, "n": n, "ok": ok, "role": type(cur).__name__,
+                              "fw": fw.status()}), flush=True)
+            _wait_file(Path(f"stop-{os.getpid()}"))
+            agent.stop()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+sys.stdin.readline()  # it is killed before that
+"""
+
+
+def test_children_forked_after_start_take_over_from_their_killed_parent(tmp_path, free_port):
+    """The owner forked two children after start() (gunicorn --preload, multiprocessing):
+    their forwarders come from the at-fork hook. The parent is killed with kill -9 while
+    they record: one child becomes the owner, the other forwards to it, nothing is lost."""
+    import psutil
+
+    _config(tmp_path, free_port, None)
+    owner = _spawn(tmp_path, FORKING_OWNER % {"n1": N1})
+    kids: list[int] = []
+    try:
+        assert [_line(owner), _line(owner)] == ["flushed", "flushed"]
+        kids = [c.pid for c in psutil.Process(owner.pid).children()]
+        os.kill(owner.pid, signal.SIGKILL)
+        (tmp_path / "gone").touch()
+        views = sorted((json.loads(_line(owner)) for _ in kids), key=lambda v: v["w"])
+        assert owner.wait(60) == -signal.SIGKILL
+        assert all(v["ok"] for v in views), views
+        roles = sorted(v["role"] for v in views)
+        assert roles == ["Agent", "Forwarder"], views
+        new = next(v for v in views if v["role"] == "Agent")
+        assert _status(free_port)["owner"]["pid"] == new["pid"]
+        for v in sorted(views, key=lambda v: v["role"] == "Agent"):  # the owner leaves last
+            (tmp_path / f"stop-{v['pid']}").touch()
+            wait_until(lambda v=v: not psutil.pid_exists(v["pid"]) or psutil.Process(v["pid"]).status() == "zombie",
+                       timeout=60, what=f"pid {v['pid']} to exit")
+    finally:
+        for pid in [owner.pid, *kids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        owner.wait(10)
+    assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), {(v["w"], k) for v in views for k in range(v["n"])})
+    assert losses_in_db(tmp_path / "data" / "agent.db") == {}
