@@ -98,11 +98,11 @@ class Window:
         """Cancel every batch still sending and wait for them; the window is empty after.
         Their events stay in the journal past the cursor and are read again."""
         tasks = [b.task for b in self._batches if b.task is not None]
-        self._batches.clear()
         for t in tasks:
             t.cancel()
-        if tasks:
+        if tasks:  # the window keeps holding them meanwhile, should this wait be cancelled too
             await asyncio.wait(tasks)
+        self._batches.clear()
         for t in tasks:  # retrieve outcomes so none is logged as "never retrieved"
             if not t.cancelled():
                 t.exception()
