@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -40,6 +41,7 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 # -- 1. Host ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def host_name(header: str) -> str:
     """The name in a Host header, without port or brackets, lower case."""
     h = header.strip().lower()
@@ -54,16 +56,19 @@ def host_allowed(name: str, server: ServerSection) -> bool:
     """Loopback names, any IP literal (a rebinding page's Host is always its own domain
     name, as webpack-dev-server reasons), the configured host and `server.allowed_hosts`
     (`*` for any, `.example.com` for it and its subdomains)."""
-    if not name or name == "localhost" or name.endswith(".localhost"):
+    return _host_allowed(name, server.host.lower(), tuple(server.allowed_hosts))
+
+
+@functools.lru_cache(maxsize=256)  # a memo of a pure function: a client sends one Host again and again
+def _host_allowed(name: str, host: str, allowed_hosts: tuple[str, ...]) -> bool:
+    if not name or name == "localhost" or name.endswith(".localhost") or name == host:
         return True
     try:
         ipaddress.ip_address(name.split("%", 1)[0])
         return True
     except ValueError:
         pass
-    if name == server.host.lower():
-        return True
-    for allowed in server.allowed_hosts:
+    for allowed in allowed_hosts:
         a = allowed.lower().rstrip(".")
         if a == "*" or a == name or (a.startswith(".") and (name == a[1:] or name.endswith(a))):
             return True
@@ -143,9 +148,9 @@ def needs_token(request: web.Request) -> bool:
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Host, then a write's Origin, then the token, then a write's content type."""
     server = request.app[AGENT].config.server
-    if request.path not in OPEN_PATHS and not _over_unix_socket(request):
+    if request.path not in OPEN_PATHS:
         name = host_name(request.headers.get("Host", ""))
-        if not host_allowed(name, server):
+        if not host_allowed(name, server) and not _over_unix_socket(request):
             return _error(421, f"host {name!r} is not served here: add it to server.allowed_hosts")
     mutating = request.method in MUTATING
     if mutating and not origin_allowed(request):
