@@ -17,7 +17,9 @@ Outcome rules: RetryableError (including timeouts mapped to it) and unexpected
 exceptions are failures. PermanentError means the remote answered, so it counts as
 a success for the breaker (it resets the failure count; a half-open probe that gets
 one closes the circuit). CancelledError is neutral: it neither fails nor succeeds,
-and a cancelled probe frees the probe slot, leaving the circuit half-open.
+and a cancelled probe frees the probe slot, leaving the circuit half-open. So is any
+error raised while the calling task is being cancelled (a sink that turns the cancel of
+a stop into an error of its own): stopping the agent is not the sink failing.
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ class CircuitBreakerPolicy(BasePolicy):
                 self._on_success(gen)
             raise
         except Exception:
-            self._on_failure(gen)
+            if not _stopping():
+                self._on_failure(gen)
             raise
         if self.failures:
             self._on_success(gen)
@@ -229,6 +232,8 @@ class CircuitBreakerPolicy(BasePolicy):
                 await self._on_success_shared(gen)
             raise
         except Exception:
+            if _stopping():
+                raise
             if self._on_failure(gen) is False and store is not None and gen == self._gen:
                 shared = await self._store_op(store.add_failure(), 0)
                 if shared >= self.threshold and self.state is CLOSED:
@@ -253,7 +258,8 @@ class CircuitBreakerPolicy(BasePolicy):
             await self._probe_done(gen, CLOSED)
             raise
         except Exception:
-            await self._probe_done(gen, OPEN)
+            if not _stopping():
+                await self._probe_done(gen, OPEN)
             raise
         finally:
             probing.reset(token)
@@ -345,6 +351,12 @@ class CircuitBreakerPolicy(BasePolicy):
         """Close the shared store's connection, if any (the agent calls it at stop)."""
         if self._store is not None:
             await self._store_op(self._store.close(), None)
+
+
+def _stopping() -> bool:
+    """Whether the calling task is being cancelled (the agent stops): its errors are no verdict."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @hookimpl

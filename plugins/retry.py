@@ -6,6 +6,12 @@ CircuitOpenError (an inner breaker refusing) escape at once. A retry waits
 error's ``retry_after`` hint; if that wait would end past ``max_elapsed_s`` since the
 first attempt, the error escapes instead (with its hint intact, for the caller).
 
+Timed-out attempts get fewer chances: once `max_timeouts` attempts of one batch have
+timed out (a RetryableError raised from a TimeoutError, as the `timeout` policy raises
+it), the error escapes. One slow answer is retried; a sink that hangs is not a blip, and
+retrying it six times (60 s at the default timeout) only keeps the breaker outside from
+seeing it fail.
+
 The retry budget caps retries across calls: over a sliding ``budget_window_s`` the
 policy allows ``budget_min_retries + budget_ratio * requests`` retries, so a sink
 that is down cannot multiply the load on it. When the budget is spent the last
@@ -47,6 +53,7 @@ class RetryOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     budget_ratio: Annotated[float, msgspec.Meta(ge=0)] = 0.2
     budget_window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     budget_min_retries: Annotated[int, msgspec.Meta(ge=0)] = 10
+    max_timeouts: Annotated[int, msgspec.Meta(ge=1)] = 2  # timed-out attempts per batch before it gives up
 
 
 # -- pure functions (property-tested in tests/test_backoff_props.py) -----------------
@@ -81,6 +88,11 @@ def retry_delay(
     if elapsed_s + delay > max_elapsed_s:
         return None
     return delay
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether `exc` reports a timed-out attempt: raised from a TimeoutError (asyncio's too)."""
+    return isinstance(exc.__cause__, TimeoutError)
 
 
 # -- the retry budget ------------------------------------------------------------------
@@ -162,12 +174,14 @@ class RetryPolicy(BasePolicy):
         self._initial = options.initial_backoff_ms / 1000.0
         self._max = options.max_backoff_ms / 1000.0
         self._max_elapsed = options.max_elapsed_s
+        self._max_timeouts = options.max_timeouts
         self.budget = RetryBudget(options.budget_ratio, options.budget_window_s, options.budget_min_retries)
         self._sleep, self._clock, self._rand = sleep, clock, rand
         self.stats: dict[str, Any] = ctx.stats if ctx is not None else {}
         self.stats.setdefault("retries", 0)
         self.stats.setdefault("retries_budget_exhausted", 0)
         self.stats.setdefault("retries_gave_up", 0)
+        self.stats.setdefault("retries_timed_out", 0)  # batches given up after max_timeouts timeouts
 
     def budget_state(self) -> dict[str, Any]:
         """The budget's window, requests, retries, allowed and remaining, now."""
@@ -188,7 +202,11 @@ class RetryPolicy(BasePolicy):
     async def _retry(self, fn: Callable[[], Awaitable[T]], start: float, exc: RetryableError) -> T:
         stats = self.stats
         attempt = 1
+        timeouts = 1 if timed_out(exc) else 0
         while True:
+            if timeouts >= self._max_timeouts:
+                stats["retries_timed_out"] += 1
+                raise exc
             now = self._clock()
             delay = retry_delay(
                 attempt - 1,
@@ -214,6 +232,7 @@ class RetryPolicy(BasePolicy):
                 raise
             except RetryableError as again:
                 exc = again
+                timeouts += timed_out(again)
                 if attempt >= self.max_attempts:
                     stats["retries_gave_up"] += 1
                     raise

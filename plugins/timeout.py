@@ -1,5 +1,13 @@
 """Built-in policy `timeout`: bound each attempt; a timeout becomes a RetryableError.
 
+The attempt is cancelled at its deadline and the RetryableError is raised ``from`` a
+TimeoutError, which is how the `retry` policy tells a timed-out attempt from other
+failures (see its `max_timeouts`). A cancelled attempt can still hang in its own
+cleanup: asyncpg, for one, waits up to its command timeout to release a connection to a
+server that stopped answering (shielded from the first cancel). So an attempt that has
+not ended RECANCEL_S after its cancel is cancelled again, and again, until it ends: a
+hung send really ends close to `timeout_s`, and the breaker outside sees it fail.
+
 Implementation note: ``asyncio.timeout`` schedules (and cancels) one timer handle per
 call. Because a policy's timeout is constant, deadlines of its in-flight attempts
 arrive in order, so one watchdog timer per policy suffices: each call only inserts
@@ -21,6 +29,8 @@ from agent.plugin import BasePolicy, PluginContext, RegisterComponent, Retryable
 
 T = TypeVar("T")
 
+RECANCEL_S = 0.5  # a timed-out attempt still running this long after its cancel is cancelled again
+
 
 class TimeoutOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """`timeout = { timeout_s = 10 }`: the limit for one attempt, in seconds."""
@@ -29,12 +39,15 @@ class TimeoutOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class _Attempt:
-    __slots__ = ("deadline", "expired", "task")
+    __slots__ = ("cancels", "deadline", "done", "expired", "recancel", "task")
 
     def __init__(self, deadline: float, task: asyncio.Task[Any]) -> None:
         self.deadline = deadline
         self.task = task
         self.expired = False
+        self.done = False
+        self.cancels = 0  # task.cancel() calls made by this policy, each undone by an uncancel()
+        self.recancel: asyncio.TimerHandle | None = None
 
 
 class TimeoutPolicy(BasePolicy):
@@ -62,13 +75,35 @@ class TimeoutPolicy(BasePolicy):
         if self._timer is None or self._timer_loop is not loop:
             self._arm(loop, attempt.deadline)
         try:
-            return await fn()
-        except asyncio.CancelledError:
-            if attempt.expired and task.uncancel() <= cancelling:
-                raise RetryableError(self._message) from None
-            raise
+            result = await fn()
+        except BaseException:
+            # Our cancels are withdrawn whatever the attempt raised (it may have turned the
+            # cancel into an error of its own): one left pending would stop the worker.
+            if self._withdraw(attempt, cancelling):
+                raise RetryableError(self._message) from TimeoutError(self._message)
+            raise  # not ours, or a cancel from outside (shutdown) came too: it stays a cancel
         finally:
             del self._inflight[key]
+        if attempt.cancels:  # timed out, yet it returned (it swallowed the cancel, or beat it)
+            self._withdraw(attempt, cancelling)
+            try:
+                await asyncio.sleep(0)  # a cancel of ours requested but not yet delivered lands here
+            except asyncio.CancelledError:
+                if task.cancelling() > cancelling:
+                    raise
+        return result
+
+    @staticmethod
+    def _withdraw(attempt: _Attempt, cancelling: int) -> bool:
+        """End the attempt's re-cancels and withdraw its cancels; True when it timed out
+        and no cancel from outside is pending (so it is a timeout, not a stop)."""
+        attempt.done = True
+        if attempt.recancel is not None:
+            attempt.recancel.cancel()
+        left = attempt.task.cancelling()
+        for _ in range(attempt.cancels):
+            left = attempt.task.uncancel()
+        return attempt.expired and left <= cancelling
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:
@@ -85,7 +120,15 @@ class TimeoutPolicy(BasePolicy):
                 return
             if not attempt.expired:
                 attempt.expired = True
-                attempt.task.cancel()
+                self._cancel(loop, attempt)
+
+    def _cancel(self, loop: asyncio.AbstractEventLoop, attempt: _Attempt) -> None:
+        """Cancel a timed-out attempt, and again every RECANCEL_S while it has not ended."""
+        if attempt.done:
+            return
+        attempt.cancels += 1
+        attempt.task.cancel()
+        attempt.recancel = loop.call_later(min(RECANCEL_S, self.timeout_s), self._cancel, loop, attempt)
 
 
 @hookimpl

@@ -8,6 +8,15 @@ import { isError } from "./session-tracker.js";
 
 export const EVENT_ROWS = 50;
 
+// The health card for a /readyz answer. Ready while a sink lags or fails is "degraded",
+// naming the sinks and why, never a green "ready".
+export function healthView(h) {
+  if (!h.ready) return { text: "not ready", cls: "bad" };
+  if (h.status !== "degraded") return { text: "ready", cls: "good" };
+  const names = (h.degraded || []).map((d) => `${d.sink} (${d.reasons.join(", ")})`);
+  return { text: `degraded: ${names.join(", ")}`, cls: "warn" };
+}
+
 export class Overview {
   constructor({ $, doc, win, api }) {
     Object.assign(this, { $, doc, win, api });
@@ -92,9 +101,10 @@ export class Overview {
       P.fill(this.$("losses"), l.entries.map((e) => P.row([e.reason, e.sink || "–", P.num(e.count)])), "nothing lost");
       const h = await this.win.fetch("/readyz").then((r) => r.json());
       const health = this.$("health");
-      health.textContent = h.ready ? "ready" : "not ready";
+      const view = healthView(h);
+      health.textContent = view.text;
       health.title = h.problems.join("\n");
-      health.className = `figure ${h.ready ? "good" : "bad"}`;
+      health.className = `figure ${view.cls}`;
     } catch {
       this.$("health").textContent = "unreachable";
       this.$("health").className = "figure bad";

@@ -16,10 +16,14 @@ from pathlib import Path
 
 import aiohttp
 
+from agent.config import DEFAULT_POLICIES
 from agent.event import Event, json_encoder
 from agent.losses import STREAM_DROPPED, LossLedger
 from agent.pipeline.stream import StreamHub, Subscription
-from tests.helpers import await_until, jsonl_sink, read_jsonl, start_agent
+from agent.table import ddl as migrations
+from tests.conftest_supabase import PgTable
+from tests.helpers import await_until, jsonl_sink, post_events, read_jsonl, start_agent
+from tests.plugins_for_tests import STATE
 
 # -- the queue itself ----------------------------------------------------------------
 
@@ -134,5 +138,72 @@ async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp
         await await_until(lambda: sum(1 for e in read_jsonl(out) if e["name"] == "flow") == total, timeout=120,
                           what="every event in the jsonl sink")
         assert set(agent.ledger.by_reason()) == {STREAM_DROPPED}
+    finally:
+        await agent.stop()
+
+
+# -- readiness: a sink that fails every batch ----------------------------------------
+
+
+async def test_a_postgres_sink_on_an_unmigrated_database_is_degraded_by_name(tmp_path: Path, pg_table: PgTable) -> None:
+    """Issue 17's case: the table does not exist, so every batch is dead-lettered; health
+    must not say ready then, and must name the sink."""
+    sink = {"type": "postgres", "dsn": pg_table.dsn, "table": "no_such_table_" + pg_table.table,
+            "policies": list(DEFAULT_POLICIES), "batch_size": 10}
+    agent = await start_agent(tmp_path / "data", {"pg": sink}, dashboard={"store": False})
+    try:
+        async with aiohttp.ClientSession() as http:
+            for i in range(3):
+                await post_events(agent, [{"name": "orders", "value": i}], session=http)
+            await await_until(lambda: agent.dlq.depth("pg") >= 3, timeout=60, what="the batches dead-lettered")
+
+            async def readyz() -> tuple[int, dict]:
+                async with http.get(agent.server_url + "/readyz") as r:
+                    return r.status, await r.json()
+
+            code, body = await readyz()
+            assert code == 200 and body["ready"] is True  # intake works; a k8s probe keeps routing to it
+            assert body["status"] == "degraded"
+            (pg,) = body["degraded"]
+            assert pg["sink"] == "pg" and pg["reasons"] == ["failing"]
+            assert "no_such_table" in pg["detail"] and "dead-lettered" in pg["detail"]
+            assert any(p.startswith("sink pg is degraded") for p in body["problems"])
+            async with http.get(agent.server_url + "/api/v1/status") as r:
+                status = await r.json()
+            assert status["readiness"]["status"] == "degraded"
+            assert status["readiness"]["degraded"][0]["sink"] == "pg"
+
+            # Migrated, the sink recovers: the DLQ replays and readiness says ready again.
+            await migrations.apply(pg_table.dsn, "public", sink["table"])
+            await await_until(lambda: agent.dlq.depth("pg") == 0, timeout=120, what="the DLQ replayed")
+            code, body = await readyz()
+            assert (code, body["status"], body["degraded"]) == (200, "ready", [])
+    finally:
+        await agent.stop()
+    assert agent.ledger.total() == 0
+
+
+async def test_a_lagging_sink_is_degraded_by_name(tmp_path: Path) -> None:
+    STATE.reset()
+    agent = await start_agent(tmp_path / "data", {"stuck": {"type": "hang"}, "ok": {"type": "memory"}},
+                              dashboard={"store": False}, server={"ready_max_lag_s": 0.5})
+    try:
+        agent.record("work", 1.0)
+        await await_until(lambda: "work" in {e.name for e in STATE.delivered.get("ok", [])}, what="delivery to ok")
+        async with aiohttp.ClientSession() as http:
+            async def readyz() -> dict:
+                async with http.get(agent.server_url + "/readyz") as r:
+                    assert r.status == 200
+                    return await r.json()
+
+            body: dict = {}
+            for _ in range(600):  # the event ages past 0.5 s while the hung sink holds it
+                body = await readyz()
+                if body["status"] == "degraded":
+                    break
+                await asyncio.sleep(0.05)
+            (stuck,) = body["degraded"]
+            assert stuck["sink"] == "stuck" and stuck["reasons"] == ["lagging"] and stuck["lag_events"] >= 1
+            assert stuck["lag_s"] > 0.5 and "events behind" in stuck["detail"]
     finally:
         await agent.stop()
