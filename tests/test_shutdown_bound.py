@@ -7,8 +7,11 @@
 - `sidecar-agent run` with 200,000 events just acked, SIGTERM at once: the process exits
   by itself within the bound, every round, and nothing acked is lost (each sink has it,
   or it waits in the journal past the sink's persisted cursor; after a restart the jsonl
-  sink has all of it). Rounds and events: SIDECAR_TEST_SHUTDOWN_ROUNDS (default 5) and
-  SIDECAR_TEST_SHUTDOWN_EVENTS (default 200000), e.g. 20 rounds for a longer local run;
+  sink has all of it). Rounds and events: SIDECAR_TEST_SHUTDOWN_ROUNDS (default 20 in CI,
+  where CI is set, as the issue asks; 5 otherwise) and SIDECAR_TEST_SHUTDOWN_EVENTS
+  (default 200000). The first round stops with shutdown_timeout_s = 5 as in the issue's
+  probes; the others with 1 s, which keeps 20 rounds inside CI's time budget and still
+  cancels the sinks while they are far behind, inside their writes (the race that hung);
 - a blackholed PostgreSQL (a TCP server that accepts and never answers): the process
   exits within the bound, and after a restart the backlog reaches the sink.
 
@@ -19,6 +22,7 @@ the figures are printed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -50,10 +54,11 @@ from tests.helpers import (
 )
 from tests.plugins_for_tests import STATE
 
-ROUNDS = int(os.environ.get("SIDECAR_TEST_SHUTDOWN_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("SIDECAR_TEST_SHUTDOWN_ROUNDS", "20" if os.environ.get("CI") else "5"))
 EVENTS = int(os.environ.get("SIDECAR_TEST_SHUTDOWN_EVENTS", "200000"))
 TIMEOUT_S = 5.0  # shutdown_timeout_s in these tests, as in the issue's probes
 BOUND_S = TIMEOUT_S + SHUTDOWN_GRACE_S
+QUICK_TIMEOUT_S = 1.0  # shutdown_timeout_s of the 200k rounds after the first
 GENEROUS = 4  # the asserted limit is this multiple of the bound (plus process start-up slack)
 
 
@@ -194,17 +199,23 @@ def _deaf_plugin() -> types.ModuleType:
 # -- a real `sidecar-agent run`, SIGTERM right after 200k acked events ------------------
 
 
+@functools.cache
+def encoded_batches(total: int, batch: int) -> tuple[bytes, ...]:
+    """JSON bodies of `total` events with ids, `batch` per body: made once and posted in
+    every round (each round has a data dir of its own), so rounds spend their time in the agent."""
+    return tuple(
+        json.dumps([{"id": str(uuid.uuid4()), "name": "load", "value": float(i), "tags": {"c": str(i % 7)}}
+                    for i in range(start, min(total, start + batch))]).encode()
+        for start in range(0, total, batch)
+    )
+
+
 async def post_all(port: int, total: int, clients: int = 4, batch: int = 1000) -> list[str]:
     """POST `total` events in batches of `batch` from `clients` concurrent clients; every
     batch must get its 202. Returns the acked ids."""
     url = f"http://127.0.0.1:{port}/api/v1/events"
     acked: list[str] = []
-    batches = [
-        [{"id": str(uuid.uuid4()), "name": "load", "value": float(i), "tags": {"c": str(i % 7)}}
-         for i in range(start, min(total, start + batch))]
-        for start in range(0, total, batch)
-    ]
-    bodies = iter([json.dumps(b).encode() for b in batches])
+    bodies = iter(encoded_batches(total, batch))
 
     async def client(http: aiohttp.ClientSession) -> None:
         for body in bodies:
@@ -232,7 +243,14 @@ async def sigterm_and_wait(proc: subprocess.Popen[bytes], log: Path, bound: floa
     return took
 
 
-_segments = msgspec.msgpack.Decoder(list[Event])
+class _Id(msgspec.Struct):
+    """An event's id alone (its other fields are skipped, not decoded)."""
+
+    id: str
+
+
+_segment_ids = msgspec.msgpack.Decoder(list[_Id])
+_line_id = msgspec.json.Decoder(_Id)
 
 
 def undelivered_in_journal(db: Path, sink: str) -> set[str]:
@@ -241,10 +259,18 @@ def undelivered_in_journal(db: Path, sink: str) -> set[str]:
         (cursor,) = conn.execute("SELECT seq FROM cursors WHERE sink = ?", (sink,)).fetchone()
         out: set[str] = set()
         for first, body in conn.execute("SELECT first_seq, body FROM journal WHERE seq > ? ORDER BY seq", (cursor,)):
-            for i, e in enumerate(_segments.decode(body)):
+            for i, e in enumerate(_segment_ids.decode(body)):
                 if first + i > cursor:
                     out.add(e.id)
     return out
+
+
+def jsonl_ids(path: Path) -> set[str]:
+    """Ids in a jsonl sink's file (complete lines only, as read_jsonl), decoding only the ids."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    return {_line_id.decode(line).id for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line.strip()}
 
 
 def stored_ids(store_db: Path) -> set[str]:
@@ -266,19 +292,20 @@ async def test_sigterm_right_after_200k_acked_events_always_ends_and_loses_nothi
         tmp = tmp_path / f"r{rnd}"
         tmp.mkdir()
         out = tmp / "out.jsonl"
+        timeout = TIMEOUT_S if rnd == 0 else QUICK_TIMEOUT_S
         cfg = write_toml(tmp / "agent.toml", agent_config(
-            tmp / "data", {"out": jsonl_sink(out)}, agent={"shutdown_timeout_s": TIMEOUT_S}, server={"port": port}))
+            tmp / "data", {"out": jsonl_sink(out)}, agent={"shutdown_timeout_s": timeout}, server={"port": port}))
         log = tmp / "agent.log"
         proc = spawn(cfg, log)
         try:
             await wait_healthy(port, proc, log)
             acked = set(await post_all(port, EVENTS))
-            took.append(await sigterm_and_wait(proc, log, BOUND_S))  # at once: sinks far behind
+            took.append(await sigterm_and_wait(proc, log, timeout + SHUTDOWN_GRACE_S))  # at once: sinks far behind
         finally:
             if proc.poll() is None:
                 proc.kill()
         db = tmp / "data" / "agent.db"
-        jsonl = {e["id"] for e in read_jsonl(out)}
+        jsonl = jsonl_ids(out)
         assert not acked - jsonl - undelivered_in_journal(db, "out"), f"round {rnd}: acked ids lost for out"
         store = stored_ids(tmp / "data" / "store.db")
         assert not acked - store - undelivered_in_journal(db, "store"), f"round {rnd}: acked ids lost for store"
@@ -287,14 +314,15 @@ async def test_sigterm_right_after_200k_acked_events_always_ends_and_loses_nothi
             proc = spawn(cfg, log)
             try:
                 await wait_healthy(port, proc, log)
-                await await_until(lambda: acked <= {e["id"] for e in read_jsonl(out)}, timeout=300,
+                await await_until(lambda: acked <= jsonl_ids(out), timeout=300,
                                   interval=0.5, what="the jsonl backlog delivered after the restart")
-                took.append(await sigterm_and_wait(proc, log, BOUND_S))
+                took.append(await sigterm_and_wait(proc, log, timeout + SHUTDOWN_GRACE_S))
             finally:
                 if proc.poll() is None:
                     proc.kill()
     print(f"\nSIGTERM after {EVENTS} acked events x{ROUNDS} (+1 after restart): stop took "
-          f"{', '.join(f'{t:.2f}' for t in took)} s (bound {BOUND_S:.0f} s + process exit)")
+          f"{', '.join(f'{t:.2f}' for t in took)} s (bound {BOUND_S:.0f} s in round 1, "
+          f"{QUICK_TIMEOUT_S + SHUTDOWN_GRACE_S:.0f} s after it, + process exit)")
 
 
 # -- a blackholed PostgreSQL ---------------------------------------------------------
