@@ -100,3 +100,60 @@ async def test_clients_forward_to_a_sidecar_exactly_once(tmp_path: Path, free_po
     assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), {(w, k) for w in (1, 2) for k in range(N)})
     assert losses_in_db(tmp_path / "sidecar" / "agent.db") == {}
     assert not sock.exists()  # the sidecar removed its socket at stop
+
+
+SPILLER = """
+import json, os, sys
+import agent
+
+ADDR, TOKEN, W, N, STOP = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+fw = agent.start({"agent": {"data_dir": "client", "id": "client", "connect": ADDR},
+                  "server": {"enabled": False, "token": TOKEN}, "dashboard": {"store": False}})
+for k in range(N):
+    agent.record("client.event", k, data={"w": W, "k": k})
+ok = agent.flush(STOP) if STOP > 1 else False
+agent.stop(STOP)
+print(json.dumps({"ok": ok, "fw": fw.status()}), flush=True)
+"""
+
+
+async def test_an_http_forwarders_spill_is_sent_by_the_next_one_on_its_data_dir(tmp_path, free_port):
+    """connect = http://: no sidecar reads the forwarder's own spill dir. A forwarder that
+    stops while the sidecar is down spills there; the next forwarder started on that
+    data dir claims the file, sends its events (same ids) before its own, and removes
+    it once they are acked."""
+    cfg = write_toml(tmp_path / "sidecar.toml", {
+        "agent": {"data_dir": str(tmp_path / "sidecar"), "id": "sidecar", "commit_interval_ms": 2},
+        "server": {"host": "127.0.0.1", "port": free_port, "token": TOKEN},
+        "dashboard": {"store": False},
+        "sinks": {"out": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "policies": []}},
+    })
+    script = tmp_path / "spiller.py"
+    script.write_text(textwrap.dedent(SPILLER))
+    addr = f"http://127.0.0.1:{free_port}"
+
+    def client(w: int, n: int, stop: float) -> dict:
+        r = subprocess.run([sys.executable, str(script), addr, TOKEN, str(w), str(n), str(stop)], cwd=tmp_path,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = client(1, 300, 0.5)  # no sidecar: everything is spilled
+    assert first["fw"]["spilled"] == 300 and first["fw"]["losses"] == {}
+    spill_dir = tmp_path / "client" / "forward" / "spill"
+    assert len(list(spill_dir.glob("*.msgpack"))) == 1
+    sidecar = spawn(cfg, tmp_path / "sidecar.log")
+    try:
+        await wait_healthy(free_port, sidecar, tmp_path / "sidecar.log")
+        second = client(2, 200, 60.0)
+        sidecar.send_signal(signal.SIGTERM)
+        assert sidecar.wait(60) == 0, (tmp_path / "sidecar.log").read_text()
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait(10)
+    assert second["ok"] and second["fw"]["acked"] == 500 and second["fw"]["spilled"] == 0
+    assert not list(spill_dir.iterdir())
+    expected = {(1, k) for k in range(300)} | {(2, k) for k in range(200)}
+    assert_exactly_once(read_jsonl(tmp_path / "out.jsonl"), expected)
+    assert losses_in_db(tmp_path / "sidecar" / "agent.db") == {}

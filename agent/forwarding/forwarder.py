@@ -38,7 +38,7 @@ from typing import Any
 from agent import losses
 from agent.config import Config
 from agent.event import MAX_TAGS, Event, assign_ids
-from agent.forwarding import wire
+from agent.forwarding import spill, wire
 from agent.forwarding.links import HttpLink, Link, UnixLink
 from agent.losses import LossLedger
 from agent.pipeline.intake import event_from_record
@@ -97,6 +97,9 @@ class Forwarder(RecordQueue, Recorder):
         self._reported: dict[str, int] = {}  # loss totals the owner acked
         self._sent_losses: dict[str, int] = {}
         self._link: Link | None = None
+        # Spill files of an earlier http:// forwarder on this data dir, and the seqs of
+        # their batches not acked yet (spill.claim): removed once all are acked.
+        self._claims: dict[Path, set[int]] = {}
         self._closing = False
         self._thread: threading.Thread | None = None
         self.sent = self.acked = self.resent = self.connects = 0
@@ -122,6 +125,8 @@ class Forwarder(RecordQueue, Recorder):
     def start(self) -> Forwarder:
         if self.state == "new":
             self.state = "running"
+            if self.url is not None:  # no sidecar reads this data dir's spill files: send them first
+                self._claim_spills()
             self._thread = threading.Thread(target=self._run, name="sidecar-agent-forwarder", daemon=True)
             self._thread.start()
         return self
@@ -207,7 +212,9 @@ class Forwarder(RecordQueue, Recorder):
         rest = self._convert([self.records.popleft() for _ in range(len(self.records))])
         self._tag(rest)
         events += rest
-        self._spill(events)
+        if self._spill(events):
+            for path in self._claims:  # their events that were not acked are in the new file
+                path.unlink(missing_ok=True)
         self.state = "stopped"
 
     def forget_in_child(self) -> None:
@@ -394,6 +401,7 @@ class Forwarder(RecordQueue, Recorder):
             if msg.seq in self._flushes:
                 self._flushes[msg.seq] = msg.ok
             elif (msg.ok or msg.refused) and (b := self._unacked.pop(msg.seq, None)) is not None:
+                self._release_claim(msg.seq)
                 self._unacked_events -= len(b.events)
                 self._reported = b.losses
                 if msg.ok:
@@ -440,28 +448,21 @@ class Forwarder(RecordQueue, Recorder):
 
     # -- spill -----------------------------------------------------------------------
 
-    def _spill(self, events: list[Event]) -> None:
+    def _spill(self, events: list[Event]) -> bool:
+        """Write what could not be handed over to a spill file; False when that failed
+        (the events are then counted as `forwarder_unsent`)."""
         totals = self.ledger.by_reason()
         unreported = {r: n - self._reported.get(r, 0) for r, n in totals.items() if n > self._reported.get(r, 0)}
         if not events and not unreported:
-            return
-        d = self.spill_to
-        path = d / f"{self.pid}-{time.time_ns()}.msgpack"
-        tmp = path.with_suffix(".tmp")
+            return True
         try:
-            wire.make_private_dir(d)
-            body = wire.spill_encoder.encode(wire.Spill(pid=self.pid, events=events, losses=unreported))
-            with open(tmp, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
+            path = spill.write(self.spill_to, self.pid, events, unreported)
         except OSError as exc:
             self.ledger.add(FORWARDER_UNSENT, len(events))
             log.error(
                 "forwarder pid %d: %d event(s) could not be handed over nor spilled: %s", self.pid, len(events), exc
             )
-            return
+            return False
         self.spilled += len(events)
         if events:
             log.warning(
@@ -470,3 +471,32 @@ class Forwarder(RecordQueue, Recorder):
                 len(events),
                 path,
             )
+        return True
+
+    def _claim_spills(self) -> None:
+        """Queue the events of the spill files an earlier forwarder left in this data dir
+        (connect = http://), as unacked batches with their ids: they go out first."""
+        for path, sp in spill.claim(self.spill_to, self.pid):
+            seqs = set()
+            for i in range(0, len(sp.events), self.commit_batch):
+                self._seq += 1
+                batch = wire.Batch(seq=self._seq, events=sp.events[i : i + self.commit_batch])
+                self._unacked[batch.seq] = batch
+                self._unacked_events += len(batch.events)
+                seqs.add(batch.seq)
+            if seqs:
+                self._claims[path] = seqs
+                log.info("forwarder pid %d: sending %d event(s) spilled by pid %d", self.pid, len(sp.events), sp.pid)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _release_claim(self, seq: int) -> None:
+        """A batch was acked (or refused for good): a claimed spill file whose batches
+        are all done is removed. Called under _cond."""
+        for path, seqs in self._claims.items():
+            if seq in seqs:
+                seqs.discard(seq)
+                if not seqs:
+                    del self._claims[path]
+                    path.unlink(missing_ok=True)
+                return
