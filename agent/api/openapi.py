@@ -281,7 +281,23 @@ def spec() -> dict[str, Any]:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(spec())
+    """The core document plus, with a generic entry each, the routes plugins added."""
+    doc = spec()
+    extra: dict[str, dict[str, Any]] = {}
+    for route in request.app.router.routes():
+        resource = route.resource
+        method = route.method.lower()
+        if resource is None or method in ("head", "*"):
+            continue
+        path = resource.canonical
+        if method not in doc["paths"].get(path, {}):
+            extra.setdefault(path, {})[method] = {
+                "summary": "added by a plugin (see /api/v1/status for plugins)",
+                "responses": {"default": {"description": "as the plugin answers"}},
+            }
+    if extra:
+        doc = {**doc, "paths": {**doc["paths"], **extra}}
+    return web.json_response(doc)
 
 
 def add_routes(app: web.Application) -> None:
