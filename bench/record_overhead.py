@@ -4,12 +4,13 @@ the OpenTelemetry SDK counter, in one run.
 
     PYTHONPATH=. python bench/record_overhead.py [--calls 200000] [--repeat 5]
 
-Each figure is the best of `repeat` timeit loops of `calls` calls, in ns/call. The agent
-is embedded (agent.start(): its loop runs on a daemon thread, server disabled, a jsonl
-sink to /dev/null, intake big enough that nothing is dropped). That thread drains the
-intake while we measure and competes for the GIL, so its cost shows up in record()'s
-figure; it is reported as measured. Between repeats the agent is flushed so every loop
-starts with an empty intake.
+Each figure is the best of `repeat` rounds of one timeit loop of `calls` calls, in
+ns/call; a round times every call in turn, so load from other work on the machine falls
+on all of them alike. The agent is embedded (agent.start(): its loop runs on a daemon
+thread, server disabled, a jsonl sink to /dev/null, intake big enough that nothing is
+dropped). That thread drains the intake while we measure and competes for the GIL, so
+its cost shows up in the "agent running" figures; it is reported as measured. After each
+of those loops the agent is flushed so every loop starts with an empty intake.
 """
 
 from __future__ import annotations
@@ -23,13 +24,8 @@ import timeit
 COMMAND = "PYTHONPATH=. python bench/record_overhead.py"
 
 
-def best_ns(stmt, number: int, repeat: int, between=None) -> float:
-    times = []
-    for _ in range(repeat):
-        times.append(timeit.timeit(stmt, number=number) / number * 1e9)
-        if between is not None:
-            between()
-    return min(times)
+def ns_per_call(stmt, number: int) -> float:
+    return timeit.timeit(stmt, number=number) / number * 1e9
 
 
 def main() -> int:
@@ -39,16 +35,15 @@ def main() -> int:
     args = p.parse_args()
     n, r = args.calls, args.repeat
     print(f"$ {COMMAND} --calls {n} --repeat {r}")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; best of {r} x {n} calls\n")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; best of {r} rounds x {n} calls")
+    print("(each round times every call once, in turn, so load from other work falls on all alike)\n")
 
     # prometheus_client: a labelled counter increment
     from prometheus_client import CollectorRegistry, Counter
 
     reg = CollectorRegistry()
     child = Counter("x", "x", ["route", "method"], registry=reg).labels("/a", "GET")
-    prom = best_ns(child.inc, n, r)
     prom_labels_counter = Counter("y", "y", ["route", "method"], registry=reg)
-    prom_lookup = best_ns(lambda: prom_labels_counter.labels("/a", "GET").inc(), n, r)
 
     # OpenTelemetry SDK: counter.add with attributes (an in-memory reader, never collected)
     from opentelemetry.sdk.metrics import MeterProvider
@@ -57,12 +52,19 @@ def main() -> int:
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     otel_counter = provider.get_meter("bench").create_counter("http.requests")
     attrs = {"route": "/a", "method": "GET"}
-    otel = best_ns(lambda: otel_counter.add(1, attrs), n, r)
-    provider.shutdown()
 
-    # the agent, embedded
     import agent
+    from agent import embed
+    from agent.runtime import Agent
 
+    tags = {"route": "/a", "method": "GET"}
+    # The call alone: an Agent that was never started has nobody draining its intake (no
+    # GIL contention from the loop thread); its deque is cleared after each timing.
+    idle = Agent({"agent": {"intake_capacity": n * 2}, "server": {"enabled": False}})
+    idle_rec = idle.record
+    idle_handle = agent.counter_handle("http.requests", tags=tags)
+
+    best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         a = agent.start(
             {
@@ -71,36 +73,42 @@ def main() -> int:
                 "sinks": {"null": {"type": "jsonl", "path": os.devnull, "policies": []}},
             }
         )
-        tags = {"route": "/a", "method": "GET"}
         rec = a.record
-        flush = lambda: agent.flush(120)  # noqa: E731
-        record_method = best_ns(lambda: rec("http.requests", 1.0, tags=tags), n, r, flush)
-        record_module = best_ns(lambda: agent.record("http.requests", 1.0, tags=tags), n, r, flush)
         handle = agent.counter_handle("http.requests", tags=tags)
-        handle_running = best_ns(handle.inc, n, r, flush)
+        running = agent.current()
+
+        def flush() -> None:  # every timing with the agent running starts with an empty intake
+            agent.flush(120)
+
+        cases = [
+            ("prom", child.inc, None),
+            ("prom_lookup", lambda: prom_labels_counter.labels("/a", "GET").inc(), None),
+            ("otel", lambda: otel_counter.add(1, attrs), None),
+            ("record_module", lambda: agent.record("http.requests", 1.0, tags=tags), flush),
+            ("record_method", lambda: rec("http.requests", 1.0, tags=tags), flush),
+            ("handle_running", handle.inc, flush),
+            ("record_idle", lambda: idle_rec("http.requests", 1.0, tags=tags), idle.committer.records.clear),
+            ("handle_idle", idle_handle.inc, idle.committer.records.clear),
+            ("noop", lambda: None, None),  # the bare cost of the lambda wrapper every figure also pays
+        ]
+        for _ in range(r):
+            for key, stmt, after in cases:
+                if key == "handle_idle":  # bound to the idle agent as if it were the process-wide one
+                    embed._agent = idle
+                try:
+                    ns = ns_per_call(stmt, n)
+                finally:
+                    embed._agent = running
+                best[key] = min(ns, best.get(key, ns))
+                if after is not None:
+                    after()
         lost = a.ledger.total()
         committed, commits, wakeups = a.committer.committed, a.committer.commits, a.committer.wakeups
         agent.stop()
-
-    # the call alone: an Agent that was never started has nobody draining its intake (no
-    # GIL contention from the loop thread); the deque is cleared between repeats
-    from agent.runtime import Agent
-
-    idle = Agent({"agent": {"intake_capacity": n * 2}, "server": {"enabled": False}})
-    idle_rec = idle.record
-    record_idle = best_ns(lambda: idle_rec("http.requests", 1.0, tags=tags), n, r, idle.committer.records.clear)
-    # a handle bound to that idle agent (as if it were the process-wide one): the call alone
-    from agent import embed
-
-    idle_handle = agent.counter_handle("http.requests", tags=tags)
-    embed._agent = idle
-    try:
-        handle_idle = best_ns(idle_handle.inc, n, r, idle.committer.records.clear)
-    finally:
-        embed._agent = None
-
-    # the bare cost of the lambda wrapper that every figure above also pays
-    noop = best_ns(lambda: None, n, r)
+    provider.shutdown()
+    prom, prom_lookup, otel = best["prom"], best["prom_lookup"], best["otel"]
+    record_module, record_method, record_idle = best["record_module"], best["record_method"], best["record_idle"]
+    handle_running, handle_idle, noop = best["handle_running"], best["handle_idle"], best["noop"]
 
     rows = [
         ("prometheus_client Counter.labels(...).inc() (child cached)", prom),
