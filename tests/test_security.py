@@ -351,3 +351,28 @@ async def test_connections_past_the_cap_get_503_and_the_server_recovers(tmp_path
             writer.close()
         proc.terminate()
         proc.wait(60)
+
+
+async def test_a_late_head_gets_408_and_an_idle_connection_is_closed_silently(tmp_path):
+    agent = await start_agent(tmp_path / "d", server={"header_timeout_s": 1.0, "keepalive_timeout_s": 600.0})
+    port = int(agent.server_url.rsplit(":", 1)[1])
+    try:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        part_r, part_w = await asyncio.open_connection("127.0.0.1", port)
+        part_w.write(b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        # Both are closed by the server; only the one that began a request is told why
+        # (a browser's idle pre-opened connection gets no unasked-for answer).
+        assert await asyncio.wait_for(idle_r.read(), 60) == b""
+        assert (await asyncio.wait_for(part_r.read(), 60)).startswith(b"HTTP/1.1 408")
+        idle_w.close()
+        part_w.close()
+        # A head that arrives in time is served, and its connection is kept alive past the deadline.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert (await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 30)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(1.5)
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert b"HTTP/1.1 200" in await asyncio.wait_for(r.read(), 30)
+        w.close()
+    finally:
+        await agent.stop()

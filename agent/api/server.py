@@ -80,6 +80,7 @@ class _Guarded(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""  # the last bytes seen, to find a head's end split across reads
+        self.started = False  # some of a request head arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         g = self.guard
@@ -106,6 +107,7 @@ class _Guarded(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.timer is not None:
+            self.started = True
             seen = self.tail + data
             if b"\r\n\r\n" in seen:
                 self.timer.cancel()
@@ -141,7 +143,10 @@ class _Guarded(asyncio.Protocol):
         self.guard.header_timeouts += 1
         self.guard.warn(f"closed a connection that sent no complete request head in {self.guard.header_timeout_s}s")
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(TIMED_OUT)
+            # A 408 only to a client that began a request: a browser's idle pre-opened
+            # connection is closed silently, as it would be after any idle time.
+            if self.started:
+                self.transport.write(TIMED_OUT)
             self.transport.close()
 
 
