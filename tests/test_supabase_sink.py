@@ -20,8 +20,6 @@ def sink_for(emu, table, **kw) -> SupabaseSink:
     return SupabaseSink("supabase", opts, make_ctx("supabase"))
 
 
-
-
 async def test_503_then_retry_lands_once(supabase_emulator, pg_table):
     sink = sink_for(supabase_emulator, pg_table)
     events = make_events(20)
@@ -66,8 +64,6 @@ async def test_timeout_is_retryable(supabase_emulator, pg_table):
         await sink.close()
 
 
-
-
 async def test_wrong_key_is_permanent(supabase_emulator, pg_table):
     sink = sink_for(supabase_emulator, pg_table, key="wrong")
     await sink.start()
@@ -88,13 +84,13 @@ async def test_anon_key_cannot_write(supabase_emulator, pg_table):
         await sink.close()
 
 
-
-
 async def test_realtime_subscriber_receives_inserts(supabase_emulator, pg_table):
     from supabase import AsyncClientOptions, acreate_client
 
     http = httpx.AsyncClient(timeout=5)
-    reader = await acreate_client(supabase_emulator.url, supabase_emulator.anon_key, options=AsyncClientOptions(httpx_client=http))
+    reader = await acreate_client(
+        supabase_emulator.url, supabase_emulator.anon_key, options=AsyncClientOptions(httpx_client=http)
+    )
     got: asyncio.Queue = asyncio.Queue()
     channel = reader.channel("dashboard")
     channel.on_postgres_changes("INSERT", got.put_nowait, table=pg_table.table, schema="public")
@@ -116,7 +112,9 @@ async def test_realtime_subscriber_receives_inserts(supabase_emulator, pg_table)
     assert p["type"] == "INSERT" and p["table"] == pg_table.table and p["schema"] == "public"
     assert p["errors"] is None and {"name": "value", "type": "float8"} in p["columns"]
     assert p["commit_timestamp"].endswith("Z")
-    assert any(len(r["data"]["record"]["data"]["blob"]) == 9000 for r in received if r["data"]["record"]["data"].get("blob"))
+    assert any(
+        len(r["data"]["record"]["data"]["blob"]) == 9000 for r in received if r["data"]["record"]["data"].get("blob")
+    )
 
 
 async def test_rest_reads_through_supabase_py(supabase_emulator, pg_table):
@@ -129,8 +127,18 @@ async def test_rest_reads_through_supabase_py(supabase_emulator, pg_table):
     await sink.close()
     http = httpx.AsyncClient(timeout=5)
     try:
-        c = await acreate_client(supabase_emulator.url, supabase_emulator.anon_key, options=AsyncClientOptions(httpx_client=http))
-        res = await c.table(pg_table.table).select("id,value").gte("value", 3).lt("value", 7).order("value", desc=True).limit(3).execute()
+        c = await acreate_client(
+            supabase_emulator.url, supabase_emulator.anon_key, options=AsyncClientOptions(httpx_client=http)
+        )
+        res = (
+            await c.table(pg_table.table)
+            .select("id,value")
+            .gte("value", 3)
+            .lt("value", 7)
+            .order("value", desc=True)
+            .limit(3)
+            .execute()
+        )
         assert [r["value"] for r in res.data] == [6.0, 5.0, 4.0]
         res = await c.table(pg_table.table).select("*").in_("id", [events[0].id, events[1].id]).execute()
         assert {r["id"] for r in res.data} == {events[0].id, events[1].id}
@@ -188,8 +196,29 @@ def test_error_mapping(code, status, expected):
 def test_parse_retry_after():
     import datetime as dt
 
-    now = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after("Wed, 01 Jan 2025 00:00:30 GMT", now) == 30.0
     assert parse_retry_after("garbage") is None
     assert parse_retry_after(None) is None
+
+
+async def test_concurrent_sends_each_see_their_own_status(supabase_emulator, pg_table):
+    """The delivery worker keeps several batches in flight (max_in_flight = 8): a failed
+    request's status and Retry-After must not be overwritten by another request's answer."""
+    sink = sink_for(supabase_emulator, pg_table)
+    batches = [make_events(30) for _ in range(8)]
+    supabase_emulator.delay_s = 0.05  # so the requests overlap
+    supabase_emulator.fail_next(1, status=503, retry_after=7)
+    await sink.start()
+    try:
+        results = await asyncio.gather(*(sink.send(b) for b in batches), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert len(failed) == 1 and isinstance(failed[0], RetryableError) and failed[0].retry_after == 7
+        assert "503" in str(failed[0])
+        (again,) = [b for b, r in zip(batches, results, strict=True) if r is failed[0]]
+        await sink.send(again)
+    finally:
+        await sink.close()
+    ids = [e.id for b in batches for e in b]
+    assert set((await pg_table.count_ids(ids)).values()) == {1}
