@@ -151,7 +151,7 @@ class Journal:
 
     async def _append(self, events: list[Event]) -> tuple[int, int]:
         body, frames = segment.encode(events)
-        size = len(body) + len(frames) + SEGMENT_OVERHEAD
+        size = len(body) + len(frames or b"") + SEGMENT_OVERHEAD  # frames None: format 0 (bench baseline)
         if self.bytes + size > self.max_bytes:
             if self.overflow == "reject":
                 raise JournalFullError(f"journal is full ({self.bytes} of {self.max_bytes} bytes)")
