@@ -19,8 +19,8 @@ Outcomes of a batch:
   reads the same batch again (parts already delivered or parked may go twice, none is lost).
 Outcomes are per batch; the cursor moves past a batch once it and every earlier batch
 ended delivered or parked. A failed DLQ write cancels the later batches in flight and
-reads again from the cursor. DLQ entries are replayed when the sink is healthy again, at a bounded rate; a replayed
-entry that fails permanently is bisected like a live batch.
+reads again from the cursor. DLQ entries are replayed when the sink is healthy again,
+at a bounded rate; a replayed entry that fails permanently is bisected like a live batch.
 """
 
 from __future__ import annotations
