@@ -33,8 +33,13 @@ def _k8s() -> dict[str, dict[str, Any]]:
 def _check_config(text: str, tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(cfg)], env=subprocess_env(**ENV),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(cfg)],
+        env=subprocess_env(**ENV),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -65,8 +70,10 @@ def test_kubernetes_sidecar_probes_ports_volumes_and_hardening(tmp_path):
 
     mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert mounts["/etc/sidecar-agent"] == "config" and volumes["config"]["configMap"]["name"] == (
-        kinds["ConfigMap"]["metadata"]["name"])
+    assert (
+        mounts["/etc/sidecar-agent"] == "config"
+        and volumes["config"]["configMap"]["name"] == (kinds["ConfigMap"]["metadata"]["name"])
+    )
     assert "/etc/sidecar-agent/agent.toml" in agent["args"]
     assert mounts[cfg["agent"]["data_dir"]] == "data"
     assert "emptyDir" in volumes["data"] or "persistentVolumeClaim" in volumes["data"]
@@ -115,9 +122,10 @@ async def test_the_kubernetes_config_runs_and_the_kubelets_probes_get_200(tmp_pa
                 assert r.status == 200  # metrics_public: the cluster's Prometheus scrapes it
         unix = aiohttp.UnixConnector(path=str(tmp_path / "agent.sock"))
         auth = {"Authorization": f"Bearer {ENV['SIDECAR_AGENT_TOKEN']}"}
-        async with aiohttp.ClientSession(connector=unix) as s, s.post(
-            "http://localhost/api/v1/events", json={"name": "from.app"}, headers=auth
-        ) as r:
+        async with (
+            aiohttp.ClientSession(connector=unix) as s,
+            s.post("http://localhost/api/v1/events", json={"name": "from.app"}, headers=auth) as r,
+        ):
             assert r.status == 202
     finally:
         await agent.stop()
