@@ -11,6 +11,10 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # pip is upgraded first: the one Python bundles installed our dependencies in twice the time.
 VENV_OK := $(VENV)/.checked
 USABLE := import sys, pip; sys.exit(sys.version_info < (3, 11))
+# pip's output goes to .venv/pip.log and is shown only when it fails: a working install is one
+# line, not pages of build-backend notes.
+LOG := $(VENV)/pip.log
+QUIETLY = > $(LOG) 2>&1 || { cat $(LOG) >&2 2>/dev/null; echo "error: $@ failed; pip's output is above and in $(LOG)" >&2; exit 1; }
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
@@ -23,21 +27,24 @@ $(VENV_OK):
 	    echo "error: sidecar-agent needs Python >= 3.11; '$(PY)' is $$($(PY) -V 2>&1 || echo missing)." \
 	         "Try: make $(or $(MAKECMDGOALS),run) PY=python3.11" >&2; exit 1; }; \
 	  echo "$(PY) -m venv $(VENV)"; rm -rf $(VENV) && $(PY) -m venv $(VENV) && $(BIN)/python -c '$(USABLE)' && \
-	  $(PIP) install --quiet --upgrade pip; \
+	  $(PIP) install --quiet --upgrade pip $(QUIETLY); \
 	fi
 	@touch $@
 
 $(RUN_STAMP): $(VENV_OK) pyproject.toml
-	$(PIP) install --quiet -e .
-	touch $@
+	@echo "$(PIP) install -e .  (output: $(LOG))"
+	@$(PIP) install -e . $(QUIETLY)
+	@touch $@
 
 $(TEST_STAMP): $(VENV_OK) pyproject.toml
-	$(PIP) install --quiet -e '.[test]'
-	touch $@
+	@echo "$(PIP) install -e '.[test]'  (output: $(LOG))"
+	@$(PIP) install -e '.[test]' $(QUIETLY)
+	@touch $@
 
 $(LINT_STAMP): $(VENV_OK) pyproject.toml
-	$(PIP) install --quiet -e '.[lint]'
-	touch $@
+	@echo "$(PIP) install -e '.[lint]'  (output: $(LOG))"
+	@$(PIP) install -e '.[lint]' $(QUIETLY)
+	@touch $@
 
 install: $(RUN_STAMP)
 
