@@ -270,17 +270,21 @@ class CertReloader:
 def _unix_listener(path: str) -> socket.socket:
     """A bound Unix socket with mode 0660, chmod-ed before it listens (no window in which
     anyone may connect). A stale socket file is replaced; any other file is not."""
-    with contextlib.suppress(FileNotFoundError):
+    try:
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise ServerStartError(f"server.unix_socket: {path} exists and is not a socket")
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ServerStartError(f"server.unix_socket: cannot replace {path}: {exc.strerror or exc}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         os.chmod(path, 0o660)
     except OSError as exc:
         sock.close()
-        raise ServerStartError(f"server.unix_socket: cannot listen on {path}: {exc.strerror}") from None
+        raise ServerStartError(f"server.unix_socket: cannot listen on {path}: {exc.strerror or exc}") from None
     return sock
 
 
