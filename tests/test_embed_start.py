@@ -33,8 +33,7 @@ def test_start_logs_one_line_with_dashboard_data_dir_and_sinks(embedded, jsonl_c
     with caplog.at_level(logging.INFO, logger="sidecar_agent"):
         a = embedded.start(jsonl_config)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sidecar-agent started")]
-    assert lines == [
-        f"sidecar-agent started in this process: dashboard {a.server_url}, data dir {jsonl_config['agent']['data_dir']},"
-        " sinks: out"
-    ]
+    data_dir = jsonl_config["agent"]["data_dir"]
+    url = a.server_url
+    assert lines == [f"sidecar-agent started in this process: dashboard {url}, data dir {data_dir}, sinks: out"]
     assert a.server_url.startswith("http://127.0.0.1:")
