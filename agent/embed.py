@@ -241,7 +241,7 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
     with _lock:  # stop() and start() wait for the takeover to end, then see its outcome
         if _agent is not fw or fw.state != "running" or fw.takeover is None:
             return False
-        cfg, lost_at = fw.config, fw.lost_at
+        cfg, lost_at = fw.config, fw.owner.lost_at
         _wait_port_free(cfg)
         lock.reserve()  # the Agent's own DataDirLock adopts it: the data dir is never unlocked between
         try:
@@ -251,13 +251,13 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
             raise
         gap = round(time.monotonic() - lost_at, 3) if lost_at is not None else None
         if _owner is not None:
-            _owner.took_over = {"from_pid": fw.owner_pid, "at": time.time(), "gap_s": gap}
+            _owner.took_over = {"from_pid": fw.owner.owner_pid, "at": time.time(), "gap_s": gap}
         _agent, _retired, _owner_tags = agent, fw, {"pid": _pid}
     log.warning(
         "pid %d took over data dir %s (the owner, pid %s, is gone) after %ss",
         fw.pid,
         cfg.agent.data_dir,
-        fw.owner_pid,
+        fw.owner.owner_pid,
         gap,
     )
     return True

@@ -54,13 +54,13 @@ FORWARDER = (
 fw = agent.start(CFG)
 print("up", flush=True)
 end = time.monotonic() + 120
-while not (Path("gone").exists() and (fw.owner_changes or fw.took_over)) and time.monotonic() < end:
+while not (Path("gone").exists() and (fw.owner.owner_changes or fw.owner.took_over)) and time.monotonic() < end:
     for _ in range(20):
         agent.record("bench.event", 1.0)
     time.sleep(0.01)
 ok = agent.flush(60)
 cur = agent.current()
-out = {"ok": ok, "gap_s": fw.last_failover_gap_s, "took_over": fw.took_over}
+out = {"ok": ok, "gap_s": fw.owner.last_failover_gap_s, "took_over": fw.owner.took_over}
 if type(cur).__name__ == "Agent":
     st = cur.status()
     out["owner_gap_s"] = st["owner"]["took_over"]["gap_s"]

@@ -64,7 +64,7 @@ produce(0, N1)
 assert agent.flush(60)
 print("flushed", flush=True)
 n, end = N1, time.monotonic() + 120  # bounded, should the owner never change
-while not (Path("gone").exists() and (fw.owner_changes or fw.took_over)) and time.monotonic() < end:
+while not (Path("gone").exists() and (fw.owner.owner_changes or fw.owner.took_over)) and time.monotonic() < end:
     produce(n, n + 50, pause=0.01)
     n += 50
 produce(n, n + N1, pause=0.01)
@@ -210,7 +210,7 @@ for w in (1, 2):
             fw = agent.current()
             assert type(fw).__name__ == "Forwarder", fw
             n, end = 0, time.monotonic() + 120
-            while n < %(n1)d or not (Path("gone").exists() and (fw.owner_changes or fw.took_over)):
+            while n < %(n1)d or not (Path("gone").exists() and (fw.owner.owner_changes or fw.owner.took_over)):
                 assert time.monotonic() < end, "the owner never changed"
                 for k in range(n, n + 50):
                     agent.record("fw.event", k, data={"w": w, "k": k})

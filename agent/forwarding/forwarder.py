@@ -18,11 +18,9 @@ reachable at all (which is also when a count could not be reported). Only when t
 spill itself cannot be written are the events counted as `forwarder_unsent` (logged,
 and reported to the owner if the connection still stands).
 
-Failover: while no owner answers, the drain thread tries the data-dir lock (a
-non-blocking flock: of several forwarders trying at once, one wins). The winner calls
-`takeover` (agent.embed sets it), which starts a full Agent and its listener in this
-process; this forwarder then connects to it like any other, and re-sends what was in
-flight. `[agent] connect` (a separately run sidecar) never takes the lock.
+Failover (agent.forwarding.failover): while no owner answers, the drain thread tries
+the data-dir lock; the winner starts an Agent in its process (`takeover`), and this
+forwarder then connects to it like any other and re-sends what was in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +36,11 @@ from agent import losses
 from agent.config import Config
 from agent.event import MAX_TAGS, Event, assign_ids
 from agent.forwarding import spill, wire
+from agent.forwarding.failover import OwnerWatch, TakeOver
 from agent.forwarding.links import HttpLink, Link, UnixLink
 from agent.losses import LossLedger
 from agent.pipeline.intake import event_from_record
 from agent.pipeline.recording import Recorded, RecordQueue
-from agent.storage.dirlock import DataDirLock
 from agent.timer import Recorder
 
 log = logging.getLogger("sidecar_agent.forwarding")
@@ -53,10 +50,6 @@ FORWARDER_REFUSED = "forwarder_refused"  # a sidecar's HTTP ingest refused the b
 _time = time.time
 RETRY_S = 0.2  # between connection attempts while no owner answers
 WINDOW = 16  # batches in flight before the drain waits for acks
-TAKEOVER_BACKOFF_S = 2.0  # after a takeover whose Agent failed to start
-# Called on the drain thread with the data-dir lock this forwarder just took; True once
-# an Agent owns the data dir in this process (agent.embed.take_over).
-TakeOver = Callable[["Forwarder", DataDirLock], bool]
 
 
 class Forwarder(RecordQueue, Recorder):
@@ -104,14 +97,7 @@ class Forwarder(RecordQueue, Recorder):
         self._thread: threading.Thread | None = None
         self.sent = self.acked = self.resent = self.connects = 0
         self.spilled = 0
-        # Failover: who owns the data dir (its Hello), how often that changed, and the
-        # last gap (from losing the old owner to being connected to the next one).
-        self.owner_pid: int | None = None
-        self.owner_changes = 0
-        self.last_failover_gap_s: float | None = None
-        self.lost_at: float | None = None  # monotonic time the owner was lost, while it is
-        self.took_over = False  # this process became the owner
-        self._next_takeover = 0.0
+        self.owner = OwnerWatch(self.pid)  # who owns the data dir, owner changes, the last gap
 
     # -- recording (any thread, never blocks) ----------------------------------------
 
@@ -234,10 +220,7 @@ class Forwarder(RecordQueue, Recorder):
             "state": self.state,
             "address": self.address,
             "connected": self._link is not None,
-            "owner_pid": self.owner_pid,
-            "owner_changes": self.owner_changes,
-            "last_failover_gap_s": self.last_failover_gap_s,
-            "took_over": self.took_over,
+            **self.owner.describe(),
             "queued": len(self.records),
             "unacked": unacked,
             "sent": self.sent,
@@ -342,9 +325,8 @@ class Forwarder(RecordQueue, Recorder):
         try:
             link = self._open()
         except OSError:
-            if self.lost_at is None:
-                self.lost_at = time.monotonic()
-            if not self._take_over():
+            self.owner.lost()
+            if not self.owner.try_take_over(self):
                 time.sleep(RETRY_S)
             return
         link.start()
@@ -364,36 +346,10 @@ class Forwarder(RecordQueue, Recorder):
                 self._link = link
             self._cond.notify_all()
 
-    def _take_over(self) -> bool:
-        """No owner answers: take the data-dir lock if it is free and become the owner.
-        The flock decides between forwarders trying at once; the others reconnect."""
-        takeover = self.takeover
-        if takeover is None or self.state != "running" or time.monotonic() < self._next_takeover:
-            return False
-        lock = DataDirLock(Path(self.data_dir))
-        try:
-            if lock.try_acquire() is not None:
-                return False  # held: an owner is starting, stopping, or a CLI command runs
-        except OSError as exc:
-            log.warning("forwarder pid %d cannot try the data-dir lock: %s", self.pid, exc)
-            return False
-        try:
-            took = takeover(self, lock)
-        except Exception:
-            log.exception("forwarder pid %d took the data-dir lock but could not start the owner", self.pid)
-            took = False
-        if not took:
-            lock.release()
-            self._next_takeover = time.monotonic() + TAKEOVER_BACKOFF_S
-            return False
-        self.took_over = True
-        self.takeover = None
-        return True
-
     def _on_message(self, link: Link, msg: wire.Message) -> None:
         """From the link's thread: the owner's Hello, or an Ack."""
         if isinstance(msg, wire.Hello):
-            self._owner_is(msg.pid)
+            self.owner.hello(msg.pid)
             return
         if not isinstance(msg, wire.Ack):
             raise wire.FrameError(f"unexpected {type(msg).__name__} from the owner")
@@ -401,7 +357,7 @@ class Forwarder(RecordQueue, Recorder):
             if msg.seq in self._flushes:
                 self._flushes[msg.seq] = msg.ok
             elif (msg.ok or msg.refused) and (b := self._unacked.pop(msg.seq, None)) is not None:
-                self._release_claim(msg.seq)
+                spill.release(self._claims, msg.seq)
                 self._unacked_events -= len(b.events)
                 self._reported = b.losses
                 if msg.ok:
@@ -417,23 +373,12 @@ class Forwarder(RecordQueue, Recorder):
             time.sleep(RETRY_S)
             raise ConnectionError(msg.error)
 
-    def _owner_is(self, pid: int) -> None:
-        """The owner's Hello: count a change of owner and the gap it cost."""
-        if self.owner_pid is not None and pid != self.owner_pid:
-            self.owner_changes += 1
-            if self.lost_at is not None:
-                self.last_failover_gap_s = round(time.monotonic() - self.lost_at, 3)
-            log.info("forwarder pid %d: pid %d owns the data dir now (was %d)", self.pid, pid, self.owner_pid)
-        self.owner_pid = pid
-        self.lost_at = None
-
     def _drop(self, link: Link) -> None:
         with self._cond:
             link.broken = True
             if self._link is link:
                 self._link = None
-                if self.lost_at is None:
-                    self.lost_at = time.monotonic()
+                self.owner.lost()
             self._cond.notify_all()
         link.close()
 
@@ -456,21 +401,12 @@ class Forwarder(RecordQueue, Recorder):
         if not events and not unreported:
             return True
         try:
-            path = spill.write(self.spill_to, self.pid, events, unreported)
+            spill.write(self.spill_to, self.pid, events, unreported)
         except OSError as exc:
             self.ledger.add(FORWARDER_UNSENT, len(events))
-            log.error(
-                "forwarder pid %d: %d event(s) could not be handed over nor spilled: %s", self.pid, len(events), exc
-            )
+            log.error("forwarder pid %d: %d event(s) neither handed over nor spilled: %s", self.pid, len(events), exc)
             return False
         self.spilled += len(events)
-        if events:
-            log.warning(
-                "forwarder pid %d: %d event(s) not acked by the owner in time, spilled to %s",
-                self.pid,
-                len(events),
-                path,
-            )
         return True
 
     def _claim_spills(self) -> None:
@@ -489,14 +425,3 @@ class Forwarder(RecordQueue, Recorder):
                 log.info("forwarder pid %d: sending %d event(s) spilled by pid %d", self.pid, len(sp.events), sp.pid)
             else:
                 path.unlink(missing_ok=True)
-
-    def _release_claim(self, seq: int) -> None:
-        """A batch was acked (or refused for good): a claimed spill file whose batches
-        are all done is removed. Called under _cond."""
-        for path, seqs in self._claims.items():
-            if seq in seqs:
-                seqs.discard(seq)
-                if not seqs:
-                    del self._claims[path]
-                    path.unlink(missing_ok=True)
-                return

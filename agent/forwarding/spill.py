@@ -39,7 +39,21 @@ def write(d: Path, pid: int, events: list[Event], losses: dict[str, int]) -> Pat
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+    if events:
+        log.warning("forwarder pid %d: %d event(s) not acked by an owner in time, spilled: %s", pid, len(events), path)
     return path
+
+
+def release(claims: dict[Path, set[int]], seq: int) -> None:
+    """Batch `seq` of a claimed file was acked (or refused for good): remove the file
+    once all its batches are."""
+    for path, seqs in claims.items():
+        if seq in seqs:
+            seqs.discard(seq)
+            if not seqs:
+                del claims[path]
+                path.unlink(missing_ok=True)
+            return
 
 
 def _alive(pid: int) -> bool:
