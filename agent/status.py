@@ -39,6 +39,12 @@ def status_of(agent: Agent) -> dict[str, Any]:
             "salvage": agent.db.salvage if agent.db else None,
         },
         "dlq": {"pending_events": agent.dlq.depth() if agent.dlq else 0},
+        # The live stream: WebSocket clients, the encoded bytes queued for them, events dropped (stream_dropped).
+        "stream": {
+            "clients": len(agent.stream.subscriptions),
+            "queued_bytes": agent.stream.queued_bytes(),
+            "dropped": agent.stream.dropped,
+        },
         "losses": agent.ledger.by_reason(),
         "flags": {"problems": agent.flags.health() if agent.flags else []},
         # Processes forwarding to this one (agent.forwarding.owner.Owner, set by agent.start()).

@@ -58,7 +58,7 @@ def test_an_event_larger_than_the_bound_is_dropped_not_queued() -> None:
 
 # -- real clients that never read ----------------------------------------------------
 
-BOUND = 64 * 1024
+BOUND = 1024 * 1024  # more than one commit of the events below, so a client that reads keeps up
 PAD = "p" * 900  # about 1 KiB of JSON per event, so the stream outgrows socket buffers quickly
 ROUNDS, PER_ROUND = 40, 500
 
@@ -88,15 +88,27 @@ async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp
 
             reading = asyncio.create_task(read())
             stuck_subs = [s for s in agent.stream.subscriptions]  # all six; the reader's stays near empty
-            most = 0
+            after_put: list[int] = []  # every client's queued bytes right after each publish
+
+            def watch(sub: Subscription) -> None:
+                put = sub.put
+
+                def counted(encoded: list[bytes]) -> int:
+                    n = put(encoded)
+                    after_put.append(sub.queued_bytes)
+                    return n
+
+                sub.put = counted  # type: ignore[method-assign]
+
+            for sub in stuck_subs:
+                watch(sub)
             for r in range(ROUNDS):
                 for i in range(PER_ROUND):
                     agent.record("flow", float(r * PER_ROUND + i), data={"pad": PAD})
                 await asyncio.sleep(0.02)
-                most = max(most, *(s.queued_bytes for s in stuck_subs))
             agent.record("last.one", 1.0)
             await await_until(lambda: "last.one" in seen, timeout=60, what="the reading client to get the newest event")
-            most = max(most, *(s.queued_bytes for s in stuck_subs))
+            most = max(after_put)
             dropped = agent.ledger.by_reason().get(STREAM_DROPPED, 0)
             assert len(agent.stream.subscriptions) == 6, "a stuck client was disconnected before the checks"
             queued_now = [s.queued_bytes for s in stuck_subs]
@@ -114,7 +126,10 @@ async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp
                 text = await r.text()
             assert f'sidecar_agent_events_lost_total{{reason="{STREAM_DROPPED}",sink=""}}' in text
             async with http.get(agent.server_url + "/api/v1/status") as r:
-                assert (await r.json())["losses"][STREAM_DROPPED] >= dropped
+                status = await r.json()
+            assert status["losses"][STREAM_DROPPED] >= dropped
+            assert status["stream"]["clients"] == 6 and status["stream"]["dropped"] >= dropped
+            assert status["stream"]["queued_bytes"] <= 6 * BOUND
 
             # A stuck client that starts reading gets told what it missed, then the newest events.
             late = stuck[0]
@@ -127,7 +142,9 @@ async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp
                 elif body["type"] == "events":
                     names.extend(e["name"] for e in body["events"])
             assert told > 0 and names[-1] == "last.one"
+            reader_got = seen.count("flow")
             print(f"\nmost queued for one client: {most} bytes (bound {BOUND}); stream_dropped: {dropped}; "
+                  f"the reading client got {reader_got} of {ROUNDS * PER_ROUND} ({dropped_msgs} drop notices); "
                   f"a late reader was told of {told} and got {len(names)} events")
             reading.cancel()
             for ws in [*stuck, reader]:
