@@ -32,7 +32,6 @@ from typing import Any
 from agent import losses
 from agent.config import differences, resolve
 from agent.errors import ConfigError
-from agent.event import MAX_TAGS
 from agent.forwarding.forwarder import Forwarder
 from agent.forwarding.owner import Owner, serve_forwarders
 from agent.losses import LossLedger
@@ -52,10 +51,6 @@ _retired: Forwarder | None = None
 _hooks_installed = False
 # Events recorded before start() (or after stop()): counted here, merged into the agent's ledger.
 _early = LossLedger()
-# The owner's record() events carry the producing pid as the tag `pid` (a forwarder adds
-# it on its drain thread). None while this process is not the owner.
-_pid = str(os.getpid())
-_owner_tags: dict[str, str] | None = None
 
 
 def _run(agent: Agent, ready: Future[Agent]) -> None:
@@ -117,14 +112,13 @@ def _after_fork_in_child() -> None:
     the parent had one (owner or forwarder), the child gets a forwarder to the same data
     dir; the fds it inherited (lock, listening socket, connection) are closed in the
     child only, so the parent's lock and socket end with the parent."""
-    global _agent, _owner, _thread, _loop, _lock, _early, _pid, _owner_tags, _retired
+    global _agent, _owner, _thread, _loop, _lock, _early, _retired
     parent, owner, retired, loop = _agent, _owner, _retired, _loop
     _agent = _owner = _thread = _loop = _retired = None
     if loop is not None:
         _release_listeners(loop)
     _lock = threading.Lock()
     _early = LossLedger()  # its lock may have been held by a parent thread at fork time
-    _pid, _owner_tags = str(os.getpid()), None
     if owner is not None:
         owner.forget_in_child()
     if retired is not None:
@@ -173,7 +167,7 @@ def _lock_busy(data_dir: Path) -> bool:
 def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
     """Start the process-wide agent (idempotent); config is a path, a dict or None.
     Returns the Agent when this process owns the data dir, else a Forwarder to its owner."""
-    global _agent, _thread, _hooks_installed, _owner_tags
+    global _agent, _thread, _hooks_installed
     with _lock:
         if _agent is not None and _agent.state in ("starting", "running"):
             # A forwarder (this data dir is another process's, or this is a fork child) takes
@@ -200,7 +194,6 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
                     raise
                 started = _start_forwarder(cfg)
             else:
-                _owner_tags = {"pid": _pid}
                 log.info(
                     "sidecar-agent started in this process: dashboard %s, data dir %s, sinks: %s",
                     started.server_url or "off",
@@ -237,7 +230,7 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
     """Failover, on `fw`'s drain thread, which holds the data-dir lock: start an Agent
     on that lock (as start() does for an owner) and make it this process's agent. False
     when this forwarder is no longer the process's agent (stopped, replaced)."""
-    global _agent, _thread, _owner_tags, _retired
+    global _agent, _thread, _retired
     with _lock:  # stop() and start() wait for the takeover to end, then see its outcome
         if _agent is not fw or fw.state != "running" or fw.takeover is None:
             return False
@@ -252,7 +245,7 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
         gap = round(time.monotonic() - lost_at, 3) if lost_at is not None else None
         if _owner is not None:
             _owner.took_over = {"from_pid": fw.owner.owner_pid, "at": time.time(), "gap_s": gap}
-        _agent, _retired, _owner_tags = agent, fw, {"pid": _pid}
+        _agent, _retired = agent, fw
     log.warning(
         "pid %d took over data dir %s (the owner, pid %s, is gone) after %ss",
         fw.pid,
@@ -335,7 +328,7 @@ def flush(timeout: float = 10.0) -> bool:
 
 def stop(timeout: float | None = None) -> None:
     """Stop the process-wide agent gracefully (a forwarder hands everything over first)."""
-    global _agent, _thread, _owner, _owner_tags, _retired
+    global _agent, _thread, _owner, _retired
     with _lock:  # not during a takeover: stop what it leaves
         agent, thread, owner, retired = _agent, _thread, _owner, _retired
         if isinstance(agent, Forwarder):
@@ -351,7 +344,7 @@ def stop(timeout: float | None = None) -> None:
         _call(lambda a: _stop_owner(a, owner, t), t + 5.0)
         if thread is not None:
             thread.join(t + 5.0)
-    _agent = _thread = _owner = _owner_tags = _retired = None
+    _agent = _thread = _owner = _retired = None
 
 
 async def _stop_owner(agent: Agent, owner: Owner | None, timeout: float) -> None:
@@ -397,11 +390,8 @@ def record(
     if agent is None:
         _early.add(losses.NOT_STARTED)
         return
-    if _owner_tags is not None:  # the owner: tag the pid here (a forwarder does it off-thread)
-        if tags is None:
-            tags = _owner_tags  # the committer copies tags, so one shared dict is safe
-        elif tags.__class__ is dict and "pid" not in tags and len(tags) < MAX_TAGS:
-            tags = {**tags, "pid": _pid}
+    # The pid tag is added off this thread, where the queue is drained (the committer, or
+    # a forwarder's drain thread), with the pid of the process that created the agent.
     # Explicit keywords, not **kw: this is the hot path, and packing a dict per call
     # cost about half again as much as Agent.record itself (bench/record_overhead.py).
     agent.record(name, value, kind=kind, tags=tags, ts=ts, data=data, session_id=session_id)
