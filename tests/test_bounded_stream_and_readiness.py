@@ -200,7 +200,7 @@ async def test_a_postgres_sink_on_an_unmigrated_database_is_degraded_by_name(tmp
     assert agent.ledger.total() == 0
 
 
-async def test_a_lagging_sink_is_degraded_by_name(tmp_path: Path) -> None:
+async def test_a_lagging_sink_is_degraded_by_name_unless_switched_off(tmp_path: Path) -> None:
     STATE.reset()
     agent = await start_agent(tmp_path / "data", {"stuck": {"type": "hang"}, "ok": {"type": "memory"}},
                               dashboard={"store": False}, server={"ready_max_lag_s": 0.5})
@@ -222,5 +222,10 @@ async def test_a_lagging_sink_is_degraded_by_name(tmp_path: Path) -> None:
             (stuck,) = body["degraded"]
             assert stuck["sink"] == "stuck" and stuck["reasons"] == ["lagging"] and stuck["lag_events"] >= 1
             assert stuck["lag_s"] > 0.5 and "events behind" in stuck["detail"]
+
+            # Switched off by its flag, its backlog waits on purpose: not degraded.
+            agent.flags.set("sinks.stuck.enabled", False, "test")
+            body = await readyz()
+            assert (body["status"], body["degraded"]) == ("ready", [])
     finally:
         await agent.stop()
