@@ -80,17 +80,14 @@ class TimeoutPolicy(BasePolicy):
             # Our cancels are withdrawn whatever the attempt raised (it may have turned the
             # cancel into an error of its own): one left pending would stop the worker.
             if self._withdraw(attempt, cancelling):
+                await _absorb(task, cancelling)
                 raise RetryableError(self._message) from TimeoutError(self._message)
             raise  # not ours, or a cancel from outside (shutdown) came too: it stays a cancel
         finally:
             del self._inflight[key]
         if attempt.cancels:  # timed out, yet it returned (it swallowed the cancel, or beat it)
             self._withdraw(attempt, cancelling)
-            try:
-                await asyncio.sleep(0)  # a cancel of ours requested but not yet delivered lands here
-            except asyncio.CancelledError:
-                if task.cancelling() > cancelling:
-                    raise
+            await _absorb(task, cancelling)
         return result
 
     @staticmethod
@@ -129,6 +126,17 @@ class TimeoutPolicy(BasePolicy):
         attempt.cancels += 1
         attempt.task.cancel()
         attempt.recancel = loop.call_later(min(RECANCEL_S, self.timeout_s), self._cancel, loop, attempt)
+
+
+async def _absorb(task: asyncio.Task[Any], cancelling: int) -> None:
+    """Take delivery of a cancel of ours that was requested but not yet delivered (the
+    attempt ended in the same step): on Python 3.11 `uncancel()` does not withdraw it, and it
+    would land on the caller's next await. A cancel from outside still propagates."""
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        if task.cancelling() > cancelling:
+            raise
 
 
 @hookimpl
