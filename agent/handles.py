@@ -13,10 +13,11 @@ A handle records on the process-wide agent (agent.start()), exactly as
 `agent.record(name, value, kind=..., tags=...)` would: it may be created at import time,
 before start(); calls before start() (or after stop()) are counted as `not_started`, as
 the module functions' are; after fork() a child's calls go to its forwarder. It binds
-lazily: it keeps the current recorder's queue and a ready-made tags dict (with the owner's
-`pid` tag), and binds again whenever the process-wide agent is another object (start,
-stop, fork). Events are checked off the caller's thread like every record(); a bad name or
-tags are counted as `invalid` there.
+lazily: it keeps the current recorder's queue, and binds again whenever the process-wide
+agent is another object (start, stop, fork). The tags dict is the handle's own copy,
+shared by every event it records (the drain copies tags and adds `pid` off this thread).
+Events are checked off the caller's thread like every record(); a bad name or tags are
+counted as `invalid` there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 
 from agent import embed as _embed
 from agent import losses
-from agent.event import MAX_TAGS
 
 _time = time.time
 _UNBOUND = object()  # no agent is ever this: the first call binds
@@ -37,7 +37,7 @@ _METHOD = {"counter": "inc", "gauge": "set", "histogram": "observe"}
 class _Handle:
     """One metric, name, kind and tags fixed; bound lazily to the process-wide recorder."""
 
-    __slots__ = ("_bound", "_capacity", "_queue", "_records", "_tags", "name", "tags")
+    __slots__ = ("_bound", "_capacity", "_queue", "_records", "name", "tags")
     kind: str  # a class attribute of each subclass
 
     def __init__(self, name: str, tags: dict[str, str] | None = None) -> None:
@@ -47,7 +47,6 @@ class _Handle:
         self._queue: Any = None
         self._records: deque[Any] = deque()
         self._capacity = 0
-        self._tags: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.tags or {}}>"
@@ -66,22 +65,13 @@ class _Handle:
         q.ledger.add(q.refused or losses.INTAKE_FULL)
 
     def _bind(self, agent: Any) -> None:
-        """Cache the recorder's queue and the tags its record() would store. `_bound` is
-        written last: another thread sees either the old binding or the whole new one."""
+        """Cache the recorder's queue. `_bound` is written last: another thread sees either
+        the old binding or the whole new one. (The `pid` tag is added where the queue is
+        drained, as for record().)"""
         queue = getattr(agent, "committer", agent)  # an Agent's intake, or a Forwarder itself
-        tags = self.tags
-        # As the module record() does: where it tags the owner's events with the pid on the
-        # caller's thread, so does a handle, once (elsewhere it is done off-thread).
-        owner_tags = getattr(_embed, "_owner_tags", None)
-        if owner_tags is not None:
-            if tags is None:
-                tags = owner_tags
-            elif "pid" not in tags and len(tags) < MAX_TAGS:
-                tags = {**tags, "pid": owner_tags["pid"]}
         self._queue = queue
         self._records = queue.records
         self._capacity = queue.capacity
-        self._tags = tags
         self._bound = agent
 
 
@@ -102,7 +92,7 @@ class CounterHandle(_Handle):
         r = self._records
         if len(r) >= self._capacity or self._queue.refused:
             return self._refused()
-        r.append((self.name, value, "counter", self._tags, _time(), None, None))
+        r.append((self.name, value, "counter", self.tags, _time(), None, None))
         if len(r) >= self._queue._signal_at:
             self._queue._signal()
         return None
@@ -121,7 +111,7 @@ class GaugeHandle(_Handle):
         r = self._records
         if len(r) >= self._capacity or self._queue.refused:
             return self._refused()
-        r.append((self.name, value, "gauge", self._tags, _time(), None, None))
+        r.append((self.name, value, "gauge", self.tags, _time(), None, None))
         if len(r) >= self._queue._signal_at:
             self._queue._signal()
         return None
@@ -140,7 +130,7 @@ class HistogramHandle(_Handle):
         r = self._records
         if len(r) >= self._capacity or self._queue.refused:
             return self._refused()
-        r.append((self.name, value, "histogram", self._tags, _time(), None, None))
+        r.append((self.name, value, "histogram", self.tags, _time(), None, None))
         if len(r) >= self._queue._signal_at:
             self._queue._signal()
         return None
