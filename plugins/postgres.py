@@ -127,6 +127,10 @@ class PostgresSink(BaseSink):
                     command_timeout=o.command_timeout_s,
                     timeout=o.connect_timeout_s,
                     server_settings={"application_name": f"sidecar-agent:{self.name}"},
+                    # A released connection is only rolled back if a transaction was left
+                    # open: the sink sets no session state, so asyncpg's default reset
+                    # query (RESET ALL, UNLISTEN *, ...) would be one more round trip per batch.
+                    reset=_keep_session,
                 )
             return self._pool
 
@@ -175,6 +179,11 @@ class PostgresSink(BaseSink):
                 await asyncio.wait_for(pool.close(), timeout=self.options.connect_timeout_s)
             except (TimeoutError, OSError, asyncpg.InterfaceError):
                 pool.terminate()
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """The pool's reset for a released connection, after asyncpg's own rollback of an open
+    transaction: nothing more (see _ensure_pool)."""
 
 
 def _inserted(status: Any) -> int:
