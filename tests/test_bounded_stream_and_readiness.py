@@ -229,3 +229,22 @@ async def test_a_lagging_sink_is_degraded_by_name_unless_switched_off(tmp_path: 
             assert (body["status"], body["degraded"]) == ("ready", [])
     finally:
         await agent.stop()
+
+
+# -- the dashboard's health card, in a real Chromium ----------------------------------
+
+from tests.test_dashboard_browser import TIMEOUT_MS, agents, browser, open_page  # noqa: E402, F401  (fixtures)
+
+
+async def test_the_overview_health_card_says_degraded_naming_the_failing_sink(
+    agents, open_page, pg_table: PgTable  # noqa: F811 (the imported fixtures)
+) -> None:
+    agent = await agents(sinks={"pg": {"type": "postgres", "dsn": pg_table.dsn, "table": "missing_" + pg_table.table,
+                                       "policies": list(DEFAULT_POLICIES)}})
+    await post_events(agent, [{"name": "orders", "value": 1}])
+    await await_until(lambda: agent.dlq.depth("pg") >= 1, timeout=60, what="the batch dead-lettered")
+    page = await open_page(agent.server_url + "/")
+    await page.wait_for_selector("#health.warn", timeout=TIMEOUT_MS)
+    text = await page.text_content("#health")
+    assert text == "degraded: pg (failing)", text
+    assert "sink pg is degraded" in (await page.get_attribute("#health", "title") or "")
