@@ -259,7 +259,7 @@ async def test_a_blackholed_postgres_opens_the_breaker_shows_degraded_and_loses_
 ) -> None:
     async with BlackholeProxy("127.0.0.1", 5432) as proxy:
         # Short figures so it runs in seconds; the defaults are the same shape (10 s per attempt).
-        sink = pg_sink(pg_table, proxy.port, timeout={"timeout_s": 0.5},
+        sink = pg_sink(pg_table, proxy.port, timeout={"timeout_s": 1.0},
                        retry={"initial_backoff_ms": 10, "max_backoff_ms": 50},
                        circuit_breaker={"failure_threshold": 2, "reset_timeout_s": 1.0})
         agent = await start_agent(tmp_path / "data", {"pg": sink}, dashboard={"store": False},
