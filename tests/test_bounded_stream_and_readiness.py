@@ -65,8 +65,12 @@ ROUNDS, PER_ROUND = 40, 500
 
 async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    agent = await start_agent(tmp_path / "data", {"out": jsonl_sink(out)}, dashboard={"store": False},
-                              server={"stream_client_max_bytes": BOUND})
+    agent = await start_agent(
+        tmp_path / "data",
+        {"out": jsonl_sink(out)},
+        dashboard={"store": False},
+        server={"stream_client_max_bytes": BOUND},
+    )
     url = agent.server_url.replace("http://", "ws://") + "/api/v1/stream"
     try:
         async with aiohttp.ClientSession() as http:
@@ -143,17 +147,22 @@ async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp
                     names.extend(e["name"] for e in body["events"])
             assert told > 0 and names[-1] == "last.one"
             reader_got = seen.count("flow")
-            print(f"\nmost queued for one client: {most} bytes (bound {BOUND}); stream_dropped: {dropped}; "
-                  f"the reading client got {reader_got} of {ROUNDS * PER_ROUND} ({dropped_msgs} drop notices); "
-                  f"a late reader was told of {told} and got {len(names)} events")
+            print(
+                f"\nmost queued for one client: {most} bytes (bound {BOUND}); stream_dropped: {dropped}; "
+                f"the reading client got {reader_got} of {ROUNDS * PER_ROUND} ({dropped_msgs} drop notices); "
+                f"a late reader was told of {told} and got {len(names)} events"
+            )
             reading.cancel()
             for ws in [*stuck, reader]:
                 await ws.close()
 
         # The sink lost nothing: the journal and the sinks are not the stream.
         total = ROUNDS * PER_ROUND
-        await await_until(lambda: sum(1 for e in read_jsonl(out) if e["name"] == "flow") == total, timeout=120,
-                          what="every event in the jsonl sink")
+        await await_until(
+            lambda: sum(1 for e in read_jsonl(out) if e["name"] == "flow") == total,
+            timeout=120,
+            what="every event in the jsonl sink",
+        )
         assert set(agent.ledger.by_reason()) == {STREAM_DROPPED}
     finally:
         await agent.stop()
@@ -165,8 +174,13 @@ async def test_clients_that_never_read_stay_bounded_and_lose_only_their_view(tmp
 async def test_a_postgres_sink_on_an_unmigrated_database_is_degraded_by_name(tmp_path: Path, pg_table: PgTable) -> None:
     """Issue 17's case: the table does not exist, so every batch is dead-lettered; health
     must not say ready then, and must name the sink."""
-    sink = {"type": "postgres", "dsn": pg_table.dsn, "table": "no_such_table_" + pg_table.table,
-            "policies": list(DEFAULT_POLICIES), "batch_size": 10}
+    sink = {
+        "type": "postgres",
+        "dsn": pg_table.dsn,
+        "table": "no_such_table_" + pg_table.table,
+        "policies": list(DEFAULT_POLICIES),
+        "batch_size": 10,
+    }
     agent = await start_agent(tmp_path / "data", {"pg": sink}, dashboard={"store": False})
     try:
         async with aiohttp.ClientSession() as http:
@@ -202,12 +216,17 @@ async def test_a_postgres_sink_on_an_unmigrated_database_is_degraded_by_name(tmp
 
 async def test_a_lagging_sink_is_degraded_by_name_unless_switched_off(tmp_path: Path) -> None:
     STATE.reset()
-    agent = await start_agent(tmp_path / "data", {"stuck": {"type": "hang"}, "ok": {"type": "memory"}},
-                              dashboard={"store": False}, server={"ready_max_lag_s": 0.5})
+    agent = await start_agent(
+        tmp_path / "data",
+        {"stuck": {"type": "hang"}, "ok": {"type": "memory"}},
+        dashboard={"store": False},
+        server={"ready_max_lag_s": 0.5},
+    )
     try:
         agent.record("work", 1.0)
         await await_until(lambda: "work" in {e.name for e in STATE.delivered.get("ok", [])}, what="delivery to ok")
         async with aiohttp.ClientSession() as http:
+
             async def readyz() -> dict:
                 async with http.get(agent.server_url + "/readyz") as r:
                     assert r.status == 200
@@ -237,10 +256,20 @@ from tests.test_dashboard_browser import TIMEOUT_MS, agents, browser, open_page 
 
 
 async def test_the_overview_health_card_says_degraded_naming_the_failing_sink(
-    agents, open_page, pg_table: PgTable  # noqa: F811 (the imported fixtures)
+    agents,  # noqa: F811 (an imported fixture)
+    open_page,  # noqa: F811 (an imported fixture)
+    pg_table: PgTable,
 ) -> None:
-    agent = await agents(sinks={"pg": {"type": "postgres", "dsn": pg_table.dsn, "table": "missing_" + pg_table.table,
-                                       "policies": list(DEFAULT_POLICIES)}})
+    agent = await agents(
+        sinks={
+            "pg": {
+                "type": "postgres",
+                "dsn": pg_table.dsn,
+                "table": "missing_" + pg_table.table,
+                "policies": list(DEFAULT_POLICIES),
+            }
+        }
+    )
     await post_events(agent, [{"name": "orders", "value": 1}])
     await await_until(lambda: agent.dlq.depth("pg") >= 1, timeout=60, what="the batch dead-lettered")
     page = await open_page(agent.server_url + "/")

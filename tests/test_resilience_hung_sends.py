@@ -88,8 +88,9 @@ async def test_a_stop_during_a_timed_out_attempt_stays_a_cancel() -> None:
             await asyncio.shield(release)
 
     task = asyncio.ensure_future(policy.call(send))
-    await await_until(lambda: policy._inflight and next(iter(policy._inflight.values())).expired,
-                      what="the attempt to time out")
+    await await_until(
+        lambda: policy._inflight and next(iter(policy._inflight.values())).expired, what="the attempt to time out"
+    )
     task.cancel()  # the agent stops while the attempt hangs in its cleanup
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -237,8 +238,14 @@ def pg_sink(table: PgTable, port: int, **extra: object) -> dict[str, object]:
     """The postgres sink through the proxy, with the default chain."""
     base, _, db = table.dsn.rpartition("/")
     user_host = base.rsplit("@", 1)[0]
-    return {"type": "postgres", "dsn": f"{user_host}@127.0.0.1:{port}/{db}", "table": table.table,
-            "connect_timeout_s": 2.0, "policies": list(DEFAULT_POLICIES), **extra}
+    return {
+        "type": "postgres",
+        "dsn": f"{user_host}@127.0.0.1:{port}/{db}",
+        "table": table.table,
+        "connect_timeout_s": 2.0,
+        "policies": list(DEFAULT_POLICIES),
+        **extra,
+    }
 
 
 def undelivered(db: Path, sink: str) -> int:
@@ -259,11 +266,16 @@ async def test_a_blackholed_postgres_opens_the_breaker_shows_degraded_and_loses_
 ) -> None:
     async with BlackholeProxy("127.0.0.1", 5432) as proxy:
         # Short figures so it runs in seconds; the defaults are the same shape (10 s per attempt).
-        sink = pg_sink(pg_table, proxy.port, timeout={"timeout_s": 1.0},
-                       retry={"initial_backoff_ms": 10, "max_backoff_ms": 50},
-                       circuit_breaker={"failure_threshold": 2, "reset_timeout_s": 1.0})
-        agent = await start_agent(tmp_path / "data", {"pg": sink}, dashboard={"store": False},
-                                  server={"ready_max_lag_s": 2.0})
+        sink = pg_sink(
+            pg_table,
+            proxy.port,
+            timeout={"timeout_s": 1.0},
+            retry={"initial_backoff_ms": 10, "max_backoff_ms": 50},
+            circuit_breaker={"failure_threshold": 2, "reset_timeout_s": 1.0},
+        )
+        agent = await start_agent(
+            tmp_path / "data", {"pg": sink}, dashboard={"store": False}, server={"ready_max_lag_s": 2.0}
+        )
         try:
             agent.record("before", 1.0)
             await agent.flush()
@@ -285,8 +297,13 @@ async def test_a_blackholed_postgres_opens_the_breaker_shows_degraded_and_loses_
             async def degraded() -> dict | None:
                 code, body = await get(agent, "/readyz")
                 assert code == 200 and body["ready"], body  # intake still works: ready, but degraded
-                return body if body["status"] == "degraded" and {"breaker_open", "lagging"} <= set(
-                    next(d for d in body["degraded"] if d["sink"] == "pg")["reasons"]) else None
+                return (
+                    body
+                    if body["status"] == "degraded"
+                    and {"breaker_open", "lagging"}
+                    <= set(next(d for d in body["degraded"] if d["sink"] == "pg")["reasons"])
+                    else None
+                )
 
             body = None
             for _ in range(600):
@@ -303,8 +320,11 @@ async def test_a_blackholed_postgres_opens_the_breaker_shows_degraded_and_loses_
             # DLQ, the rest waits in the journal; once the network is back all arrive.
             assert agent.ledger.total() == 0
             proxy.forward()
-            await await_until(lambda: agent.journal.lag("pg") == 0 and agent.dlq.depth("pg") == 0, timeout=120,
-                              what="the backlog and the DLQ delivered after the network came back")
+            await await_until(
+                lambda: agent.journal.lag("pg") == 0 and agent.dlq.depth("pg") == 0,
+                timeout=120,
+                what="the backlog and the DLQ delivered after the network came back",
+            )
             counts = await pg_table.count_ids(ids)
             assert set(counts.values()) == {1}, {i: n for i, n in counts.items() if n != 1}
             await await_until(lambda: breaker() == "closed", what="the breaker to close")
@@ -320,10 +340,15 @@ async def test_stop_in_the_middle_of_a_hung_send_ends_in_its_bound_and_is_no_bre
     tmp_path: Path, pg_table: PgTable
 ) -> None:
     async with BlackholeProxy("127.0.0.1", 5432) as proxy:
-        sink = pg_sink(pg_table, proxy.port, timeout={"timeout_s": 600},  # the send hangs until the stop
-                       circuit_breaker={"failure_threshold": 1, "reset_timeout_s": 3600})
-        agent = await start_agent(tmp_path / "data", {"pg": sink}, dashboard={"store": False},
-                                  agent={"shutdown_timeout_s": 1.0})
+        sink = pg_sink(
+            pg_table,
+            proxy.port,
+            timeout={"timeout_s": 600},  # the send hangs until the stop
+            circuit_breaker={"failure_threshold": 1, "reset_timeout_s": 3600},
+        )
+        agent = await start_agent(
+            tmp_path / "data", {"pg": sink}, dashboard={"store": False}, agent={"shutdown_timeout_s": 1.0}
+        )
         agent.record("before", 1.0)
         await agent.flush()
         proxy.blackhole()
@@ -331,8 +356,10 @@ async def test_stop_in_the_middle_of_a_hung_send_ends_in_its_bound_and_is_no_bre
         for i in range(20):
             agent.record("during", float(i))
         worker = agent.workers["pg"]
-        await await_until(lambda: worker.stats.state == "sending" and worker.journal.lag("pg") > 0,
-                          what="a send in flight to the blackhole")
+        await await_until(
+            lambda: worker.stats.state == "sending" and worker.journal.lag("pg") > 0,
+            what="a send in flight to the blackhole",
+        )
         await asyncio.sleep(0.2)
         bound = agent.config.agent.shutdown_timeout_s + SHUTDOWN_GRACE_S
         await asyncio.wait_for(agent.stop(), 4 * bound)
