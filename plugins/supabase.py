@@ -44,7 +44,7 @@ class SupabaseOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     # At least the worker's batches in flight (SupabaseSink.max_in_flight), so none waits for a connection.
-    max_connections: Annotated[int, msgspec.Meta(gt=0)] = 8
+    max_connections: Annotated[int, msgspec.Meta(gt=0)] = 16
 
 
 # (status, Retry-After seconds) of the last response seen in this task; set by an
@@ -95,7 +95,7 @@ class SupabaseSink(BaseSink):
 
     # send() may run concurrently (each call is its own HTTP request; the status contextvar
     # is per task): the delivery worker keeps this many batches in flight by default.
-    max_in_flight = 8
+    max_in_flight = 16
 
     def __init__(self, name: str, options: SupabaseOptions, ctx: PluginContext) -> None:
         self.name = name

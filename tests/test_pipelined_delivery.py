@@ -219,7 +219,7 @@ def test_default_concurrency_comes_from_the_sink_and_the_config_overrides_it(tmp
         async with Agent(cfg) as agent:
             return {n: w.limit.maximum for n, w in agent.workers.items()}
 
-    assert asyncio.run(build()) == {"sb": 8, "file": 1, "file4": 4}
+    assert asyncio.run(build()) == {"sb": 16, "file": 1, "file4": 4}
     msg = plan_error(tmp_path, '[sinks.out]\ntype = "jsonl"\npath = "x"\nmax_in_flight = 0\n')
     assert "sinks.out.max_in_flight: expected a positive integer" in msg
 

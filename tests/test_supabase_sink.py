@@ -204,7 +204,7 @@ def test_parse_retry_after():
 
 
 async def test_concurrent_sends_each_see_their_own_status(supabase_emulator, pg_table):
-    """The delivery worker keeps several batches in flight (max_in_flight = 8): a failed
+    """The delivery worker keeps several batches in flight (max_in_flight = 16): a failed
     request's status and Retry-After must not be overwritten by another request's answer."""
     sink = sink_for(supabase_emulator, pg_table)
     batches = [make_events(30) for _ in range(8)]
