@@ -104,6 +104,7 @@ class DashboardSection(_Section):
 
     store: bool = True
     store_retention_h: PositiveFloat = 24.0
+    max_store_mb: PositiveFloat = 1024.0  # store.db's cap: past it the oldest raw events go, then the oldest roll-ups
     supabase_url: str | None = None
     supabase_anon_key: str | None = None
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import sqlite3
+from typing import Annotated
 
 import msgspec
 
@@ -58,6 +59,8 @@ class StoreOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     minute_retention_h: float = 24.0 * 7
     hour_retention_h: float = 24.0 * 90
     compact_interval_s: float = 60.0
+    # Size cap of store.db: past it the oldest raw events go first, then the oldest roll-ups.
+    max_mb: Annotated[float, msgspec.Meta(gt=0)] = 1024.0
 
 
 class StoreSink(BaseSink):
@@ -71,6 +74,8 @@ class StoreSink(BaseSink):
             raw_retention_s=options.retention_h * 3600,
             minute_retention_s=options.minute_retention_h * 3600,
             hour_retention_s=options.hour_retention_h * 3600,
+            max_bytes=int(options.max_mb * 1024 * 1024),
+            log=ctx.log,
         )
         self._compactor: asyncio.Task[None] | None = None
         ctx.stats["store"] = lambda: dict(self.store.stats)

@@ -5,7 +5,9 @@ quantile estimate is within a relative error `a` (1 %) of a true sample value. S
 merge exactly (add bucket counts), so per-minute sketches merge into per-hour ones and
 into any query step without re-reading raw events. The bucket count is capped
 (MAX_BINS): beyond it the buckets nearest zero are collapsed, which only coarsens the
-smallest magnitudes. A sketch serializes to a few hundred bytes of msgpack.
+smallest magnitudes. A sketch serializes to a few hundred bytes of msgpack:
+(zeros, {key: count} positive, {key: count} negative), encoded and decoded in C by
+msgspec; blobs of the first format (flat [key, count, ...] lists) still decode.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ MIN_MAGNITUDE = 1e-9  # |v| below this counts as zero
 MAX_BINS = 1024
 
 _enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder(tuple[int, list[int], list[int]])
+_dec = msgspec.msgpack.Decoder(tuple[int, dict[int, int] | list[int], dict[int, int] | list[int]])
 
 
 def _key(mag: float) -> int:
@@ -88,21 +90,42 @@ class Sketch:
         return _value(max(self.pos)) if self.pos else 0.0
 
     def to_bytes(self) -> bytes:
-        flat_pos = [x for kv in self.pos.items() for x in kv]
-        flat_neg = [x for kv in self.neg.items() for x in kv]
-        return _enc.encode((self.zero, flat_pos, flat_neg))
+        """The sketch as msgpack (see the module docstring)."""
+        return _enc.encode((self.zero, self.pos, self.neg))
 
     @classmethod
     def from_bytes(cls, blob: bytes | None) -> Sketch:
+        """A sketch from `to_bytes()` (either format); empty for no blob."""
         s = cls()
         if not blob:
             return s
         zero, pos, neg = _dec.decode(blob)
         s.zero = zero
-        s.pos = dict(zip(pos[::2], pos[1::2], strict=True))
-        s.neg = dict(zip(neg[::2], neg[1::2], strict=True))
+        s.pos = pos if isinstance(pos, dict) else dict(zip(pos[::2], pos[1::2], strict=True))
+        s.neg = neg if isinstance(neg, dict) else dict(zip(neg[::2], neg[1::2], strict=True))
         s.n = zero + sum(s.pos.values()) + sum(s.neg.values())
         return s
+
+
+def merge_bytes(old: bytes | None, new: bytes | None) -> bytes | None:
+    """Two serialized sketches merged, without building Sketch objects (the store merges
+    a batch's sketch into each roll-up cell it touches, so this is on the write path)."""
+    if not old:
+        return new
+    if not new:
+        return old
+    zero, pos, neg = _dec.decode(old)
+    zero2, pos2, neg2 = _dec.decode(new)
+    bins = []
+    for mine, theirs in ((pos, pos2), (neg, neg2)):
+        mine = mine if isinstance(mine, dict) else dict(zip(mine[::2], mine[1::2], strict=True))
+        theirs = theirs if isinstance(theirs, dict) else dict(zip(theirs[::2], theirs[1::2], strict=True))
+        for k, c in theirs.items():
+            mine[k] = mine.get(k, 0) + c
+        if len(mine) > MAX_BINS:
+            _collapse(mine)
+        bins.append(mine)
+    return _enc.encode((zero + zero2, bins[0], bins[1]))
 
 
 def _collapse(bins: dict[int, int]) -> None:

@@ -1,0 +1,153 @@
+"""History queries, run in the store's reader threads (each with its own sqlite3
+connection), never on the event loop: the SQL and the aggregation in Python both happen
+there, and rows are streamed, not fetched all at once, so a query over a million rows
+costs the loop nothing but the await. (The GIL is shared, but a thread running Python
+gives it up every few milliseconds, so the loop keeps its turn.)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from agent.history.sketch import Sketch
+from agent.history.writer import Cell
+
+CHECK_EVERY = 10_000  # rows between checks whether the store is closing
+
+
+class Closing(Exception):
+    """The store is closing: a long query stops early."""
+
+
+def _rows(conn: sqlite3.Connection, sql: str, args: Iterable[Any], closing: Callable[[], bool]) -> Iterable[Any]:
+    for i, row in enumerate(conn.execute(sql, tuple(args))):
+        if i % CHECK_EVERY == CHECK_EVERY - 1 and closing():
+            raise Closing("the history store is closing")
+        yield row
+
+
+def events(
+    conn: sqlite3.Connection,
+    where: list[str],
+    args: list[Any],
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Raw events matching `where` (over the `events` view's columns), newest first."""
+    sql = "SELECT id, ts, name, kind, value, source, agent_id, session_id, tags, data FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY ts DESC, id DESC LIMIT ?"
+    return [
+        {
+            "id": r[0],
+            "ts": r[1],
+            "name": r[2],
+            "kind": r[3],
+            "value": r[4],
+            "source": r[5],
+            "agent_id": r[6],
+            "session_id": r[7],
+            "tags": json.loads(r[8]),
+            "data": json.loads(r[9]) if r[9] else None,
+        }
+        for r in conn.execute(sql, (*args, limit))
+    ]
+
+
+def series_cells(
+    conn: sqlite3.Connection,
+    *,
+    level: str,
+    name: str | None,
+    tags: dict[str, str],
+    first: float,
+    end: float,
+    step: float,
+    nb: int,
+    agg: str,
+    closing: Callable[[], bool],
+) -> list[Cell | None]:
+    """One aggregate cell per bucket of [first, first + nb * step) from `level`."""
+    cells: list[Cell | None] = [None] * nb
+    want_sketch = agg.startswith("p")
+    # Series first: a name and tag filter is evaluated per series, not per row. With a
+    # name, the series drive the loop (each one's rows by the (sid, time) index); without
+    # one, the time range does.
+    table = "raw" if level == "raw" else f"rollup_{level}"
+    if name is not None:
+        source = f"series s CROSS JOIN {table} r ON r.sid = s.id"
+    elif tags:
+        source = f"{table} r JOIN series s ON s.id = r.sid"
+    else:
+        source = f"{table} r"
+    where: list[str] = []
+    args: list[Any] = []
+    if name is not None:
+        where.append("s.name = ?")
+        args.append(name)
+    for k, v in tags.items():
+        where.append("json_extract(s.tags, ?) = ?")
+        args += [f'$."{k}"', v]
+    col = "r.ts" if level == "raw" else "r.bucket"
+    where += [f"{col} >= ?", f"{col} < ?"]
+    args += [first, end]
+    cond = " WHERE " + " AND ".join(where)
+    if level == "raw" and agg == "count":
+        # Counted in SQL: a count over busy minutes is many rows to bring into Python.
+        sql = f"SELECT CAST((r.ts - ?) / ? AS INTEGER) AS i, COUNT(*) FROM {source}{cond} GROUP BY i"
+        for i, n in _rows(conn, sql, [first, step, *args], closing):
+            if 0 <= i < nb:
+                cell = cells[i] = Cell(False)
+                cell.n = n
+    elif level == "raw":
+        for ts, value in _rows(conn, f"SELECT r.ts, r.value FROM {source}{cond}", args, closing):
+            i = int((ts - first) // step)
+            if 0 <= i < nb:
+                cell = cells[i] or Cell(want_sketch)
+                cells[i] = cell
+                cell.add(value)
+    else:
+        sk = "r.sketch" if want_sketch else "NULL"
+        sql = f"SELECT r.bucket, r.n, r.vn, r.sum, r.mn, r.mx, {sk} FROM {source}{cond}"
+        for bucket, n, vn, total, mn, mx, blob in _rows(conn, sql, args, closing):
+            i = int((bucket - first) // step)
+            if not 0 <= i < nb:
+                continue
+            cell = cells[i] or Cell(want_sketch)
+            cells[i] = cell
+            cell.n += n
+            cell.vn += vn
+            cell.sum += total
+            if mn is not None:
+                cell.mn = mn if cell.mn is None else min(cell.mn, mn)
+            if mx is not None:
+                cell.mx = mx if cell.mx is None else max(cell.mx, mx)
+            if want_sketch and cell.sketch is not None and blob:
+                cell.sketch.merge(Sketch.from_bytes(blob))
+    return cells
+
+
+def value_of(c: Cell | None, agg: str) -> float | None:
+    """The figure `agg` asks for from a cell (None where there is no data)."""
+    if c is None:
+        return None
+    if agg == "count":
+        return c.n
+    if c.vn == 0:
+        return None
+    if agg == "sum":
+        return c.sum
+    if agg == "avg":
+        return c.sum / c.vn
+    if agg == "min":
+        return c.mn
+    if agg == "max":
+        return c.mx
+    q = {"p50": 0.5, "p95": 0.95, "p99": 0.99}[agg]
+    est = c.sketch.quantile(q) if c.sketch is not None else None
+    if est is None or c.mn is None or c.mx is None:
+        return None
+    return min(c.mx, max(c.mn, est))  # the sketch's error never leaves the observed range
