@@ -97,7 +97,10 @@ def _config(tmp_path: Path, port: int, pg: dict | None) -> None:
 
 def _spawn(tmp_path: Path, code: str, *args: object) -> subprocess.Popen[str]:
     path = tmp_path / f"p{abs(hash(code))}.py"
-    path.write_text(textwrap.dedent(code))
+    if not path.exists():  # never rewritten: a python still starting may be reading it
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(textwrap.dedent(code))
+        tmp.rename(path)
     return subprocess.Popen([sys.executable, str(path), *map(str, args)], cwd=tmp_path, env=subprocess_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -105,9 +108,11 @@ def _spawn(tmp_path: Path, code: str, *args: object) -> subprocess.Popen[str]:
 def _line(p: subprocess.Popen[str]) -> str:
     assert p.stdout is not None
     line = p.stdout.readline().strip()
-    if not line:
-        p.wait(30)
-        raise AssertionError(f"pid {p.pid} ended ({p.returncode}): {p.stderr.read() if p.stderr else ''}")
+    if not line:  # every writer closed stdout: say what the process (and its children) said
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(60)
+        err = p.stderr.read() if p.stderr and p.poll() is not None else "(still running)"
+        raise AssertionError(f"pid {p.pid} ended ({p.returncode}): {err}")
     return line
 
 
@@ -217,12 +222,12 @@ for w in (1, 2):
                 n += 50
                 if n == %(n1)d:
                     assert agent.flush(60)
-                    print("flushed", flush=True)
+                    os.write(1, b"flushed\\n")  # one write: the two children share the pipe
                 time.sleep(0.01)
             ok = agent.flush(120)
             cur = agent.current()
-            print(json.dumps({"pid": os.getpid(), "w": w, "n": n, "ok": ok, "role": type(cur).__name__,
-                              "fw": fw.status()}), flush=True)
+            view = {"pid": os.getpid(), "w": w, "n": n, "ok": ok, "role": type(cur).__name__, "fw": fw.status()}
+            os.write(1, (json.dumps(view) + "\\n").encode())
             _wait_file(Path(f"stop-{os.getpid()}"))
             agent.stop()
         except BaseException:
