@@ -287,8 +287,38 @@ async def test_dashboard_max_store_mb_caps_the_agents_store(tmp_path: Path):
             assert await agent.flush(30)
             async with http.get(agent.server_url + "/api/v1/sinks") as r:
                 sinks = {s["name"]: s for s in (await r.json())["sinks"]}
+            async with http.get(agent.server_url + "/metrics") as r:
+                metrics = dict(line.rsplit(" ", 1) for line in (await r.text()).splitlines() if line[:1] != "#")
         reported = sinks["store"]["policies"]["store"]
         assert reported["trimmed_rows"] > 0 and reported["trimmed_bytes"] > 0
         assert reported["max_bytes"] == store.max_bytes
+        assert int(metrics['sidecar_agent_store_trimmed_rows_total{sink="store"}']) >= reported["trimmed_rows"] > 0
+        assert int(metrics['sidecar_agent_store_trimmed_bytes_total{sink="store"}']) > 0
+        assert 0 < int(metrics['sidecar_agent_store_bytes{sink="store"}']) <= store.max_bytes
     finally:
         await agent.stop(timeout=5)
+
+
+@pytest.mark.parametrize("few", [1, 500])
+async def test_many_series_and_few_give_the_same_answers(tmp_path: Path, monkeypatch, few: int):
+    """A name with more than query.FEW_SERIES tag sets is read by time range, not per series."""
+    monkeypatch.setattr(query, "FEW_SERIES", few)
+    store = HistoryStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        batch = [
+            ev(value=float(i), ts=NOW - 300 + i, tags={"host": f"h{i % 10}", "dc": f"d{i % 2}"}) for i in range(200)
+        ]
+        batch += [ev(name="other", value=1000.0, ts=NOW - 300 + i, tags={"host": f"h{i % 10}"}) for i in range(50)]
+        await store.write(batch, now=NOW)
+        for step in (1, 60):
+            for tags, want in (({}, range(200)), ({"host": "h3"}, range(3, 200, 10)), ({"dc": "d1"}, range(1, 200, 2))):
+                for agg, expect in (("count", len(want)), ("sum", float(sum(want))), ("max", float(max(want)))):
+                    s = await store.series("m", NOW - 600, NOW, step, agg, tags, now=NOW)
+                    got = [v for v in s["v"] if v is not None]
+                    combined = sum(got) if agg in ("count", "sum") else max(got)
+                    assert combined == expect, (step, tags, agg, s["level"])
+            s = await store.series(None, NOW - 600, NOW, step, "count", {"host": "h3"}, now=NOW)
+            assert sum(v or 0 for v in s["v"]) == 20 + 5
+    finally:
+        await store.close()

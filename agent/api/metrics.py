@@ -87,6 +87,14 @@ def render(agent: AgentView) -> str:
             open_s.append(({"sink": s["name"]}, float(pol.get("breaker_open_seconds_total", 0.0))))
     w.metric("breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", state)
     w.metric("breaker_open_seconds", "counter", "Seconds each sink's breaker has spent open.", open_s)
+    # The store sink declares its history store's figures in ctx.stats["store"] (plugins/store.py).
+    stores = [(s["name"], s["policies"]["store"]) for s in sinks if isinstance(s["policies"].get("store"), dict)]
+    for key, mtype, help_ in (
+        ("trimmed_rows", "counter", "Rows the history store's size cap deleted (oldest raw events first)."),
+        ("trimmed_bytes", "counter", "Bytes the history store's size cap gave back."),
+        ("bytes", "gauge", "Bytes of the history store file in use at its last check against the cap."),
+    ):
+        w.metric(f"store_{key}", mtype, help_, [({"sink": n}, st.get(key, 0)) for n, st in stores])
     w.metric(
         "stream_dropped_messages",
         "counter",
