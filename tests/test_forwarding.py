@@ -562,3 +562,35 @@ def test_embedded_stop_ends_what_it_abandoned_and_closes_its_loop(tmp_path):
     assert out["closed"] and out["ended"], out
     assert "sidecar-agent" not in out["threads"]
     assert "Task was destroyed" not in r.stderr, r.stderr
+
+
+async def test_a_new_owner_counts_only_the_losses_an_earlier_owner_had_not(tmp_path):
+    """After a failover a forwarder reconnects with the loss counts an earlier owner
+    acked (its Hello's `reported`); the new owner adds only what grew since, instead of
+    counting that earlier owner's share (already in the shared ledger) again."""
+    import asyncio
+
+    from agent.forwarding.owner import serve_forwarders
+    from tests.helpers import jsonl_sink, make_agent
+
+    agent_ = make_agent(tmp_path / "data", {"out": jsonl_sink(tmp_path / "out.jsonl")}, server={"enabled": False},
+                        dashboard={"store": False})
+    await agent_.start()
+    owner = await serve_forwarders(agent_)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(owner.path))
+        writer.write(wire.encode(wire.Hello(pid=4242, reported={"intake_full": 5, "invalid": 1})))
+        e = Event(id="01a22d9e-99ae-7d8b-8233-6231e6460505", name="n", value=1.0, ts=1.0, tags={"pid": "4242"})
+        writer.write(wire.encode(wire.Batch(seq=1, events=[e], losses={"intake_full": 7, "invalid": 1})))
+        await writer.drain()
+        answers = []
+        while len(answers) < 2:  # the owner's Hello, then the batch's ack (after the commit)
+            n = wire.frame_length(await asyncio.wait_for(reader.readexactly(wire.HEADER.size), 30))
+            answers.append(wire.decode(await reader.readexactly(n)))
+        writer.close()
+        assert isinstance(answers[0], wire.Hello) and answers[0].pid == os.getpid()
+        assert answers[1] == wire.Ack(seq=1)
+        assert agent_.ledger.by_reason() == {"intake_full": 2}
+    finally:
+        await owner.stop(1.0)
+        await agent_.stop()
