@@ -42,6 +42,10 @@ class JournalFullError(AgentError):
     """The journal is at its size cap and the overflow policy is `reject`."""
 
 
+class IntakeFullError(AgentError):
+    """The intake already holds its capacity: a durable submit is refused (HTTP 429), not dropped."""
+
+
 class FlagError(AgentError):
     """A feature flag is unknown, badly defined, or given a bad value; the message names the flag and layer."""
 

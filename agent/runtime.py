@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent import losses
 from agent.config import Config, resolve
-from agent.event import Event
+from agent.errors import IntakeFullError, JournalFullError
+from agent.event import Event, check
 from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
 from agent.pipeline.delivery import SinkWorker
@@ -251,6 +252,10 @@ class Agent(Recorder):
         self.committer.open(self.journal)
         self._spawn("committer", self.committer.run)
         self._spawn("housekeeping", self._housekeeping)
+        if cfg.agent.heartbeat_s > 0:  # fleet heartbeats (agent/heartbeat.py)
+            from agent.heartbeat import Heartbeat
+
+            self._spawn("heartbeat", Heartbeat(self).run)
         for name, worker in self.workers.items():
             worker.supervision = self._spawn(f"sink:{name}", worker.run, f"sink {name} (plugin {worker.plugin})")
         for spec in specs:
@@ -274,6 +279,7 @@ class Agent(Recorder):
             data_dir=data_dir,
             log=logging.getLogger(f"sidecar_agent.{name}"),
             emit=self.emit,
+            submit=functools.partial(self.submit, source=name),
             ledger=self.ledger,
             shared=self._shared,
             history=self.history,
@@ -354,6 +360,35 @@ class Agent(Recorder):
         """Hand events to the intake from the agent's loop thread (sources, plugins); they
         are checked like record()'s, and what fails is counted as `invalid`."""
         self.committer.emit(events)
+
+    async def submit(self, events: list[Event], source: str = "") -> list[str]:
+        """The durable way in for sources that ack their senders (OTLP, NATS): returns after
+        the journal commit. Each event is checked as an emitted one is; those that fail are
+        left out and their errors returned (the sender is told, so they are not losses).
+        Raises IntakeFullError when the intake is full (a single batch larger than the whole
+        capacity is still taken when the intake is empty, or it could never be) and
+        JournalFullError when the journal is full or the agent is stopping."""
+        committer = self.committer
+        if not committer.accepting:
+            raise JournalFullError("the agent is not accepting events")
+        now = time.time()
+        ts_max = now + self.config.agent.max_future_s
+        good: list[Event] = []
+        errors: list[str] = []
+        for e in events:
+            e.source = e.source or source
+            e.agent_id = e.agent_id or self.id
+            e.ts = e.ts or now
+            try:
+                good.append(check(e, ts_max))
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        if good:
+            queued = len(committer.records) + committer.pending_events
+            if queued and queued + len(good) > committer.capacity:
+                raise IntakeFullError(f"the intake holds {queued} of {committer.capacity} events")
+            await committer.submit(good)
+        return errors
 
     def _spawn(self, name: str, factory: Callable[[], Awaitable[Any]], label: str = "") -> Supervised:
         """Run `factory()` as the supervised task `name` (restarted after an unexpected error)."""

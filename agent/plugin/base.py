@@ -37,6 +37,13 @@ probing: contextvars.ContextVar[bool] = contextvars.ContextVar("sidecar_agent_pr
 Emit = Callable[[list[Event]], None]
 """Hand events to the agent. Missing id, ts, source and agent_id are filled in."""
 
+Submit = Callable[[list[Event]], Awaitable[list[str]]]
+"""Hand events to the agent durably: returns after their journal commit. Missing id, ts,
+source and agent_id are filled in; events that fail the agent's checks are left out and
+one error per such event is returned (the caller tells its sender; nothing is counted as
+lost). Raises IntakeFullError when the intake is full and JournalFullError when the
+journal is full or the agent is stopping: nothing was taken, the sender may retry."""
+
 
 class NoOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Options struct for plugins that take no settings."""
@@ -90,6 +97,9 @@ class PluginContext:
     data_dir: Path
     log: logging.Logger
     emit: Emit
+    # The durable way in, for sources that ack their senders (see Submit); None in a
+    # context built outside an agent.
+    submit: Submit | None = None
     # Free-form gauges a plugin exposes at /metrics and /api/v1/status, e.g. breaker state.
     stats: dict[str, Any] = field(default_factory=dict)
     # The agent's loss ledger. A context built outside an agent (tests, benchmarks) gets
