@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.api.server import ServerStartError
 from agent.flags import FlagService, core_flags
 from agent.runtime import Agent
 from agent.storage.dirlock import DataDirInUse, DataDirLock
@@ -21,17 +22,28 @@ from tests.helpers import agent_config, await_until, free_port, jsonl_sink, subp
 
 def lock_config(tmp_path: Path, port: int | None) -> dict:
     """One jsonl sink `out`; the HTTP server on `port`, or none."""
-    return agent_config(tmp_path / "data", {"out": jsonl_sink(tmp_path / "out.jsonl")}, agent={"shutdown_timeout_s": 1},
-                        server={"port": port} if port else {"enabled": False})
+    return agent_config(
+        tmp_path / "data",
+        {"out": jsonl_sink(tmp_path / "out.jsonl")},
+        agent={"shutdown_timeout_s": 1},
+        server={"port": port} if port else {"enabled": False},
+    )
 
 
 async def start_cli(tmp_path: Path, port: int, *args: str) -> asyncio.subprocess.Process:
     """Start `sidecar-agent ARGS --config` with the agent's data dir and sink, server at `port`."""
     cfg = write_toml(tmp_path / "cli.toml", lock_config(tmp_path, port))
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", *args, "--config", str(cfg), "--json",
+        sys.executable,
+        "-m",
+        "agent.cli",
+        *args,
+        "--config",
+        str(cfg),
+        "--json",
         env=subprocess_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -146,6 +158,7 @@ async def test_events_recorded_around_a_start_that_fails_late_are_journaled_or_c
     """A start that raises after the committer and the sinks run (here: the last step,
     the HTTP server, is made to fail) journals what was recorded before, counts what is
     recorded after as start_failed, saves the ledger and releases the data dir."""
+
     async def broken_server(self):
         raise RuntimeError("injected: the server could not start")
 
@@ -211,7 +224,7 @@ async def test_a_port_in_use_fails_the_start_of_a_sidecar(tmp_path):
         port = taken.getsockname()[1]
         agent = Agent(lock_config(tmp_path, port), require_server=True)
         agent.record("early", 1.0)
-        with pytest.raises(OSError):
+        with pytest.raises(ServerStartError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(server\.host, server\.port\)"):
             await agent.start()
     assert agent.state == "failed" and "cannot listen" in agent.server_error
     agent.record("late", 1.0)
