@@ -181,14 +181,16 @@ class HistoryStore:
         total = 0
         plans = [("raw", "seq", "ts", now - self.retention["raw"])]
         plans += [(f"rollup_{lv}", "bucket, sid", "bucket", now - self.retention[lv]) for lv, _ in LEVELS]
+        hours = 0
         for table, key, col, cutoff in plans:
             while True:
                 n = await self._in_writer(writer.compact_chunk, table, key, col, cutoff)
                 total += n
+                hours += n if table == "rollup_hour" else 0
                 if n == 0 or self._closing:
                     break
-        if total:
-            total += await self._in_writer(writer.drop_orphan_series)  # series that expired with their rows
+        if hours:  # every event has an hour row, kept longest: a series is gone with its last one
+            total += await self._in_writer(writer.drop_orphan_series)
         self.stats["compacted"] += total
         if self.max_bytes is not None:
             await self._in_writer(writer.trim, self.max_bytes)

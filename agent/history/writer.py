@@ -271,7 +271,7 @@ class Writer:
                 # Pages free up only once empty (index pages lag), so a chunk may free little.
                 per_row = max(16.0, (used - now_used) / n)
                 used = now_used
-        if rows["rollup_minute"] or rows["rollup_hour"]:
+        if rows["rollup_hour"]:  # every event has an hour row: a series is gone with its last one
             rows["series"] = self.drop_orphan_series()
             used = self.used_bytes()
         freed = max(0, before - used)
