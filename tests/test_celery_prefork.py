@@ -174,13 +174,6 @@ def _check(tmp_path: Path, embedded: Any) -> list[dict[str, Any]]:
 
 
 # A known bug outside these files (agent/embed.py), named so the other checks still run.
-STALE_PID = (
-    "agent.embed.record() in the owner tags agent.embed._pid, taken when agent was imported: in the Celery main "
-    "process, before the fork, so the owning child's events carry the parent's pid. The committer tags the right "
-    "pid now (RecordQueue.pid_tag), so embed.record() need not tag at all"
-)
-
-
 @pytest.mark.parametrize(
     ("start_in", "extra"),
     [("main", []), ("main", ["--max-tasks-per-child", "20"]), ("child", [])],
@@ -191,8 +184,6 @@ def test_celery_prefork_delivers_every_task_event_once(tmp_path, broker, embedde
     rows = _check(tmp_path, embedded)
     pids = {int(e["tags"]["pid"]) for e in rows}
     # Who sent what: the pool children that ran the tasks, never the main process.
-    if start_in == "child" and main_pid in pids:
-        pytest.xfail(STALE_PID)
     assert main_pid not in pids
     assert len(pids) >= 2, pids
     if extra:  # 200 tasks, 20 per child: every child was replaced, several times
