@@ -89,6 +89,7 @@ class Agent(Recorder):
             commit_interval_s=self.config.agent.commit_interval_ms / 1000,
             on_commit=self.stream.publish,
             max_future_s=self.config.agent.max_future_s,
+            max_series_per_name=self.config.agent.max_series_per_name,
         )
         # The intake's own bound method: the hot path pays no extra call.
         self.record: RecordFn = self.committer.record

@@ -32,6 +32,8 @@ def status_of(agent: Agent) -> dict[str, Any]:
             "committed": c.committed if c else 0,
             "commits": c.commits if c else 0,
         },
+        # The cardinality cap (agent/cardinality.py): tracked names and series, names that overflowed.
+        "series": c.series.describe(),
         "journal": j.stats() if j else None,
         "database": {
             "path": str(agent.db.path) if agent.db else None,

@@ -59,6 +59,13 @@ def render(agent: AgentView) -> str:
     w.metric("intake_queued", "gauge", "Events recorded but not yet committed.", [({}, status["intake"]["queued"])])
     lost = [({"reason": r, "sink": s}, n) for (r, s), n in sorted(agent.ledger.snapshot().items())]
     w.metric("events_lost", "counter", "Events dropped, by reason (the loss ledger).", lost)
+    overflow = sorted(c.series.overflowed.items()) if c else []
+    w.metric(
+        "series_overflow",
+        "counter",
+        "Events whose tags became {overflow=true}: past [agent] max_series_per_name (kept, not lost).",
+        [({"name": n}, v) for n, v in overflow],
+    )
     j = agent.journal
     if j is not None:
         w.metric("journal_events", "gauge", "Events held in the journal.", [({}, j.rows)])

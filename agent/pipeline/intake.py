@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from agent import losses
+from agent.cardinality import SeriesLimit
 from agent.errors import JournalFullError
 from agent.event import MAX_FUTURE_S, MAX_TAGS, Event, assign_ids, check, default_kind
 from agent.losses import LossLedger
@@ -86,12 +87,15 @@ class Committer(RecordQueue):
         commit_interval_s: float,
         on_commit: Callable[[list[Event]], None],
         max_future_s: float = MAX_FUTURE_S,
+        max_series_per_name: int = 2000,
     ) -> None:
         super().__init__(ledger, capacity=capacity, commit_batch=commit_batch, signal_at=NEVER)  # none before open()
         self.max_future_s = max_future_s  # check(): how far ahead of now a ts may be
         self.agent_id = agent_id
         self.commit_interval_s = commit_interval_s
         self.on_commit = on_commit
+        # Every way in passes _commit_queued: the cardinality cap is applied there (agent/cardinality.py).
+        self.series = SeriesLimit(max_series_per_name)
         self.journal: Journal | None = None  # set by open(); until then records wait
         # self.records holds record() tuples and source Events, in arrival order.
         self.batches: list[tuple[list[Event], asyncio.Future[None]]] = []  # HTTP, acked after commit
@@ -219,6 +223,7 @@ class Committer(RecordQueue):
             futures.append(fut)
         if not events:
             return 0
+        self.series.apply(events)
         assign_ids(events)
         try:
             await self._append(events)
