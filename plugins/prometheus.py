@@ -3,12 +3,14 @@
 Every sample becomes one event named after the sample (`prefix` + e.g.
 `http_requests_total`, `latency_seconds_bucket`), its labels as tags. Counters and the
 cumulative series of histograms and summaries (`_bucket`, `_count`, `_sum`) are
-`counter` events carrying the scraped total (not an increment, like the `system`
-source's byte counters); everything else, summary quantiles included, is a `gauge`.
+`counter` events carrying the increment since the previous scrape (`Deltas`), as OTLP
+cumulative sums are: the first scrape of a series only establishes its baseline and
+emits nothing; a total lower than the last one, or a changed `_created` time, is a reset
+and emits the new total. Everything else, summary quantiles included, is a `gauge`.
 
 A failed scrape (refused, timed out, not 200, not parsable) yields no samples for that
 URL, a `sidecar_agent.scrape_errors` counter event and a count in the source's status;
-the next interval scrapes again.
+the next interval scrapes again (from the baselines of the last good scrape).
 """
 
 from __future__ import annotations
@@ -68,13 +70,29 @@ def kind_of(family_type: str, family_name: str, sample_name: str) -> str:
     return "counter" if suffix in _CUMULATIVE.get(family_type, ()) else "gauge"
 
 
+SeriesKey = tuple[str, frozenset[tuple[str, str]]]  # (event name, tags)
+_NOT_IDENTITY = ("le", "quantile")  # labels of one sample of a series, not of the series' start time
+
+
+def series_key(e: Event) -> SeriesKey:
+    """What identifies a scraped series between scrapes: its event name and tags."""
+    return e.name, frozenset(e.tags.items())
+
+
 def parse(
-    text: str, *, openmetrics: bool, now: float, prefix: str = "", tags: dict[str, str] | None = None
+    text: str,
+    *,
+    openmetrics: bool,
+    now: float,
+    prefix: str = "",
+    tags: dict[str, str] | None = None,
+    starts: dict[SeriesKey, float] | None = None,
 ) -> list[Event]:
     """Every sample of an exposition as an event; raises ValueError if any line is bad.
 
     `tags` win over scraped labels; a scraped label they replace is kept as
-    `exported_<label>` (what Prometheus does with conflicting target labels).
+    `exported_<label>` (what Prometheus does with conflicting target labels). `starts`,
+    when given, is filled with the `_created` time of each cumulative series that has one.
     """
     # Imported here, not at module import: the embedded agent loads every built-in
     # plugin, and only an agent that scrapes should pay for prometheus_client.
@@ -84,6 +102,8 @@ def parse(
         from prometheus_client.parser import text_string_to_metric_families
     tags = tags or {}
     events = []
+    created: dict[SeriesKey, float] = {}  # (prefix + family name, tags without le/quantile) -> _created
+    cumulative: list[tuple[Event, SeriesKey]] = []  # counter events and their family's key in `created`
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = dict(s.labels)
@@ -96,17 +116,63 @@ def parse(
                 # agent takes finite values only, so the sample keeps its place without one
                 data = {NONFINITE_KEY: "NaN" if sample != sample else ("Infinity" if sample > 0 else "-Infinity")}
                 value = None
-            events.append(
-                Event(
-                    name=prefix + s.name,
-                    kind=kind_of(family.type, family.name, s.name),
-                    value=value,
-                    ts=float(s.timestamp) if s.timestamp is not None else now,
-                    tags={**labels, **tags},
-                    data=data,
-                )
+            e = Event(
+                name=prefix + s.name,
+                kind=kind_of(family.type, family.name, s.name),
+                value=value,
+                ts=float(s.timestamp) if s.timestamp is not None else now,
+                tags={**labels, **tags},
+                data=data,
             )
+            events.append(e)
+            if starts is None:
+                continue
+            if s.name.endswith("_created"):  # in its counter's family (OpenMetrics) or one of its own (0.0.4)
+                created[(prefix + s.name[: -len("_created")], frozenset(e.tags.items()))] = sample
+            elif e.kind == "counter":
+                ident = frozenset((k, v) for k, v in e.tags.items() if k not in _NOT_IDENTITY)
+                cumulative.append((e, (prefix + family.name, ident)))
+    if starts is not None:
+        for e, family_key in cumulative:
+            if (start := created.get(family_key)) is not None:
+                starts[series_key(e)] = start
     return events
+
+
+class Deltas:
+    """Turns one target's cumulative `counter` samples into increments since its last scrape.
+
+    Per series (name and tags) it keeps the last total and `_created` time; the state is
+    replaced by each good scrape's, so it holds no more series than the target exposes.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[SeriesKey, tuple[float, float | None]] = {}
+
+    def convert(self, events: list[Event], starts: dict[SeriesKey, float]) -> list[Event]:
+        """`events` with each counter's value made a delta; a series' first sample is dropped
+        (its baseline: an increment needs two totals), and so is nothing else."""
+        out: list[Event] = []
+        seen: dict[SeriesKey, tuple[float, float | None]] = {}
+        last = self.last
+        for e in events:
+            if e.kind != "counter" or e.value is None:  # a gauge, or NaN/Inf: as it is
+                out.append(e)
+                continue
+            key = series_key(e)
+            total, start = float(e.value), starts.get(key)
+            seen[key] = (total, start)
+            prev = last.get(key)
+            if prev is None:
+                continue  # the baseline
+            prev_total, prev_start = prev
+            if total < prev_total or (start is not None and prev_start is not None and start != prev_start):
+                e.value = total  # a reset (the target restarted): all of it is new since
+            else:
+                e.value = total - prev_total
+            out.append(e)
+        self.last = seen
+        return out
 
 
 class PrometheusSource(PollingSource):
@@ -123,6 +189,7 @@ class PrometheusSource(PollingSource):
         self.stats = ctx.stats
         self.stats.update(scrapes=0, scrape_errors=0, last_error=None, samples=0)
         self._session: aiohttp.ClientSession | None = None
+        self.deltas = {u: Deltas() for u in self.urls}  # one per target: their series never mix
 
     async def run(self, emit: Emit) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
@@ -158,7 +225,11 @@ class PrometheusSource(PollingSource):
 
     def _parse(self, body: bytes, openmetrics: bool, now: float, url: str) -> list[Event]:
         tags = {"instance": instance(url), **self.tags}
-        return parse(body.decode("utf-8"), openmetrics=openmetrics, now=now, prefix=self.prefix, tags=tags)
+        starts: dict[SeriesKey, float] = {}
+        events = parse(
+            body.decode("utf-8"), openmetrics=openmetrics, now=now, prefix=self.prefix, tags=tags, starts=starts
+        )
+        return self.deltas[url].convert(events, starts)  # only after a good parse: a bad page keeps the baselines
 
     def _failed(self, url: str, exc: BaseException, now: float) -> Event:
         shown = public_url(url)  # the URL may carry credentials: they go nowhere but the request

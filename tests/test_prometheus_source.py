@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent.builtin_plugins.prometheus import SCRAPE_ERRORS, kind_of, parse
+from agent.builtin_plugins.prometheus import SCRAPE_ERRORS, Deltas, kind_of, parse, series_key
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
 from prometheus_client import exposition as text_format
@@ -99,6 +99,76 @@ def test_prefix_tags_timestamps_and_conflicting_labels():
     # NaN has no finite value: the sample is kept, value None, the NaN named in data.
     assert other.name == "app.other" and other.value is None and other.ts == 5.0
     assert other.data == {"value_nonfinite": "NaN"}
+
+
+def scrape(deltas: Deltas, text: str, *, openmetrics: bool = False) -> dict[str, list[tuple[str, Any, dict]]]:
+    """One scrape of `text` through `deltas`, as the source does it."""
+    starts: dict = {}
+    return by_name(deltas.convert(parse(text, openmetrics=openmetrics, now=1.0, starts=starts), starts))
+
+
+def counter_page(total: float, created: float | None = None, *, nan: bool = False) -> str:
+    page = f'# TYPE reqs_total counter\nreqs_total{{route="/a"}} {"NaN" if nan else total}\n'
+    if created is not None:
+        page += f'# TYPE reqs_created gauge\nreqs_created{{route="/a"}} {created}\n'
+    return page + "# TYPE temp gauge\ntemp 21.5\n"
+
+
+def test_counters_become_increments_since_the_last_scrape_after_a_baseline():
+    d = Deltas()
+    first = scrape(d, counter_page(10))
+    assert "reqs_total" not in first  # the first total is only the baseline: no increment is known
+    assert first["temp"] == [("gauge", 21.5, {})]  # gauges are as scraped, from the first scrape on
+    assert scrape(d, counter_page(14))["reqs_total"] == [("counter", 4.0, {"route": "/a"})]
+    assert scrape(d, counter_page(14))["reqs_total"] == [("counter", 0.0, {"route": "/a"})]  # alive, nothing new
+    # lower than the last total: the target restarted, and counted 3 since
+    assert scrape(d, counter_page(3))["reqs_total"] == [("counter", 3.0, {"route": "/a"})]
+    assert scrape(d, counter_page(5))["reqs_total"] == [("counter", 2.0, {"route": "/a"})]
+
+
+def test_a_changed_created_time_is_a_reset_even_when_the_total_grew():
+    d = Deltas()
+    scrape(d, counter_page(10, created=100.0))
+    assert scrape(d, counter_page(12, created=100.0))["reqs_total"][0][1] == 2.0
+    # restarted and counted past the old total before this scrape: only _created shows it
+    assert scrape(d, counter_page(20, created=500.0))["reqs_total"][0][1] == 20.0
+    assert scrape(d, counter_page(21, created=500.0))["reqs_total"][0][1] == 1.0
+
+
+def test_a_series_that_left_the_page_starts_from_a_new_baseline_and_nan_passes_through():
+    d = Deltas()
+    scrape(d, counter_page(10))
+    assert "reqs_total" not in scrape(d, "# TYPE temp gauge\ntemp 1\n")
+    assert "reqs_total" not in scrape(d, counter_page(50))  # gone meanwhile: 50 is a baseline, not 40
+    nan = scrape(d, counter_page(0, nan=True))["reqs_total"]
+    assert nan == [("counter", None, {"route": "/a"})]  # no finite total: kept as parse keeps it
+    assert "reqs_total" not in scrape(d, counter_page(52))  # and the series starts over
+
+
+@pytest.mark.parametrize("fmt, openmetrics", [(text_format, False), (openmetrics_format, True)])
+def test_a_registrys_histograms_and_counters_as_deltas_with_their_created_times(fmt, openmetrics):
+    reg = CollectorRegistry()
+    requests = Counter("http_requests", "Requests.", ["route", "instance"], registry=reg)
+    requests.labels("/a", "app-1").inc(3)
+    h = Histogram("latency_seconds", "Latency.", buckets=[0.1, 1.0], registry=reg)
+    h.observe(0.05)
+    Summary("payload_bytes", "Sizes.", registry=reg).observe(512)
+    d = Deltas()
+    starts: dict = {}
+    events = parse(fmt.generate_latest(reg).decode(), openmetrics=openmetrics, now=1.0, starts=starts)
+    # every cumulative series knows its start time (the histogram's per bucket, without `le`)
+    cumulative = [e for e in events if e.kind == "counter"]
+    assert len(cumulative) == 8 and all(series_key(e) in starts for e in cumulative)
+    d.convert(events, starts)
+    requests.labels("/a", "app-1").inc(2)
+    h.observe(0.5)
+    got = scrape(d, fmt.generate_latest(reg).decode(), openmetrics=openmetrics)
+    assert got["http_requests_total"] == [("counter", 2.0, {"route": "/a", "instance": "app-1"})]
+    buckets = {t["le"]: v for _, v, t in got["latency_seconds_bucket"]}
+    assert buckets == {"0.1": 0.0, "1.0": 1.0, "+Inf": 1.0}
+    assert got["latency_seconds_count"] == [("counter", 1.0, {})]
+    assert got["latency_seconds_sum"] == [("counter", 0.5, {})]
+    assert got["payload_bytes_count"] == [("counter", 0.0, {})]
 
 
 @pytest.mark.parametrize("body", ["this is { garbage", "<html><body>hi</body></html>", "a{b=\"c\" 1\n"])
@@ -212,10 +282,12 @@ async def test_scraped_samples_land_in_the_sink_with_kinds_values_and_tags(tmp_p
     host = target.url.split("/")[2]
     reqs = [e for e in events if e["name"] == "app.http_requests_total"]
     assert {(e["kind"], e["source"]) for e in reqs} == {("counter", "prom")}
-    assert reqs[0]["value"] == 3.0 and reqs[-1]["value"] == 5.0
+    # increments since the first scrape (its total of 3 is the baseline): they add up to what was counted since
+    assert sum(e["value"] for e in reqs) == 2.0 and all(e["value"] >= 0 for e in reqs)
     assert reqs[0]["tags"] == {"route": "/a", "exported_instance": "app-1", "instance": host, "env": "test"}
-    buckets = {e["tags"]["le"]: e["value"] for e in events if e["name"] == "app.latency_seconds_bucket"}
-    assert buckets == {"0.1": 1.0, "1.0": 2.0, "+Inf": 2.0}
+    buckets = {e["tags"]["le"] for e in events if e["name"] == "app.latency_seconds_bucket"}
+    assert buckets == {"0.1", "1.0", "+Inf"}
+    assert all(e["value"] == 0.0 for e in events if e["name"] == "app.latency_seconds_bucket")  # no observations
     temp = next(e for e in events if e["name"] == "app.temperature_celsius")
     assert (temp["kind"], temp["value"], temp["tags"]) == ("gauge", -1.5, {"instance": host, "env": "test"})
     assert not [e for e in events if e["name"] == SCRAPE_ERRORS]
@@ -299,7 +371,8 @@ async def test_an_openmetrics_answer_is_parsed_as_openmetrics(tmp_path):
         await agent.stop()
         await target.stop()
     got = {e["name"]: (e["kind"], e["value"]) for e in read_jsonl(tmp_path / "out.jsonl")}
-    assert got["http_requests_total"] == ("counter", 3.0) and got["temperature_celsius"] == ("gauge", -1.5)
+    # an increment of 0 since the first scrape's baseline, so a counter it read as a gauge would show its total
+    assert got["http_requests_total"] == ("counter", 0.0) and got["temperature_celsius"] == ("gauge", -1.5)
 
 
 async def test_credentials_in_the_url_are_used_but_never_shown(tmp_path, caplog):
