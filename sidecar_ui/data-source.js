@@ -2,8 +2,12 @@
 // (the `dashboard.data_source` flag) asks for, switches it live when that changes, loads
 // the newest events before the first connect, and shows the connection in the header.
 
-import { RealtimeAdapter, supabaseHistory } from "./realtime-adapter.js";
+import { RealtimeAdapter, rowToEvent, supabaseHistory } from "./realtime-adapter.js";
 import { createSupabaseClient } from "./supabase-client.js";
+
+// supabase-js by a path relative to this module, so the page works from any folder (an
+// exported dashboard hosted anywhere), not only from the agent's /ui/.
+const importRelative = (path) => import(new URL(`.${path.replace(/^\/ui/, "")}`, import.meta.url).href);
 
 export class DataSource {
   constructor({ $, win, api, banner, onEvents, onRecent, recentRows = 50 }) {
@@ -23,7 +27,7 @@ export class DataSource {
     badge.textContent = mode;
     badge.dataset.mode = mode;
     try {
-      this.supabase = await createSupabaseClient(cfg);
+      this.supabase = await createSupabaseClient(cfg, importRelative);
       const loc = this.win.location;
       this.adapter = new RealtimeAdapter({
         mode,
@@ -76,9 +80,25 @@ export class DataSource {
     this.onRecent(events);
   }
 
+  // The newest events named `name` since `since` (seconds), newest first, from the source's
+  // own history (Supabase, or the agent's store); [] when there is none. The Fleet tab's
+  // first load: heartbeats are too sparse to be among the newest events.
+  async named(name, since, limit = 1000) {
+    if (this.adapter?.mode === "supabase" && this.supabase) {
+      const { data, error } = await this.supabase.client.from(this.supabase.table).select("*")
+        .eq("event_type", name).gte("timestamp", new Date(since * 1000).toISOString())
+        .order("timestamp", { ascending: false }).limit(limit);
+      if (error) throw new Error(error.message);
+      return (data || []).map(rowToEvent);
+    }
+    if (!this.uiConfig?.store) return [];
+    const q = new URLSearchParams({ name, from: String(since), limit: String(limit) });
+    return (await this.api.get(`/api/v1/events?${q}`)).events;
+  }
+
   // Follows a change of the data source (or of the Supabase settings) without a reload.
   async poll() {
-    if (!this.uiConfig) return; // not connected yet: start() reads ui-config itself
+    if (!this.uiConfig || this.uiConfig.agentless) return; // not connected yet; or no agent to ask
     let cfg;
     try { cfg = await this.api.get("/api/v1/ui-config"); } catch { return; }
     const changed = cfg.data_source !== this.uiConfig.data_source

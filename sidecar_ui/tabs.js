@@ -1,6 +1,7 @@
 // Tab routing: the URL hash (#overview, #metrics?…, #sinks, #dlq, #flags, #sessions,
-// #processes) picks the shown section and the highlighted link; the shown tab's panel is
+// #processes, #fleet) picks the shown section and the highlighted link; the shown tab's panel is
 // refreshed when it is shown and on every `refresh()` (the dashboard calls it every 2 s).
+// `remove(names)` takes tabs out (an agentless page has no agent to show sinks, DLQ, ...).
 
 export class Tabs {
   // `panels`: tab name -> refresh function; `onShow(tab)` runs after each switch.
@@ -23,4 +24,12 @@ export class Tabs {
   }
 
   refresh() { this.panels[this.current]?.(); }
+
+  // Before bind(): these tabs' links and sections go, so no hash can show them.
+  remove(names) {
+    for (const name of names) {
+      this.doc.querySelector(`#tabs a[data-tab="${name}"]`)?.remove();
+      this.$(`tab-${name}`)?.remove();
+    }
+  }
 }
