@@ -7,9 +7,10 @@ sent, retried or waited on, whatever later batches have already been confirmed.
 
 `AdaptiveLimit` is AIMD (additive increase, multiplicative decrease), as TCP and
 Vector's adaptive request concurrency do, between 1 and the sink's `max_in_flight`:
-a request that failed, is being retried or met an open breaker halves the limit (once per
-round of requests: the ones already in flight when it was cut do not cut it again);
-every clean request adds 1/limit, so a full round of clean requests adds one.
+a request that is being retried, failed (not for its data: a PermanentError says nothing
+about load) or met an open breaker halves the limit (once per round of requests: the
+ones already in flight when it was cut do not cut it again); every clean request adds
+1/limit, so a full round of clean requests adds one.
 It starts at the maximum: the journal, not memory, holds the backlog, and a healthy sink
 should see full concurrency at once after an outage.
 """
