@@ -11,11 +11,13 @@ In asyncio apps: ``async with agent.Agent(config) as a: a.record(...)``.
 
 from agent.embed import counter, current, flush, gauge, histogram, record, start, stop, timer
 from agent.handles import counter_handle, gauge_handle, histogram_handle
+from agent.log_handler import LogHandler
 from agent.runtime import Agent
 from agent.version import __version__
 
 __all__ = [
     "Agent",
+    "LogHandler",
     "__version__",
     "counter",
     "counter_handle",

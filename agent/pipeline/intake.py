@@ -33,6 +33,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from typing import Any
 
 from agent import losses
 from agent.cardinality import SeriesLimit
@@ -46,10 +47,22 @@ log = logging.getLogger("sidecar_agent.intake")
 _time = time.time
 
 
+class Deferred:
+    """record()'s `data` finished where the queue is drained, off the caller's thread: a
+    subclass's __call__ returns the data (agent.log_handler formats tracebacks this way)."""
+
+    __slots__ = ()
+
+    def __call__(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
 def event_from_record(t: Recorded, agent_id: str, ts_max: float | None = None, pid: str | None = None) -> Event:
     """Turn one record() tuple into a checked Event; raises ValueError when it is not one.
     `pid` is added as the tag `pid` unless the caller set one or the tags are full."""
     name, value, kind, tags, ts, data, session_id = t
+    if isinstance(data, Deferred):
+        data = data()
     if tags:
         if not isinstance(tags, dict):
             raise ValueError(f"tags must be a dict, got {type(tags).__name__}")
