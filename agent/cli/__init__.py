@@ -159,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=50)
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dlq)
-    from agent.cli import flags, postgres
+    from agent.cli import dashboard, flags, postgres
 
     flags.add_parser(sub, _config)
     postgres.add_parsers(sub)
+    dashboard.add_parser(sub, _config)
     return p
 
 
