@@ -17,6 +17,18 @@ export function healthView(h) {
   return { text: `degraded: ${names.join(", ")}`, cls: "warn" };
 }
 
+// The line under the losses table naming the event names past [agent] max_series_per_name
+// (status.series; agent/cardinality.py): their new tag sets were folded into
+// {overflow: "true"}, kept, not lost. Null when none overflowed (or an older agent).
+export function overflowView(series) {
+  const names = Object.entries(series?.overflowed || {});
+  if (!names.length) return null;
+  const shown = names.slice(0, 5).map(([n, c]) => `${n} (${c.toLocaleString("en")})`);
+  const more = names.length > 5 ? ` and ${names.length - 5} more` : "";
+  return `past ${series.max_series_per_name} tag sets per hour, events kept with tags {overflow: true}: ` +
+    `${shown.join(", ")}${more}`;
+}
+
 export class Overview {
   constructor({ $, doc, win, api }) {
     Object.assign(this, { $, doc, win, api });
@@ -89,6 +101,21 @@ export class Overview {
     this.second = { n: 0, errors: 0 };
   }
 
+  // One line after the losses table, made here on first use (index.html needs no change).
+  showOverflow(text) {
+    let el = this.$("series-overflow");
+    if (!el && text) {
+      el = this.doc.createElement("p");
+      el.id = "series-overflow";
+      el.className = "warn small";
+      this.$("losses").after(el);
+    }
+    if (el) {
+      el.textContent = text || "";
+      el.hidden = !text;
+    }
+  }
+
   async refreshStatus() {
     try {
       const s = await this.api.get("/api/v1/status");
@@ -99,6 +126,7 @@ export class Overview {
       this.$("dlq-pending").textContent = P.num(s.dlq.pending_events);
       const l = await this.api.get("/api/v1/losses");
       P.fill(this.$("losses"), l.entries.map((e) => P.row([e.reason, e.sink || "–", P.num(e.count)])), "nothing lost");
+      this.showOverflow(overflowView(s.series));
       const h = await this.win.fetch("/readyz").then((r) => r.json());
       const health = this.$("health");
       const view = healthView(h);
