@@ -142,6 +142,12 @@ export class Dashboard {
     const health = this.$("health");
     health.textContent = t.agents ? `${t.agents} agents, ${t.stale} stale` : "no heartbeats";
     health.className = `figure ${t.stale ? "warn" : t.agents ? "good" : ""}`;
+    // The losses table: each agent's ledger at its last heartbeat (the second column names the agent).
+    const losses = this.$("losses");
+    losses.tHead.rows[0].cells[1].textContent = "agent";
+    const rows = this.fleet.list().flatMap((a) => Object.entries(a.losses).filter(([, n]) => n)
+      .map(([reason, n]) => P.row([reason, a.id, P.num(n)])));
+    P.fill(losses, rows, "nothing lost");
   }
 
   shows(e) { return !this.agentFilter || e.agent_id === this.agentFilter; }

@@ -39,7 +39,7 @@ export class Fleet {
       return {
         id: e.agent_id, last: e.ts, stale: now - e.ts > STALE_INTERVALS * interval, interval,
         version: d.version || "", inRate: d.events_in_per_s ?? null, outRate: d.events_out_per_s ?? null,
-        lost: d.lost ?? 0, dlq: d.dlq_depth ?? 0, breakers: d.breakers || {},
+        lost: d.lost ?? 0, losses: d.losses || {}, dlq: d.dlq_depth ?? 0, breakers: d.breakers || {},
       };
     }).sort((a, b) => a.id.localeCompare(b.id));
   }
