@@ -139,7 +139,9 @@ class OtlpSource:
             return decoded
         req, encoding = decoded
         async with self._metrics_lock:
-            events, staged, errors = self.mapper.metrics(req)
+            # Off the loop (a large export is many points of Python work); the lock keeps it the only
+            # reader of the state, which commit() changes on the loop under the same lock.
+            events, staged, errors = await asyncio.to_thread(self.mapper.metrics, req)
             if staged:  # cumulative points: held until committed, so the next request's deltas see them
                 answer = await self._commit(events, errors, encoding, m.ExportMetricsServiceResponse, REJECTED_POINTS)
                 if answer.status == 200:
@@ -161,9 +163,8 @@ class OtlpSource:
         if isinstance(decoded, web.Response):
             return decoded
         req, encoding = decoded
-        return await self._commit(
-            self.mapper.logs(req), [], encoding, m.ExportLogsServiceResponse, "rejected_log_records"
-        )
+        events = await asyncio.to_thread(self.mapper.logs, req)
+        return await self._commit(events, [], encoding, m.ExportLogsServiceResponse, "rejected_log_records")
 
     async def _decode(self, request: web.Request, message: type) -> tuple[Any, str] | web.Response:
         self.stats["requests"] += 1
@@ -174,7 +175,7 @@ class OtlpSource:
         try:
             body = await self._body(request)
             try:
-                return self.mapping.decode(body, encoding, message), encoding
+                return await asyncio.to_thread(self.mapping.decode, body, encoding, message), encoding
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
         except BadRequest as exc:

@@ -362,3 +362,43 @@ def test_options_are_checked(tmp_path, bad):
 
     toml = '[sources.o]\ntype = "otlp"\n' + "".join(f"{k} = {json.dumps(v)}\n" for k, v in bad.items())
     assert f"sources.o.{next(iter(bad))}" in plan_error(tmp_path, toml)
+
+
+async def test_delta_temporality_and_exponential_histograms(tmp_path):
+    from opentelemetry.sdk.metrics import Counter as SdkCounter
+    from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+    from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
+
+    agent, url = await otlp_agent(tmp_path)
+    try:
+        delta = {SdkCounter: AggregationTemporality.DELTA, SdkHistogram: AggregationTemporality.DELTA}
+        exporter = OTLPMetricExporter(endpoint=f"{url}/v1/metrics", timeout=60, preferred_temporality=delta)
+        reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+        view = View(instrument_name="size", aggregation=ExponentialBucketHistogramAggregation())
+        provider = MeterProvider(metric_readers=[reader], resource=Resource.create(RESOURCE), views=[view])
+        meter = provider.get_meter("shop")
+        sent, size = meter.create_counter("bytes.sent"), meter.create_histogram("size")
+        sent.add(100)
+        for v in (1, 2, 4, 1000):
+            size.record(v)
+        await export(provider)
+        sent.add(50)
+        size.record(3)
+        await export(provider)
+        assert await agent.flush(60)
+        events = sink_events(tmp_path)
+        assert [e["value"] for e in events if e["name"] == "bytes.sent"] == [100, 50]  # deltas as they are
+        first, second = (e["data"] for e in events if e["name"] == "size")
+        assert (first["count"], first["sum"], first["min"], first["max"]) == (4, 1007, 1, 1000)
+        assert (second["count"], second["sum"], second["min"], second["max"]) == (1, 3, 3, 3)
+        for data, values in ((first, (1, 2, 4, 1000)), (second, (3,))):
+            bounds, counts = data["bounds"], data["bucket_counts"]
+            assert len(counts) == len(bounds) + 1 and sum(counts) == len(values)
+            assert bounds == sorted(bounds)
+            for v in values:  # each value lies in a bucket that counts it: (bounds[i-1], bounds[i]]
+                i = next((i for i, b in enumerate(bounds) if v <= b * (1 + 1e-9)), len(bounds))
+                assert counts[i] >= 1, (v, bounds, counts)
+        await asyncio.to_thread(provider.shutdown)
+    finally:
+        await agent.stop()
