@@ -5,18 +5,20 @@ socket listener."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import ssl
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from agent.api.server import ServerStartError
-from tests.helpers import agent_config, await_until, make_agent, run_cli, start_agent, write_toml
+from tests.helpers import agent_config, await_until, make_agent, run_cli, start_agent, subprocess_env, write_toml
 
 TOKEN = "tls-t0ken"
 
@@ -200,3 +202,32 @@ async def test_the_unix_socket_listener_has_mode_0660_and_serves_the_api(tmp_pat
     finally:
         await agent.stop()
     assert not sock_path.exists()  # removed at stop
+
+
+async def test_the_cli_reaches_an_agent_that_serves_only_https(tmp_path, certs):
+    """`sidecar-agent flags` (and `dlq`) read the agent's config: with TLS on, they speak https to it and
+    trust the configured (self-signed) certificate, instead of failing as if no agent answered."""
+    server = {"token": TOKEN, "tls_cert": str(certs["cert"]), "tls_key": str(certs["key"])}
+    agent = await start_agent(tmp_path / "d", server=server)
+    try:
+        port = int(agent.server_url.rsplit(":", 1)[1])
+        cfg = write_toml(tmp_path / "agent.toml", agent_config(tmp_path / "d", server={**server, "port": port}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "flags",
+            "list",
+            "--config",
+            str(cfg),
+            "--json",
+            env=subprocess_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        # Offline, the locked data dir would be refused (exit 1): this list came from the live agent.
+        assert "sinks.store.enabled" in {f["name"] for f in json.loads(out)["flags"]}
+    finally:
+        await agent.stop()

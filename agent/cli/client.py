@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,9 +20,27 @@ class AgentUnreachable(Exception):
 
 
 def url(cfg: Config) -> str:
-    """The agent's base URL from the config (a wildcard host is reached on loopback)."""
+    """The agent's base URL from the config (a wildcard host is reached on loopback; https when it serves TLS)."""
     host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    return f"http://{host}:{cfg.server.port}"
+    scheme = "https" if cfg.server.tls_cert else "http"
+    return f"{scheme}://{host}:{cfg.server.port}"
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """For an agent serving TLS: trust the system CAs and, pinned, the very certificate the config names.
+
+    The CLI reads the same config as the agent, so the configured file is the certificate it must
+    be served: a self-signed one (the common case on a host) verifies without a CA. The host name
+    is not checked, since the CLI may reach a wildcard listener on loopback; the pinned
+    certificate or a CA-verified chain still is."""
+    if not cfg.server.tls_cert:
+        return None
+    ctx = ssl.create_default_context()
+    with contextlib.suppress(OSError, ssl.SSLError):  # unreadable here: the system CAs alone decide
+        ctx.load_verify_locations(cafile=cfg.server.tls_cert)
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a pinned leaf is trusted without its issuer
+    ctx.check_hostname = False
+    return ctx
 
 
 def offline_refused(cfg: Config, exc: DataDirInUse) -> SystemExit:
@@ -46,12 +65,12 @@ def call(cfg: Config, method: str, path: str, query: dict[str, Any] | None = Non
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5, context=tls_context(cfg)) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
         with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object: show it as it is
             detail = json.loads(detail).get("error", detail)
         raise SystemExit(f"error: {detail}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
         raise AgentUnreachable(str(exc)) from None
