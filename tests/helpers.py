@@ -130,10 +130,12 @@ def jsonl_sink(path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
 
 def agent_config(data_dir: Path, sinks: dict[str, dict[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
     """A config dict: `data_dir`, a 2 ms commit interval, the server on an ephemeral port,
-    the given sinks (`policies = []` unless they say otherwise). `agent=` and `server=`
+    the given sinks (`policies = []` unless they say otherwise), no heartbeats. `agent=` and `server=`
     are merged into those defaults; other sections (`sources`, `dashboard`, ...) are used as given."""
     cfg: dict[str, Any] = {
-        "agent": {"data_dir": str(data_dir), "commit_interval_ms": 2, **sections.pop("agent", {})},
+        # No heartbeats unless a test asks: a test that runs past heartbeat_s and compares a
+        # sink's whole contents would otherwise see one event it did not record.
+        "agent": {"data_dir": str(data_dir), "commit_interval_ms": 2, "heartbeat_s": 0, **sections.pop("agent", {})},
         "server": {"port": 0, **sections.pop("server", {})},
         "sinks": {n: {"policies": [], **t} for n, t in (sinks or {}).items()},
     }
