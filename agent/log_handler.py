@@ -10,11 +10,12 @@ value, `ts` the record's time, tags `level` and `logger`, and `data` with `messa
 `stack` (with `stack_info`) and every `extra` field (values JSON can carry are kept,
 others become their repr()).
 
-It costs about what record() costs plus the record's own message formatting: emit()
-appends to the intake's deque and returns, and takes no handler lock (record() is
-thread-safe). The traceback and the `extra` values are turned into text where the queue
-is drained (the agent's committer or a forwarder's drain thread, agent.pipeline.intake.
-Deferred), not on the caller's thread.
+On the caller's thread emit() formats the message (its args may change once it
+returns), copies the `extra` attributes and appends to the intake's deque with record();
+it takes no handler lock (record() is thread-safe). The traceback and the `extra`
+values are turned into data where the queue is drained (the agent's committer or a
+forwarder's drain thread: agent.pipeline.intake.Deferred). bench/intake_extras.py
+measures what it adds to a logging call.
 
 It never feeds on the agent's own logging: records from the `agent` and `sidecar_agent`
 loggers and from the agent's threads (named `sidecar-agent...`) are ignored, and so is
@@ -37,6 +38,7 @@ from agent.pipeline.recording import RecordFn
 
 # Attributes every LogRecord has: what is left in its __dict__ came from `extra`.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_PLAIN = len(logging.makeLogRecord({}).__dict__)  # attributes of a record without extras
 _OWN_LOGGERS = ("agent", "sidecar_agent")
 _OWN_PREFIXES = tuple(f"{n}." for n in _OWN_LOGGERS)
 _OWN_THREADS = "sidecar-agent"
@@ -58,21 +60,21 @@ def _json_safe(v: Any) -> Any:
     return repr(v)
 
 
-class _LogData(Deferred):
-    """The record's data, finished where the queue is drained: the traceback and extras as text."""
+class _LogData(Deferred, tuple):
+    """What the record's data needs (a tuple: built in C on the caller's thread), turned
+    into the data where the queue is drained."""
 
-    __slots__ = ("data", "exc_info", "extra")
-
-    def __init__(self, data: dict[str, Any], exc_info: Any, extra: dict[str, Any] | None) -> None:
-        self.data, self.exc_info, self.extra = data, exc_info, extra
+    __slots__ = ()
 
     def __call__(self) -> dict[str, Any]:
-        data = self.data
-        if self.extra:
-            data = {k: _json_safe(v) for k, v in self.extra.items()} | data  # the record's own keys win
-        if self.exc_info:
-            data["exception"] = "".join(traceback.format_exception(*self.exc_info)).rstrip("\n")
-            self.exc_info = None  # the traceback keeps frames alive: let them go
+        message, pathname, lineno, func, stack, exc_info, extra = self
+        data = {k: _json_safe(v) for k, v in extra.items()} if extra else {}
+        # the record's own keys win over extras of the same names
+        data.update(message=message, where=f"{pathname}:{lineno}", func=func)
+        if stack:
+            data["stack"] = stack
+        if exc_info:
+            data["exception"] = "".join(traceback.format_exception(*exc_info)).rstrip("\n")
         return data
 
 
@@ -106,21 +108,28 @@ class LogHandler(logging.Handler):
         inside.active = True
         try:
             record_fn: RecordFn = self._agent.record if self._agent is not None else embed.record
-            data: dict[str, Any] = {
-                "message": record.getMessage(),  # here: its args may change once we return
-                "where": f"{record.pathname}:{record.lineno}",
-                "func": record.funcName,
-            }
-            if record.stack_info:
-                data["stack"] = record.stack_info
-            extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+            d = record.__dict__
+            extra = None
+            if len(d) > _PLAIN:  # `extra` added attributes (or a formatter added message/asctime)
+                extra = {k: d[k] for k in d.keys() - _STANDARD} or None
             record_fn(
                 self.event_name,
                 None,
                 kind="event",
                 tags={"level": record.levelname, "logger": record.name},
                 ts=record.created,
-                data=_LogData(data, record.exc_info, extra) if (extra or record.exc_info) else data,  # type: ignore[arg-type]
+                # The message is formatted here (its args may change once we return); the rest later.
+                data=_LogData(  # type: ignore[arg-type]
+                    (
+                        record.getMessage(),
+                        record.pathname,
+                        record.lineno,
+                        record.funcName,
+                        record.stack_info,
+                        record.exc_info,  # its traceback keeps frames alive only until the drain
+                        extra,
+                    )
+                ),
             )
         except Exception:
             self.handleError(record)
