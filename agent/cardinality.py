@@ -13,11 +13,11 @@ half-hour windows per name. Each half hour the current window becomes the previo
 and the old previous one is forgotten, so a series counts against its name's cap from
 its first event until 30 to 60 minutes after its last. A window holds at most
 `max_series` hashes, so a name costs at most 2 x max_series of them; all names together
-hold at most `max_tracked` hashes (about 70 bytes each with the set's slots, so ~70 MB
-at the default million), and at most `max_names` names are tracked. Past either bound a
-new series of any name overflows until the next rotation makes room; the names
-counted in `overflowed` are bounded by `max_names` too (the excess is counted under
-OTHER_NAMES).
+hold at most `max_tracked` hashes (about 100 bytes each with the set's slots, measured
+with tracemalloc: ~50 MB at the default 500,000), and at most `max_names` names are
+tracked. Past either bound a new series of any name overflows until the next rotation
+makes room; the names counted in `overflowed` are bounded by `max_names` too (the
+excess is counted under OTHER_NAMES).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from agent.event import Event
 OVERFLOW_TAGS = {"overflow": "true"}
 OTHER_NAMES = "(other names)"  # where overflow counts go once `overflowed` holds max_names names
 WINDOW_S = 3600.0
-MAX_TRACKED = 1_000_000
+MAX_TRACKED = 500_000
 MAX_NAMES = 20_000
 
 
