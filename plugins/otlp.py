@@ -104,9 +104,8 @@ class OtlpSource:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
         await runner.setup()
         try:
-            site = await self._listen(runner)
-            sock = site._server.sockets[0]  # type: ignore[union-attr]  # the bound address (port 0)
-            host, port = sock.getsockname()[:2]
+            await self._listen(runner)
+            host, port = runner.addresses[0][:2]  # the bound address (port 0 picks one)
             self.stats["address"] = f"{host}:{port}"
             self.ctx.log.info("otlp listening on http://%s:%d", host, port)
             await asyncio.Event().wait()  # until cancelled

@@ -315,11 +315,21 @@ async def test_full_intake_answers_429_with_retry_after_and_takes_nothing(tmp_pa
         assert not first.done()  # not answered before its commit
         status, _, headers = await post(f"{url}/v1/metrics", request("second"))
         assert status == 429 and headers["Retry-After"] == "1"
+        # The SDK's exporter meets the same 429 and retries with backoff until it is taken.
+        provider, meter = meter_provider(url)
+        c = meter.create_counter("sdk")
+        for k in range(11):
+            c.add(k + 1, {"k": str(k)})
+        sdk = asyncio.ensure_future(export(provider))
+        await await_until(lambda: agent._source_stats["otlp"]["refused"] >= 2, what="the SDK's export refused")
         assert (await first)[0] == 200
+        await sdk
         assert (await post(f"{url}/v1/metrics", request("second")))[0] == 200  # the retry is taken
         assert await agent.flush(60)
-        names = Counter(e["name"] for e in sink_events(tmp_path))
-        assert names == {"first": 20, "second": 20}
+        events = sink_events(tmp_path)
+        assert Counter(e["name"] for e in events) == {"first": 20, "second": 20, "sdk": 11}
+        assert sorted(e["value"] for e in events if e["name"] == "sdk") == [k + 1 for k in range(11)]
+        await asyncio.to_thread(provider.shutdown)
         assert agent.ledger.total() == 0
     finally:
         await agent.stop()
