@@ -273,7 +273,7 @@ class Mapper:
             rtags = self._resource(attributes(rl.resource.attributes))
             for sl in rl.scope_logs:
                 for r in sl.log_records:
-                    severity = r.severity_text or _severity(r.severity_number)
+                    severity = _severity(r.severity_number) or r.severity_text.lower()  # one vocabulary for filters
                     tags = {**rtags, "severity": severity} if severity else dict(rtags)
                     data: dict[str, Any] = {"body": any_value(r.body), "severity_number": r.severity_number}
                     if r.severity_text:

@@ -153,9 +153,10 @@ async def test_sdk_logs_become_events_with_body_severity_and_trace_ids(tmp_path)
         assert len(events) == 2 and len({e["id"] for e in events}) == 2
         warn, info = events
         assert warn["kind"] == "event" and warn["value"] is None
-        assert warn["tags"]["service.name"] == "checkout" and warn["tags"]["severity"] == "WARN"
+        assert warn["tags"]["service.name"] == "checkout" and warn["tags"]["severity"] == "warn"
         assert warn["data"]["body"] == "payment failed for order-7"
-        assert warn["data"]["severity_number"] == 13
+        assert warn["data"]["severity_number"] == 13 and warn["data"]["severity_text"] == "WARN"
+        assert info["tags"]["severity"] == "info"
         assert (warn["data"]["trace_id"], warn["data"]["span_id"]) == (seen["trace"], seen["span"])
         assert warn["data"]["attributes"]["order"] == "order-7" and warn["data"]["attributes"]["attempt"] == 2
         assert warn["data"]["scope"] == "test_otlp.shop"
@@ -410,5 +411,22 @@ async def test_delta_temporality_and_exponential_histograms(tmp_path):
                 i = next((i for i, b in enumerate(bounds) if v <= b * (1 + 1e-9)), len(bounds))
                 assert counts[i] >= 1, (v, bounds, counts)
         await asyncio.to_thread(provider.shutdown)
+    finally:
+        await agent.stop()
+
+
+async def test_resource_tags_option_and_point_attributes_win(tmp_path):
+    agent, url = await otlp_agent(tmp_path, resource_tags=["*"])
+    try:
+        body = json_metrics({"asDouble": 1.5, "attributes": [{"key": "host.name", "value": {"stringValue": "pod-2"}}]})
+        resource = body["resourceMetrics"][0]["resource"]["attributes"]
+        resource += [
+            {"key": "process.pid", "value": {"intValue": "7"}},
+            {"key": "host.name", "value": {"stringValue": "node-1"}},
+        ]
+        assert (await post(f"{url}/v1/metrics", json.dumps(body).encode(), "application/json"))[0] == 200
+        assert await agent.flush(60)
+        (event,) = sink_events(tmp_path)
+        assert event["tags"] == {"service.name": "batch", "process.pid": "7", "host.name": "pod-2"}
     finally:
         await agent.stop()
