@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -148,10 +149,17 @@ class Deltas:
 
     def __init__(self) -> None:
         self.last: dict[SeriesKey, tuple[float, float | None]] = {}
+        # convert() runs in a worker thread; a scrape cancelled mid-parse (a source restart)
+        # may leave one running beside the next scrape's.
+        self._lock = threading.Lock()
 
     def convert(self, events: list[Event], starts: dict[SeriesKey, float]) -> list[Event]:
         """`events` with each counter's value made a delta; a series' first sample is dropped
         (its baseline: an increment needs two totals), and so is nothing else."""
+        with self._lock:
+            return self._convert(events, starts)
+
+    def _convert(self, events: list[Event], starts: dict[SeriesKey, float]) -> list[Event]:
         out: list[Event] = []
         seen: dict[SeriesKey, tuple[float, float | None]] = {}
         last = self.last
