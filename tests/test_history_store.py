@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from agent.event import Event
-from agent.history.store import HistoryStore
 from agent.history.sketch import Sketch
+from agent.history.store import HistoryStore
 
 NOW = 1_700_002_800.0  # a fixed, hour-aligned clock
 
@@ -30,7 +30,7 @@ async def test_redelivery_does_not_double_count(store):
     batch = [ev(value=float(i), ts=NOW - 100 + i) for i in range(50)]
     assert await store.write(batch, now=NOW) == 50
     assert await store.write(batch, now=NOW) == 0
-    assert await store.write(batch[:10] + [batch[0]], now=NOW) == 0
+    assert await store.write([*batch[:10], batch[0]], now=NOW) == 0
     for agg, want in (("count", 50), ("sum", sum(range(50))), ("min", 0), ("max", 49)):
         for step in (1, 60, 3600):  # raw, minute and hour levels
             s = await store.series("m", NOW - 3600 * 3, NOW, step, agg, now=NOW)
@@ -74,8 +74,9 @@ async def test_percentiles_from_minute_rollups_are_within_one_percent(store):
 
 
 async def test_tag_filter_and_avg(store):
-    await store.write([ev(value=10, tags={"host": "a"}), ev(value=20, tags={"host": "b"}),
-                       ev(value=30, tags={"host": "a"})], now=NOW)
+    await store.write(
+        [ev(value=10, tags={"host": "a"}), ev(value=20, tags={"host": "b"}), ev(value=30, tags={"host": "a"})], now=NOW
+    )
     for step in (1, 60):
         s = await store.series("m", NOW - 120, NOW, step, "avg", {"host": "a"}, now=NOW)
         assert [v for v in s["v"] if v is not None] == [20.0]
@@ -132,3 +133,29 @@ def test_sketch_merge_equals_single_sketch():
     for q in (0.01, 0.5, 0.9, 0.99):
         assert merged.quantile(q) == whole.quantile(q)
     assert Sketch().quantile(0.5) is None
+
+
+def test_sketches_of_the_first_format_still_decode_and_merge():
+    """Version 1 stored (zeros, [key, count, ...], [...]); blobs now hold maps. Both read."""
+    import msgspec
+
+    from agent.history.sketch import merge_bytes
+
+    rnd = random.Random(2)
+    vals = [rnd.uniform(-5, 50) for _ in range(500)] + [0.0] * 3
+    whole, old = Sketch(), Sketch()
+    for v in vals:
+        whole.add(v)
+    for v in vals[:250]:
+        old.add(v)
+    flat = msgspec.msgpack.encode(
+        (old.zero, [x for kv in old.pos.items() for x in kv], [x for kv in old.neg.items() for x in kv])
+    )
+    assert Sketch.from_bytes(flat).quantile(0.5) == old.quantile(0.5)
+    rest = Sketch()
+    for v in vals[250:]:
+        rest.add(v)
+    merged = Sketch.from_bytes(merge_bytes(flat, rest.to_bytes()))
+    assert merged.n == whole.n
+    for q in (0.01, 0.5, 0.99):
+        assert merged.quantile(q) == whole.quantile(q)
