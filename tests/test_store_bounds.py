@@ -320,5 +320,12 @@ async def test_many_series_and_few_give_the_same_answers(tmp_path: Path, monkeyp
                     assert combined == expect, (step, tags, agg, s["level"])
             s = await store.series(None, NOW - 600, NOW, step, "count", {"host": "h3"}, now=NOW)
             assert sum(v or 0 for v in s["v"]) == 20 + 5
+        seen, cursor = [], None  # raw events of one name, newest first, page by page
+        while True:
+            page, cursor = await store.events(name="m", limit=64, cursor=cursor)
+            seen += page
+            if cursor is None:
+                break
+        assert [e["id"] for e in seen] == [e.id for e in reversed(batch[:200])]
     finally:
         await store.close()

@@ -30,13 +30,28 @@ def _rows(conn: sqlite3.Connection, sql: str, args: Iterable[Any], closing: Call
         yield row
 
 
+def _many_series(conn: sqlite3.Connection, chosen: str, args: list[Any]) -> bool:
+    """Whether the series `chosen` selects are better read by time range than one by one.
+    A seek per series costs about as much as scanning 20 rows: seek while the filter keeps
+    under 1/20 of all series (at least FEW_SERIES; the highest id stands in for their number)."""
+    limit = max(FEW_SERIES, (conn.execute("SELECT max(id) FROM series").fetchone()[0] or 0) // 20)
+    return bool(conn.execute(f"SELECT count(*) FROM ({chosen} LIMIT {limit + 1})", args).fetchone()[0] > limit)
+
+
 def events(
     conn: sqlite3.Connection,
     where: list[str],
     args: list[Any],
     limit: int,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Raw events matching `where` (over the `events` view's columns), newest first."""
+    """Raw events matching `where` (over the `events` view's columns) and `name`, newest first."""
+    if name is not None:
+        # A name with many series: walk the time index from the newest and stop at `limit`
+        # (`+` keeps SQLite from collecting and sorting all of the name's rows instead).
+        many = _many_series(conn, "SELECT id FROM series WHERE name = ?", [name])
+        where = [f"{'+' if many else ''}name = ?", *where]
+        args = [name, *args]
     sql = "SELECT id, ts, name, kind, value, source, agent_id, session_id, tags, data FROM events"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -91,10 +106,7 @@ def series_cells(
         source = f"{table} r"
     else:
         chosen = "SELECT id FROM series WHERE " + " AND ".join(c.format(s="") for c in conds)
-        # A seek per series costs about as much as scanning 20 rows: seek when the filter
-        # keeps under 1/20 of all series (the highest id stands in for their number).
-        limit = max(FEW_SERIES, (conn.execute("SELECT max(id) FROM series").fetchone()[0] or 0) // 20)
-        if conn.execute(f"SELECT count(*) FROM ({chosen} LIMIT {limit + 1})", args).fetchone()[0] <= limit:
+        if not _many_series(conn, chosen, args):
             source = f"series s CROSS JOIN {table} r ON r.sid = s.id"
             where = [c.format(s="s.") for c in conds]
         else:

@@ -223,7 +223,7 @@ class HistoryStore:
         """Raw events, newest first; returns (events, next cursor or None)."""
         where: list[str] = []
         args: list[Any] = []
-        for col, val in (("name", name), ("source", source), ("agent_id", agent), ("session_id", session)):
+        for col, val in (("source", source), ("agent_id", agent), ("session_id", session)):
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
@@ -237,7 +237,7 @@ class HistoryStore:
             cts, cid = decode_cursor(cursor)
             where.append("(ts < ? OR (ts = ? AND id < ?))")
             args += [cts, cts, cid]
-        out = await self._in_reader(query.events, where, args, limit)
+        out = await self._in_reader(query.events, where, args, limit, name)
         nxt = f"{out[-1]['ts']!r}~{out[-1]['id']}" if len(out) == limit else None
         return out, nxt
 
