@@ -31,7 +31,15 @@ async def _store(request: web.Request) -> HistoryStore:
     return store
 
 
-def _num(request: web.Request, key: str, default: float | None = None) -> float | None:
+# Epoch seconds up to about year 5000, and steps up to ~30 years: beyond any stored event,
+# and inside what SQLite's integers hold (a client's 1e30 is a 400, not an OverflowError).
+TIME_RANGE = (0.0, 1e11)
+STEP_RANGE = (0.0, 1e9)
+
+
+def _num(
+    request: web.Request, key: str, default: float | None = None, within: tuple[float, float] | None = None
+) -> float | None:
     raw = request.query.get(key)
     if raw is None or raw == "":
         return default
@@ -41,6 +49,8 @@ def _num(request: web.Request, key: str, default: float | None = None) -> float 
         raise web.HTTPBadRequest(reason=f"{key} must be a number (epoch seconds for from/to)") from None
     if not math.isfinite(value):
         raise web.HTTPBadRequest(reason=f"{key} must be finite")
+    if within is not None and not within[0] <= value <= within[1]:
+        raise web.HTTPBadRequest(reason=f"{key} must be between {within[0]:g} and {within[1]:g}")
     return value
 
 
@@ -63,8 +73,8 @@ async def list_events(request: web.Request) -> web.Response:
         source=q.get("source") or None,
         agent=q.get("agent") or None,
         session=q.get("session") or None,
-        start=_num(request, "from"),
-        end=_num(request, "to"),
+        start=_num(request, "from", within=TIME_RANGE),
+        end=_num(request, "to", within=TIME_RANGE),
         cursor=cursor,
         limit=limit,
     )
@@ -88,9 +98,9 @@ async def series(request: web.Request) -> web.Response:
     if every and agg != "count":
         raise web.HTTPBadRequest(reason="all=1 (every name) only makes sense with agg=count")
     now = time.time()
-    end = _num(request, "to", now)
-    start = _num(request, "from", (end or now) - 3600)
-    step = _num(request, "step")
+    end = _num(request, "to", now, within=TIME_RANGE)
+    start = _num(request, "from", max(0.0, (end or now) - 3600), within=TIME_RANGE)
+    step = _num(request, "step", within=STEP_RANGE)
     assert start is not None and end is not None
     if end <= start:
         raise web.HTTPBadRequest(reason="to must be after from")

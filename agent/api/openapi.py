@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from agent.api.history import STEP_RANGE, TIME_RANGE
 from agent.event import EventIn
 from agent.version import __version__
 
@@ -75,9 +76,8 @@ def _op(
 
 
 _NUM = {"type": "number"}
-# Epoch seconds from 1970 to about year 5000: far beyond any stored event, and within what
-# SQLite's integers hold (an out-of-range value from a client should be a 400, not more).
-_TIME = {"type": "number", "minimum": 0, "maximum": 1e11}
+# The ranges the history handlers accept (outside them: a 400 naming the parameter).
+_TIME = {"type": "number", "minimum": TIME_RANGE[0], "maximum": TIME_RANGE[1]}
 _LIST_OF_OBJ = {"type": "array", "items": _OBJ}
 _SINK = _q("sink", "one sink's entries (404 when there is no such sink)")
 _STATUS = _q("status", "pending, expired or corrupt", {"type": "string"})
@@ -128,7 +128,9 @@ def spec() -> dict[str, Any]:
         _q("agg", "avg, sum, min, max, count, p50, p95, p99"),
         _q("from", "epoch seconds", _TIME),
         _q("to", "epoch seconds", _TIME),
-        _q("step", "seconds per point", {"type": "number", "exclusiveMinimum": 0, "maximum": 1e9}),
+        _q(
+            "step", "seconds per point", {"type": "number", "exclusiveMinimum": STEP_RANGE[0], "maximum": STEP_RANGE[1]}
+        ),
     ]
     paths: dict[str, Any] = {
         "/healthz": {"get": _op("liveness", {"200": _json(_OBJ, "the process answers")}, public=True)},
