@@ -2,7 +2,8 @@
 the flag service for them.
 
 Each table may set `type` (default: its name). Sink tables also take `policies`
-(default timeout, retry, circuit_breaker), `batch_size`, `max_in_flight`, and one sub-table per policy
+(default timeout, retry, circuit_breaker), `batch_size`, `max_in_flight`, `aggregate` (an interval such as
+"10s": the sink receives per-interval aggregates; the store sink ignores it), and one sub-table per policy
 named after it. Every other key belongs to the plugin's own options struct; errors
 name the key path, e.g. `agent.toml: sinks.main.retry.max_attempts: expected int`.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.aggregation import parse_interval
 from agent.config import DEFAULT_POLICIES, Config, convert_section
 from agent.errors import ConfigError, PluginError
 from agent.event import Event
@@ -35,6 +37,7 @@ class ComponentSpec:
     policies: list[tuple[str, Registration, Any]] = field(default_factory=list)
     batch_size: int = 500
     max_in_flight: int | None = None  # None: the sink's own default (agent.pipeline.delivery)
+    aggregate_s: float | None = None  # None: raw events (agent.pipeline.batch_ranges)
 
 
 def plan(config: Config, host: PluginHost) -> list[ComponentSpec]:
@@ -116,6 +119,14 @@ def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: Plu
         if in_flight is not None and (not isinstance(in_flight, int) or isinstance(in_flight, bool) or in_flight <= 0):
             raise ConfigError(f"{origin}: {path}.max_in_flight: expected a positive integer")
         spec.max_in_flight = in_flight
+        aggregate = table.pop("aggregate", None)
+        if aggregate is not None:
+            try:
+                seconds = parse_interval(aggregate)
+            except ValueError as exc:
+                raise ConfigError(f"{origin}: {path}.aggregate: {exc}") from None
+            # The local store keeps raw events for the dashboard's history, whatever is asked.
+            spec.aggregate_s = None if type_name == "store" else seconds
         for pname in names:
             try:
                 preg = host.get("policies", pname)

@@ -317,6 +317,7 @@ class Agent(Recorder):
             self.dlq,
             batch_size=spec.batch_size,
             max_in_flight=spec.max_in_flight,
+            aggregate_s=spec.aggregate_s,
             replay_per_s=self.config.dlq.replay_per_s,
             auto_replay=self.config.dlq.auto_replay,
             plugin=spec.registration.plugin,

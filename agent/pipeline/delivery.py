@@ -37,6 +37,7 @@ from agent.errors import CircuitOpenError, PermanentError, RetryableError
 from agent.event import Event
 from agent.flags import in_rollout
 from agent.pipeline import deadletter_log
+from agent.pipeline.batch_ranges import BatchRanges, aggregate_batch
 from agent.pipeline.inflight import AdaptiveLimit, Batch, Window
 from agent.pipeline.journal import Journal
 from agent.pipeline.resilience import Chain
@@ -87,6 +88,7 @@ class SinkStats:
     dead_lettered: int = 0
     replayed: int = 0
     filtered: int = 0
+    aggregated: int = 0  # raw events merged away by `aggregate` (sent as fewer rows)
     last_error: str | None = None
     last_success: float | None = None
     state: str = "starting"
@@ -107,6 +109,7 @@ class SinkWorker:
         *,
         batch_size: int = 500,
         max_in_flight: int | None = None,
+        aggregate_s: float | None = None,
         replay_per_s: float = 2.0,
         auto_replay: bool = True,
         enabled: Callable[[], bool] = lambda: True,
@@ -123,6 +126,9 @@ class SinkWorker:
         self.batch_size = batch_size
         # None: what the sink says it can take (see the module doc)
         self.limit = AdaptiveLimit(max_in_flight or int(getattr(sink, "max_in_flight", 1) or 1))
+        # `aggregate`: the sink gets per-batch aggregates over persisted ranges (batch_ranges)
+        self.aggregate_s = aggregate_s
+        self._ranges = BatchRanges(journal.db, name) if aggregate_s else None
         self._read_to = 0  # the journal is read up to here; the cursor trails the window
         self._window = Window()
         self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
@@ -209,8 +215,17 @@ class SinkWorker:
         if not window:
             self._read_to = self.journal.cursors.get(self.name, 0)
         read = False
+        ranges = self._ranges
+        if ranges is not None:
+            await ranges.load()
         while window.in_flight() < self.limit.current and len(window) < 4 * self.limit.maximum:
-            rows, upto = await self.journal.read_batch(self._read_to, self.batch_size)
+            after = self._read_to
+            # An aggregating sink re-reads exactly the range it sent from here before, if any.
+            known = ranges.get(after) if ranges is not None else None
+            rows, upto = await self.journal.read_batch(after, self.batch_size if known is None else known - after)
+            if known is not None and (rows or upto >= known):
+                rows = [r for r in rows if r[0] <= known]
+                upto = known
             if not rows:
                 if upto > self._read_to:  # only quarantined segments lay ahead (counted as journal_corrupt)
                     window.add(Batch(upto, None))
@@ -218,6 +233,8 @@ class SinkWorker:
                     read = True
                 return read
             upto = max(upto, rows[-1][0])
+            if ranges is not None and known is None:
+                await ranges.persist(after, upto)  # before the first send: see batch_ranges
             task = asyncio.create_task(self._deliver_rows(rows, upto), name=f"sink:{self.name}:{upto}")
             window.add(Batch(upto, task))
             self._read_to = upto
@@ -283,7 +300,8 @@ class SinkWorker:
                 delay = min(delay * 2, 60.0)
 
     async def _deliver_rows(self, rows: list[tuple[int, Event]], upto: int) -> None:
-        """Send one batch read from the journal (the cursor goes to `upto` when it retires)."""
+        """Send one batch read from the journal (the cursor goes to `upto` when it retires);
+        aggregated first when the sink has `aggregate`."""
         # Events may be shared with other sinks and the live stream: sinks must not mutate them.
         events = [e for _, e in rows]
         percent = self.rollout()
@@ -293,6 +311,11 @@ class SinkWorker:
             chosen = [e for e in events if e.name.startswith(OWN_PREFIX) or in_rollout(e.id, percent)]
             self.stats.filtered += len(events) - len(chosen)
             events = chosen
+        if events and self.aggregate_s:
+            raw = len(events)
+            first_seq, first = rows[0]  # with upto: the same persisted range on every re-send
+            events = aggregate_batch(self.name, self.aggregate_s, first_seq, upto, first.id, events)
+            self.stats.aggregated += raw - len(events)
         if events:
             self.stats.state = "sending"
             await self._deliver(events)
@@ -505,6 +528,8 @@ class SinkWorker:
             "dead_lettered": s.dead_lettered,
             "replayed": s.replayed,
             "filtered": s.filtered,
+            "aggregate_s": self.aggregate_s,
+            "aggregated": s.aggregated,
             "dlq_pending": self.dlq.depth(self.name),
             "last_error": s.last_error or self.dlq.last_error.get(self.name),
             "last_success": s.last_success,
