@@ -14,9 +14,11 @@ Needs the `otlp` extra (opentelemetry-proto).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import zlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -77,10 +79,10 @@ class OtlpSource:
         self.submit = ctx.submit
         tags = otlp_mapping.DEFAULT_RESOURCE_TAGS if options.resource_tags is None else options.resource_tags
         self.mapper = otlp_mapping.Mapper(tags, options.max_series, started_ns=time.time_ns())
-        # One export with cumulative points at a time: the state it stages is kept only after
-        # its commit, and the next one's deltas must be taken from that (gauges, delta sums
-        # and logs need no state and do not wait).
-        self._metrics_lock = asyncio.Lock()
+        # One export with cumulative points per resource at a time: the state it stages is
+        # kept only after its commit, and the next one's deltas must be taken from that.
+        # Other resources (other processes), gauges, delta sums and logs do not wait.
+        self._resource_locks = KeyLocks()
         self.warn = ThrottledLog(ctx.log)
         self.stats = ctx.stats
         self.stats.update(
@@ -137,16 +139,14 @@ class OtlpSource:
         if isinstance(decoded, web.Response):
             return decoded
         req, encoding = decoded
-        async with self._metrics_lock:
-            # Off the loop (a large export is many points of Python work); the lock keeps it the only
-            # reader of the state, which commit() changes on the loop under the same lock.
+        async with self._resource_locks.hold(m.stateful_resources(req)):
+            # Off the loop: a large export is many points of Python work. The locks make this
+            # the only reader of its resources' state, which _keep() changes on the loop.
             events, staged, errors = await asyncio.to_thread(self.mapper.metrics, req)
-            if staged:  # cumulative points: held until committed, so the next request's deltas see them
-                answer = await self._commit(events, errors, encoding, m.ExportMetricsServiceResponse, REJECTED_POINTS)
-                if answer.status == 200:
-                    self._keep(staged)
-                return answer
-        return await self._commit(events, errors, encoding, m.ExportMetricsServiceResponse, REJECTED_POINTS)
+            answer = await self._commit(events, errors, encoding, m.ExportMetricsServiceResponse, REJECTED_POINTS)
+            if staged and answer.status == 200:
+                self._keep(staged)
+            return answer
 
     def _keep(self, staged: dict[Any, Any]) -> None:
         before = self.mapper.evicted
@@ -224,6 +224,39 @@ class OtlpSource:
             shown = "; ".join(errors[:10]) + (f"; and {len(errors) - 10} more" if len(errors) > 10 else "")
             answer.partial_success.error_message = shown
         return self.mapping.encode(answer, encoding, 200)
+
+
+class KeyLocks:
+    """One asyncio lock per key, made on demand and dropped once nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, keys: list[Any]) -> AsyncIterator[None]:
+        """Hold the locks of `keys`, taken in their sorted order (so two holders never deadlock)."""
+        joined: list[Any] = []
+        held: list[Any] = []
+        try:
+            for key in keys:
+                lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+                self._locks[key] = (lock, users + 1)
+                joined.append(key)
+                await lock.acquire()
+                held.append(key)
+            yield
+        finally:
+            for key in joined:
+                lock, users = self._locks[key]
+                if key in held:
+                    lock.release()
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 def _status(status: int, message: str, encoding: str, retry_after: bool = False) -> web.Response:

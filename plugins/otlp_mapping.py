@@ -37,6 +37,7 @@ __all__ = [
     "Mapper",
     "decode",
     "encode",
+    "stateful_resources",
 ]
 
 CUMULATIVE = 2  # AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
@@ -93,6 +94,24 @@ def _ids_to_base64(node: Any) -> Any:
     if isinstance(node, list):
         return [_ids_to_base64(x) for x in node]
     return node
+
+
+def stateful_resources(req: ExportMetricsServiceRequest) -> list[Any]:
+    """The resources (their series-key part, sorted) with metrics whose deltas need the
+    state: monotonic cumulative sums and cumulative histograms."""
+    keys = set()
+    for rm in req.resource_metrics:
+        if any(_stateful(m) for sm in rm.scope_metrics for m in sm.metrics):
+            keys.add(_frozen(attributes(rm.resource.attributes)))
+    return sorted(keys)
+
+
+def _stateful(m: Any) -> bool:
+    kind = m.WhichOneof("data")
+    if kind not in ("sum", "histogram", "exponential_histogram"):
+        return False
+    data = getattr(m, kind)
+    return bool(data.aggregation_temporality == CUMULATIVE and (kind != "sum" or data.is_monotonic))
 
 
 def any_value(v: AnyValue) -> Any:

@@ -430,3 +430,39 @@ async def test_resource_tags_option_and_point_attributes_win(tmp_path):
         assert event["tags"] == {"service.name": "batch", "process.pid": "7", "host.name": "pod-2"}
     finally:
         await agent.stop()
+
+
+def cumulative(service: str, value: int, start_ns: int, t_ns: int) -> bytes:
+    """A protobuf export: one monotonic cumulative sum `hits` of `service` at `value`."""
+    req = ExportMetricsServiceRequest()
+    rm = req.resource_metrics.add()
+    rm.resource.attributes.add(key="service.name").value.string_value = service
+    m = rm.scope_metrics.add().metrics.add(name="hits")
+    m.sum.aggregation_temporality, m.sum.is_monotonic = 2, True
+    m.sum.data_points.add(as_int=value, start_time_unix_nano=start_ns, time_unix_nano=t_ns)
+    return req.SerializeToString()
+
+
+async def test_concurrent_cumulative_exports(tmp_path):
+    """Exports of one resource are taken one at a time (each delta from the one before it);
+    other resources and gauges do not wait for them."""
+    import time
+
+    agent, url = await otlp_agent(tmp_path, agent={"commit_interval_ms": 1500, "commit_batch": 1000})
+    try:
+        start = time.time_ns()  # after the source started: a new series counts whole
+        a1 = asyncio.ensure_future(post(f"{url}/v1/metrics", cumulative("a", 5, start, start + 1)))
+        await await_until(lambda: agent.committer.pending_events == 1, what="a's first export queued")
+        a2 = asyncio.ensure_future(post(f"{url}/v1/metrics", cumulative("a", 8, start, start + 2)))
+        b = asyncio.ensure_future(post(f"{url}/v1/metrics", cumulative("b", 4, start, start + 1)))
+        gauge = json_metrics({"asDouble": 1.0})
+        g = asyncio.ensure_future(post(f"{url}/v1/metrics", json.dumps(gauge).encode(), "application/json"))
+        # b and the gauge join a's first export in the same commit window; a's second waits for it.
+        await await_until(lambda: agent.committer.pending_events == 3, what="b and the gauge queued beside a")
+        assert not a2.done()
+        assert [(await f)[0] for f in (a1, a2, b, g)] == [200] * 4
+        assert await agent.flush(60)
+        values = [(e["tags"]["service.name"], e["value"]) for e in sink_events(tmp_path) if e["name"] == "hits"]
+        assert sorted(values) == [("a", 3), ("a", 5), ("b", 4)]
+    finally:
+        await agent.stop()
