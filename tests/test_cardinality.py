@@ -1,10 +1,12 @@
 """Cardinality limits ([agent] max_series_per_name): the SeriesLimit rules with a fake clock,
-then a real agent capping every way in (record(), HTTP, StatsD, Prometheus scrape)."""
+then a real agent capping every way in (record(), HTTP, StatsD, Prometheus scrape, OTLP)."""
 
 from __future__ import annotations
 
 import socket
+import time
 
+import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -112,9 +114,29 @@ async def test_every_way_in_is_capped_counted_at_metrics_and_status_and_nothing_
         sinks={"out": jsonl_sink(tmp_path / "out.jsonl")},
         agent={"max_series_per_name": 3},
         dashboard={"store": False},
-        sources={"statsd": {"port": 0}, "prom": {"type": "prometheus", "url": target, "interval_s": 3600}},
+        sources={
+            "statsd": {"port": 0},
+            "prom": {"type": "prometheus", "url": target, "interval_s": 3600},
+            "otlp": {"port": 0},
+        },
     )
     try:
+        otlp = await await_until(lambda: agent._source_stats["otlp"].get("address"), what="the otlp listener")
+        now_ns = str(time.time_ns())
+        points = [
+            {"asDouble": i, "timeUnixNano": now_ns, "attributes": [{"key": "user", "value": {"stringValue": str(i)}}]}
+            for i in range(6)
+        ]
+        body = {
+            "resourceMetrics": [
+                {
+                    "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "b"}}]},
+                    "scopeMetrics": [{"metrics": [{"name": "otlp_gauge", "gauge": {"dataPoints": points}}]}],
+                }
+            ]
+        }
+        async with aiohttp.ClientSession() as s, s.post(f"http://{otlp}/v1/metrics", json=body) as r:
+            assert r.status == 200, await r.text()  # answered after the journal commit
         for i in range(6):
             agent.record("recorded", 1, kind="counter", tags={"user": str(i)})
         await post_events(
@@ -132,7 +154,7 @@ async def test_every_way_in_is_capped_counted_at_metrics_and_status_and_nothing_
             # StatsD may aggregate per interval: wait for all six increments, however they are split
             if sum(e["value"] for e in out.get("udp", [])) < 6 or len(out.get("scraped_gauge", [])) < 6:
                 return {}
-            return out if {"recorded", "posted"} <= out.keys() else {}
+            return out if {"recorded", "posted", "otlp_gauge"} <= out.keys() else {}
 
         got = await await_until(landed, timeout=30, what="events of every way in in the sink")
         assert await agent.flush(10)
@@ -141,17 +163,20 @@ async def test_every_way_in_is_capped_counted_at_metrics_and_status_and_nothing_
     finally:
         await agent.stop()
         await runner.cleanup()
-    for name in ("recorded", "posted", "udp", "scraped_gauge"):
+    for name in ("recorded", "posted", "udp", "scraped_gauge", "otlp_gauge"):
         events = got[name]
         users = {e["tags"]["user"] for e in events if "user" in e["tags"]}
         overflow = [e for e in events if e["tags"] == OVERFLOW_TAGS]
         assert len(users) == 3 and overflow, (name, events)
-        assert {e["kind"] for e in events} == {"gauge" if name == "scraped_gauge" else "counter"}
-    assert sum(e["value"] for e in got["scraped_gauge"]) == sum(range(6))  # values kept as they were
+        assert {e["kind"] for e in events} == {"gauge" if name.endswith("gauge") else "counter"}
+    for name in ("scraped_gauge", "otlp_gauge"):
+        assert sum(e["value"] for e in got[name]) == sum(range(6))  # values kept as they were
+    assert len(got["otlp_gauge"]) == 6
     assert sum(e["value"] for e in got["udp"]) == 6
     assert [len(got[n]) for n in ("recorded", "posted")] == [6, 6]
     overflowed = status["series"]["overflowed"]
-    assert {"recorded": 3, "posted": 3, "scraped_gauge": 3}.items() <= overflowed.items() and overflowed["udp"] >= 1
+    assert {"recorded": 3, "posted": 3, "scraped_gauge": 3, "otlp_gauge": 3}.items() <= overflowed.items()
+    assert overflowed["udp"] >= 1
     assert status["series"]["max_series_per_name"] == 3
     fam = {f.name: f for f in text_string_to_metric_families(text)}["sidecar_agent_series_overflow"]
     by_name = {s.labels["name"]: s.value for s in fam.samples}
