@@ -145,7 +145,8 @@ class NatsSource:
                 stats["undecodable"] += 1
                 self.ctx.lost(UNDECODABLE)
                 self.warn("nats source %s: message %s is not an event: %s", self.name, m.metadata.sequence, exc)
-                await m.term()
+                with contextlib.suppress(Exception):  # not terminated: redelivered, counted again
+                    await m.term()
         if not events:
             return
         submit = self.ctx.submit
@@ -154,8 +155,7 @@ class NatsSource:
             errors = await submit(events)
         except (IntakeFullError, JournalFullError) as exc:
             self.warn("nats source %s: agent full (%s); messages left to JetStream", self.name, exc)
-            for m in kept:
-                await m.nak(delay=self.options.full_retry_s)
+            await self._settle(kept, "nak")
             return
         if errors:
             # Refused by the agent's checks: redelivering would only refuse them again.
@@ -163,9 +163,20 @@ class NatsSource:
             self.ctx.lost(INVALID, len(errors))
             self.warn("nats source %s: %d event(s) refused: %s", self.name, len(errors), errors[0])
         stats["committed"] += len(events) - len(errors)
-        for m in kept:
-            await m.ack()  # a lost ack means one redelivery; the sinks drop the repeat by id
-        stats["acked"] += len(kept)
+        await self._settle(kept, "ack")  # a lost ack means one redelivery; the sinks drop the repeat by id
+
+    async def _settle(self, msgs: list[Msg], how: str) -> None:
+        """Ack (or nak) each message. One that fails (the connection dropped) is left to
+        JetStream's redelivery after ack_wait_s: never a reason to stop the source."""
+        done = 0
+        try:
+            for m in msgs:
+                await (m.ack() if how == "ack" else m.nak(delay=self.options.full_retry_s))
+                done += 1
+        except Exception as exc:
+            self.warn("nats source %s: %s failed (%s); JetStream redelivers the rest", self.name, how, exc)
+        if how == "ack":
+            self.ctx.stats["acked"] += done
 
 
 def _is_timeout(exc: Exception) -> bool:

@@ -11,9 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -24,12 +29,19 @@ from nats.js.errors import NotFoundError
 from agent.errors import PermanentError, RetryableError
 from agent.event import Event
 from tests.helpers import (
+    agent_config,
     await_until,
     free_port,
     journal_events,
     make_ctx,
     make_events,
+    post_events,
+    spawn,
     start_agent,
+    wait_healthy,
+    wait_http,
+    wait_until,
+    write_toml,
 )
 
 SHARED_URL = os.environ.get("SIDECAR_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -158,3 +170,170 @@ async def test_source_commits_before_acking_and_keeps_ids_and_agent_ids(stream, 
             await nc.close()
     finally:
         await agent.stop()
+
+
+# -- fan-in: edges -> JetStream -> collectors -> Postgres ---------------------------------
+
+
+class PrivateNats:
+    """A nats-server -js of this test's own (free port, own store dir), restartable."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            pytest.fail("nats-server is required for this test and is not on PATH", pytrace=False)
+        self.cmd = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(free_port())]
+        self.url = f"nats://127.0.0.1:{self.cmd[-1]}"
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
+        port = int(self.cmd[-1])
+        wait_until(lambda: _connectable(port), timeout=30, what=f"nats-server on :{port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def _connectable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
+    server = PrivateNats(tmp_path / "js", tmp_path / "nats-server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+class Collector:
+    """A collector agent in its own process: nats source -> postgres sink."""
+
+    def __init__(self, i: int, root: Path, url: str, dsn: str, table: str) -> None:
+        self.port = free_port()
+        self.log = root / f"collector-{i}.log"
+        source = {
+            "type": "nats",
+            "url": url,
+            "stream": STREAM,
+            "subject": SUBJECT,
+            "durable": "collectors",
+            "ack_wait_s": 2.0,
+            "batch": 200,
+            "max_ack_pending": 2000,
+        }
+        pg = {"type": "postgres", "dsn": dsn, "table": table}
+        cfg = agent_config(
+            root / f"collector-{i}",
+            {"pg": pg},
+            agent={"id": f"collector-{i}"},
+            server={"port": self.port},
+            sources={"in": source},
+        )
+        self.config = write_toml(root / f"collector-{i}.toml", cfg)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.proc = spawn(self.config, self.log)
+        await wait_healthy(self.port, self.proc, self.log)
+
+    def source_stats(self) -> dict[str, Any]:
+        """The nats source's figures from the collector's /api/v1/status."""
+        status = wait_http(f"http://127.0.0.1:{self.port}/api/v1/status", timeout=30)
+        return next(c["stats"] for c in status["components"] if c["name"] == "in")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+STREAM, SUBJECT = "FANIN", "fanin.events"
+
+
+def _edge_sink(url: str) -> dict[str, Any]:
+    # A nats-server restart loses the PubAcks in flight: the batch times out and is sent
+    # again (the server drops what it already stored by Nats-Msg-Id).
+    return {
+        "type": "nats",
+        "url": url,
+        "stream": STREAM,
+        "subject": SUBJECT,
+        "request_timeout_s": 3.0,
+        "policies": ["retry"],
+        "retry": {"max_attempts": 100, "initial_backoff_ms": 100, "max_backoff_ms": 1000},
+    }
+
+
+async def test_edges_to_jetstream_to_two_collectors_to_postgres_exactly_once(tmp_path, private_nats, pg_table):
+    edges = [
+        await start_agent(tmp_path / f"edge-{i}", {"js": _edge_sink(private_nats.url)}, agent={"id": f"edge-{i}"})
+        for i in range(3)
+    ]
+    collectors = [Collector(i, tmp_path, private_nats.url, pg_table.dsn, pg_table.table) for i in range(2)]
+    sent: dict[str, str] = {}  # event id -> the edge that acked it (202 after its journal commit)
+
+    async def post_round(r: int, n: int = 150) -> None:
+        for edge in edges:
+            items = [{"name": "fanin", "value": float(k), "tags": {"round": str(r)}} for k in range(n)]
+            for i in await post_events(edge, items):
+                sent[i] = edge.id
+
+    async def in_postgres() -> int:
+        rows = await pg_table.fetch("SELECT count(DISTINCT id) AS n FROM {t} WHERE event_type = 'fanin'")
+        return int(rows[0]["n"])
+
+    async def wait_rows(at_least: int) -> None:
+        for _ in range(1200):
+            if await in_postgres() >= at_least:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"Postgres holds {await in_postgres()} of {at_least} events after 60 s")
+
+    try:
+        for c in collectors:
+            await c.start()
+        await post_round(1)
+        await wait_rows(len(sent) // 3)
+        collectors[0].kill()  # mid-stream: its fetched, unacked messages go to the other collector
+        await post_round(2)
+        await collectors[0].start()
+        await post_round(3)
+        private_nats.stop()  # mid-stream: PubAcks and acks in flight are lost
+        round4 = asyncio.ensure_future(post_round(4))  # edges journal and keep trying meanwhile
+        await asyncio.sleep(0.5)
+        private_nats.start()
+        await round4
+        await post_round(5)
+        await wait_rows(len(sent))
+
+        counts = await pg_table.count_ids(list(sent))
+        assert {i: n for i, n in counts.items() if n != 1} == {}
+        rows = await pg_table.fetch("SELECT id::text AS id, agent_id FROM {t} WHERE event_type = 'fanin'")
+        assert {r["id"]: r["agent_id"] for r in rows} == sent
+        assert len(sent) == 3 * 5 * 150
+        # The scenario happened: the surviving collector took a share and lived through the restart.
+        survivor = collectors[1].source_stats()
+        assert survivor["committed"] > 0 and survivor["reconnects"] >= 1, survivor
+    finally:
+        for c in collectors:
+            c.stop()
+        for edge in edges:
+            await edge.stop()
