@@ -466,3 +466,87 @@ async def test_concurrent_cumulative_exports(tmp_path):
         assert sorted(values) == [("a", 3), ("a", 5), ("b", 4)]
     finally:
         await agent.stop()
+
+
+APP = """
+import logging
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+# No endpoint in code: OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME, as an app is configured.
+resource = Resource.create()
+reader = PeriodicExportingMetricReader(OTLPMetricExporter(), export_interval_millis=3_600_000)
+meters = MeterProvider(metric_readers=[reader], resource=resource)
+meters.get_meter("app").create_counter("jobs.done").add(3, {"queue": "mail"})
+logs = LoggerProvider(resource=resource)
+logs.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+log = logging.getLogger("app")
+log.addHandler(LoggingHandler(logger_provider=logs))
+log.error("job %d failed", 7)
+meters.shutdown()
+logs.shutdown()
+"""
+
+
+def test_an_app_configured_by_the_standard_environment_reaches_a_sidecar(tmp_path):
+    """`sidecar-agent run` as its own process; an app sends with the SDK's stock exporters,
+    pointed at it by OTEL_EXPORTER_OTLP_ENDPOINT alone (the exporters add /v1/metrics, /v1/logs)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port, spawn_agent, subprocess_env, wait_http, wait_until, write_toml
+
+    port, otlp_port = free_port(), free_port()
+    cfg = write_toml(
+        tmp_path / "agent.toml",
+        {
+            "agent": {"data_dir": str(tmp_path / "data"), "commit_interval_ms": 2},
+            "server": {"port": port},
+            "sources": {"otlp": {"port": otlp_port}},
+            "sinks": {"out": jsonl_sink(tmp_path / "out.jsonl")},
+        },
+    )
+    proc = spawn_agent(cfg, cwd=tmp_path)
+    try:
+        wait_until(
+            lambda: any(
+                c["name"] == "otlp" and c["stats"].get("address")
+                for c in wait_http(f"http://127.0.0.1:{port}/api/v1/status", proc)["components"]
+                if c["kind"] == "source"
+            ),
+            timeout=60,
+            what="the otlp listener",
+        )
+        env = subprocess_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+            OTEL_SERVICE_NAME="billing",
+            PYTHONWARNINGS="ignore",
+        )
+        app = subprocess.run([sys.executable, "-c", APP], env=env, capture_output=True, text=True, timeout=120)
+        assert app.returncode == 0, app.stderr
+        out = tmp_path / "out.jsonl"
+        wait_until(
+            lambda: out.exists() and len([e for e in read_jsonl(out) if e["name"] in ("jobs.done", "log")]) >= 2,
+            timeout=60,
+            what="the app's events in the sink",
+        )
+        events = [e for e in read_jsonl(out) if e["name"] in ("jobs.done", "log")]
+        (job,) = [e for e in events if e["name"] == "jobs.done"]
+        (line,) = [e for e in events if e["name"] == "log"]
+        # the SDK adds a service.instance.id of its own, one of the resource attributes kept by default
+        assert job["value"] == 3 and job["tags"].items() >= {"service.name": "billing", "queue": "mail"}.items()
+        assert set(job["tags"]) == {"service.name", "service.instance.id", "queue"}
+        assert line["data"]["body"] == "job 7 failed" and line["tags"]["severity"] == "error"
+        assert line["tags"]["service.name"] == "billing"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
