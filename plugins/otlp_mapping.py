@@ -42,10 +42,11 @@ __all__ = [
 
 CUMULATIVE = 2  # AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 # Resource attributes kept as tags by default (service.name is kept whatever the list says).
+# Not service.instance.id: the SDKs make a new UUID per process start, so every restart
+# would start new series (the deltas still tell instances apart: see Mapper).
 DEFAULT_RESOURCE_TAGS = (
     "service.name",
     "service.namespace",
-    "service.instance.id",
     "service.version",
     "deployment.environment",
     "deployment.environment.name",
