@@ -166,7 +166,9 @@ class Mapper:
         self.all_resource_tags = "*" in keep
         self.resource_tags = keep | {"service.name"}
         self.max_series = max_series
-        self.started_ns = started_ns  # series that began after this may have no earlier run's deltas
+        # A series first seen that began after this has had no delta emitted yet: not by an
+        # earlier run (it started after us), nor before an eviction (raised past each one).
+        self.started_ns = started_ns
         self.last: dict[Any, Last] = {}
         self.evicted = 0
 
@@ -265,7 +267,7 @@ class Mapper:
             # A series this run has not seen: if it began after the source started, no
             # earlier run can have counted any of it, so all of it is new; otherwise it is
             # only the base the next point's delta is taken from.
-            new = point.start != 0 and point.start >= self.started_ns
+            new = point.start != 0 and point.start > self.started_ns
             return Last(point.start, point.start, 0.0, 0, point.bounds, (0,) * len(point.buckets)) if new else None
         if point.time <= last.time and point.start == last.start:
             staged[key] = last  # a repeat or an older point: nothing new
@@ -281,7 +283,10 @@ class Mapper:
             self.last.pop(key, None)  # re-inserted: the dict's order is recency
             self.last[key] = point
         while len(self.last) > self.max_series:
-            del self.last[next(iter(self.last))]
+            forgotten = self.last.pop(next(iter(self.last)))
+            # If it comes back it must be a baseline, not counted whole a second time; any
+            # series that began before its last point could be it.
+            self.started_ns = max(self.started_ns, forgotten.time)
             self.evicted += 1
 
     # -- logs ----------------------------------------------------------------------
