@@ -269,10 +269,12 @@ class Mapper:
             # only the base the next point's delta is taken from.
             new = point.start != 0 and point.start > self.started_ns
             return Last(point.start, point.start, 0.0, 0, point.bounds, (0,) * len(point.buckets)) if new else None
-        if point.time <= last.time and point.start == last.start:
-            staged[key] = last  # a repeat or an older point: nothing new
+        if (point.time <= last.time and point.start == last.start) or 0 < point.start < last.start:
+            # A repeat, an older point, or one from before the last reset (a late retry
+            # of an export taken earlier): nothing new, and the state stays as it was.
+            staged[key] = last
             return None
-        if (point.start != last.start and point.start != 0) or went_down(last):
+        if point.start > last.start or went_down(last):
             # Reset (the process restarted): everything since its start is new.
             return Last(point.start, point.start, 0.0, 0, point.bounds, (0,) * len(point.buckets))
         return last

@@ -554,3 +554,28 @@ def test_an_app_configured_by_the_standard_environment_reaches_a_sidecar(tmp_pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def test_repeated_and_late_points_give_nothing(tmp_path):
+    """An exporter's retry of an export already taken, and a late one from before a reset,
+    change no sums."""
+    import time
+
+    agent, url = await otlp_agent(tmp_path)
+    try:
+        start = time.time_ns()
+        restart = start + 10_000
+        sends = [
+            cumulative("a", 5, start, start + 1),  # new: 5
+            cumulative("a", 5, start, start + 1),  # the same export again: nothing
+            cumulative("a", 9, start, start + 2),  # +4
+            cumulative("a", 2, restart, restart + 1),  # reset: 2
+            cumulative("a", 9, start, start + 2),  # a late retry from before the reset: nothing
+            cumulative("a", 7, restart, restart + 2),  # +5
+        ]
+        for body in sends:
+            assert (await post(f"{url}/v1/metrics", body))[0] == 200
+        assert await agent.flush(60)
+        assert [e["value"] for e in sink_events(tmp_path) if e["name"] == "hits"] == [5, 4, 2, 5]
+    finally:
+        await agent.stop()
