@@ -24,6 +24,9 @@ from agent.flags import FlagService, core_flags, data_source_check
 from agent.plugin.host import PluginHost, Registration
 
 STORE_BATCH = 5000  # the implicit store sink's batch_size
+# An aggregating sink's default batch_size: events read per batch, aggregated into one row
+# per series and bucket, so rows per batch stay few (bench/aggregation_savings.py).
+AGGREGATE_BATCH = 20_000
 
 
 @dataclass
@@ -111,7 +114,9 @@ def _spec(kind: str, name: str, table: dict[str, Any], config: Config, host: Plu
             raise ConfigError(f"{origin}: {path}.policies: expected a list of policy names")
         if len(set(names)) != len(names):
             raise ConfigError(f"{origin}: {path}.policies: a policy is listed twice: {names}")
-        batch = table.pop("batch_size", 500)
+        batch = table.pop("batch_size", None)
+        if batch is None:
+            batch = AGGREGATE_BATCH if table.get("aggregate") is not None and type_name != "store" else 500
         if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
             raise ConfigError(f"{origin}: {path}.batch_size: expected a positive integer")
         spec.batch_size = batch

@@ -441,6 +441,8 @@ class Agent(Recorder):
         if not await self.committer.drain(timeout):
             return False
         target = self.journal.last_seq
+        for w in self.workers.values():
+            w.hurry()  # an aggregating sink would otherwise linger up to its interval
         try:
             async with asyncio.timeout_at(deadline):
                 while not self._confirmed(target):

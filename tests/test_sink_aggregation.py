@@ -180,6 +180,7 @@ async def test_a_restart_before_the_cursor_moved_resends_the_same_range(tmp_path
     data = tmp_path / "data"
     async with make(data, pg_table, "faulty_postgres", batch_size=1000) as agent:
         await agent.submit(first)
+        agent.workers["pg"].hurry()  # send it now, not after lingering for the interval
         await await_until(lambda: FAULTS.sent, timeout=60, what="the first write")
         await agent.submit(later)  # journaled behind the hanging batch
         await agent.stop(timeout=1)
@@ -222,3 +223,22 @@ def test_aggregate_is_checked_and_the_store_ignores_it(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _reset_faults() -> None:
     FAULTS.__init__()  # type: ignore[misc]
+
+
+async def test_an_aggregating_sink_lingers_for_fuller_batches_until_a_flush(tmp_path: Path) -> None:
+    """Five commits of a few events each: a raw sink gets them as they come, an aggregating
+    one waits (up to its interval) and sends them as one batch when flush() hurries it."""
+    state = plugins_for_tests.STATE
+    state.reset()
+    cfg = agent_config(tmp_path / "data", {"agg": {"type": "memory", "aggregate": "1h"}, "raw": {"type": "memory"}})
+    async with Agent(cfg, plugins=[plugins_for_tests]) as agent:
+        for k in range(5):
+            await agent.submit(workload(4, offset=4 * k))
+            await await_until(lambda k=k: len(state.delivered["raw"]) == 12 * (k + 1), what="raw delivery")
+        assert state.calls.get("agg", 0) == 0
+        assert await agent.flush(timeout=60)
+        assert state.calls["agg"] == 1
+        got = state.delivered["agg"]
+        assert sum(e.value or 0 for e in got if e.kind == "counter") == sum(
+            e.value or 0 for e in workload(20) if e.kind == "counter"
+        )

@@ -129,6 +129,11 @@ class SinkWorker:
         # `aggregate`: the sink gets per-batch aggregates over persisted ranges (batch_ranges)
         self.aggregate_s = aggregate_s
         self._ranges = BatchRanges(journal.db, name) if aggregate_s else None
+        # An aggregating sink lingers: it reads once batch_size events wait or the interval
+        # has passed since the oldest unread one came (fewer, fuller batches: fewer rows),
+        # unless hurry() asked for everything up to a seq (flush, stop).
+        self._linger_at: float | None = None
+        self._hurry_to = 0
         self._read_to = 0  # the journal is read up to here; the cursor trails the window
         self._window = Window()
         self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
@@ -151,6 +156,22 @@ class SinkWorker:
     def nudge(self) -> None:
         """Wake the worker (a flag changed, or a replay was requested)."""
         self._nudge.set()
+
+    def hurry(self) -> None:
+        """Deliver what is journaled now without lingering (flush() and stop() call it)."""
+        self._hurry_to = self.journal.last_seq
+        self.nudge()
+
+    def _lingering(self) -> bool:
+        """Whether an aggregating sink should wait before reading a small batch."""
+        pending = self.journal.last_seq - self._read_to
+        if not self.aggregate_s or pending <= 0 or pending >= self.batch_size or self._hurry_to > self._read_to:
+            self._linger_at = None
+            return False
+        now = time.monotonic()
+        if self._linger_at is None:
+            self._linger_at = now + self.aggregate_s
+        return now < self._linger_at
 
     def request_replay(self) -> None:
         """Replay this sink's DLQ now, even before a live batch proves it healthy."""
@@ -206,6 +227,9 @@ class SinkWorker:
         timeout = None
         if self.dlq.depth(self.name) and self.auto_replay:
             timeout = self.replay_interval if self.healthy else max(0.05, self._probe_at - time.monotonic())
+        if self._linger_at is not None:
+            linger = max(0.0, self._linger_at - time.monotonic())
+            timeout = linger if timeout is None else min(timeout, linger)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._nudge.wait()
@@ -222,6 +246,9 @@ class SinkWorker:
             after = self._read_to
             # An aggregating sink re-reads exactly the range it sent from here before, if any.
             known = ranges.get(after) if ranges is not None else None
+            if known is None and self._lingering():
+                return read
+            self._linger_at = None
             rows, upto = await self.journal.read_batch(after, self.batch_size if known is None else known - after)
             if known is not None and (rows or upto >= known):
                 rows = [r for r in rows if r[0] <= known]
