@@ -98,6 +98,8 @@ async def connect(o: NatsConnection, name: str, ctx: PluginContext) -> Client:
 
     async def on_disconnect() -> None:
         stats["connected"] = False
+        if clients and clients[0].is_closed:
+            return  # our own close(), not an outage
         ctx.log.warning("nats %s: disconnected from %s", name, o.url)
 
     async def on_reconnect() -> None:
@@ -105,6 +107,7 @@ async def connect(o: NatsConnection, name: str, ctx: PluginContext) -> Client:
         stats["reconnects"] = stats.get("reconnects", 0) + 1
         ctx.log.info("nats %s: reconnected", name)
 
+    clients: list[Client] = []  # for the callbacks, which run before connect() returns
     client: Client = await nats.connect(
         servers=[u.strip() for u in o.url.split(",") if u.strip()],
         name=f"sidecar-agent:{ctx.agent_id}:{name}",
@@ -126,6 +129,7 @@ async def connect(o: NatsConnection, name: str, ctx: PluginContext) -> Client:
     # Once connected, never give up on the server: the journal (sink) or JetStream (source)
     # holds the backlog meanwhile. nats-py reads this option on every reconnect.
     client.options["max_reconnect_attempts"] = -1
+    clients.append(client)
     stats["connected"] = True
     return client
 

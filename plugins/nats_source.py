@@ -58,6 +58,7 @@ class NatsSourceOptions(NatsConnection, kw_only=True, forbid_unknown_fields=True
     max_ack_pending: Annotated[int, msgspec.Meta(gt=0)] = 10_000  # unacked messages, across all collectors
     ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # redelivery after this long without an ack
     fetch_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    fetchers: Annotated[int, msgspec.Meta(gt=0, le=64)] = 4  # concurrent fetch -> commit -> ack loops
     full_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # nak delay when the intake or journal is full
 
 
@@ -76,20 +77,27 @@ class NatsSource:
     async def run(self, emit: Emit) -> None:
         nc = await self._connect()
         try:
-            psub = await self._subscribe(nc)
-            while True:
-                try:
-                    msgs = await psub.fetch(self.options.batch, timeout=self.options.fetch_timeout_s)
-                except Exception as exc:
-                    if _is_timeout(exc):
-                        continue  # nothing to do within fetch_timeout_s
-                    self.warn("nats source %s: fetch failed: %s", self.name, exc)
-                    await asyncio.sleep(RETRY_INITIAL_S)  # disconnected: the client reconnects meanwhile
-                    continue
-                await self.handle(msgs)
+            # Several fetch loops on one connection, each with its own pull subscription on
+            # the shared durable: while one waits for its journal commit, others fetch.
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.options.fetchers):
+                    tg.create_task(self._fetch_loop(nc))
         finally:
             with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(nc.close(), timeout=self.options.connect_timeout_s)
+
+    async def _fetch_loop(self, nc: Client) -> None:
+        psub = await self._subscribe(nc)
+        while True:
+            try:
+                msgs = await psub.fetch(self.options.batch, timeout=self.options.fetch_timeout_s)
+            except Exception as exc:
+                if _is_timeout(exc):
+                    continue  # nothing to do within fetch_timeout_s
+                self.warn("nats source %s: fetch failed: %s", self.name, exc)
+                await asyncio.sleep(RETRY_INITIAL_S)  # disconnected: the client reconnects meanwhile
+                continue
+            await self.handle(msgs)
 
     async def _connect(self) -> Client:
         """Connect, retrying with backoff (a WARNING per try) while NATS is unreachable."""
