@@ -43,7 +43,7 @@ class AgentSection(_Section):
     sync: Literal["full", "normal"] = "full"
     shutdown_timeout_s: PositiveFloat = 10.0
     max_future_s: PositiveFloat = 366 * 86400.0  # an event's ts may be at most this far ahead of now
-    # agent/cardinality.py: distinct tag sets per event name in a rolling hour; past it tags become {"overflow": "true"}.
+    # agent/cardinality.py: distinct tag sets per name in a rolling hour; past it, tags become {"overflow": "true"}.
     max_series_per_name: PositiveInt = 2000
     # agent.heartbeat: a sidecar_agent.heartbeat event every heartbeat_s seconds (0: none), for the Fleet tab.
     heartbeat_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
