@@ -5,10 +5,10 @@
     logging.getLogger().addHandler(agent.LogHandler(logging.INFO))
 
 Each record becomes one event: name `log` (or the handler's `name`), kind `event`, no
-value, `ts` the record's time, tags `level` and `logger`, and `data` with `message`,
-`where` (file:line), `func`, `exception` (the formatted traceback, with `exc_info`),
-`stack` (with `stack_info`) and every `extra` field (values JSON can carry are kept,
-others become their repr()).
+value, `ts` the record's time, tags `level` (`error`, `warning`, ...: the level name in
+lower case) and `logger`, and `data` with `message`, `where` (file:line), `func`,
+`exception` (the formatted traceback, with `exc_info`), `stack` (with `stack_info`) and
+every `extra` field (values JSON can carry are kept, others become their repr()).
 
 On the caller's thread emit() formats the message (its args may change once it
 returns), copies the `extra` attributes and appends to the intake's deque with record();
@@ -116,7 +116,8 @@ class LogHandler(logging.Handler):
                 self.event_name,
                 None,
                 kind="event",
-                tags={"level": record.levelname, "logger": record.name},
+                # lower case, as the dashboard's error rate and the otlp source's severities read it
+                tags={"level": record.levelname.lower(), "logger": record.name},
                 ts=record.created,
                 # The message is formatted here (its args may change once we return); the rest later.
                 data=_LogData(  # type: ignore[arg-type]

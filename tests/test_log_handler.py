@@ -59,14 +59,14 @@ async def test_records_become_events_with_level_logger_message_exception_and_ext
         await a.stop()
     info, error, warning = events
     assert (info["name"], info["kind"], info["value"], info["source"]) == ("log", "event", None, "app")
-    assert {k: v for k, v in info["tags"].items() if k != "pid"} == {"level": "INFO", "logger": "test_app.orders"}
+    assert {k: v for k, v in info["tags"].items() if k != "pid"} == {"level": "info", "logger": "test_app.orders"}
     d = info["data"]
     assert d["message"] == "order A-1 placed for 9.50"
     assert (d["order_id"], d["user"], d["obj"], d["ratio"], d["big"]) == (42, "ann", "<Opaque 7>", "nan",
                                                                           str(1 << 70))
     assert d["where"].endswith("test_log_handler.py:" + d["where"].rsplit(":", 1)[1]) and d["func"].startswith("test_")
     assert "exception" not in d
-    assert error["tags"]["level"] == "ERROR" and error["data"]["message"] == "lookup failed"
+    assert error["tags"]["level"] == "error" and error["data"]["message"] == "lookup failed"
     assert error["data"]["where"] != "an extra cannot replace the record's own keys"
     exc = error["data"]["exception"]
     assert exc.startswith("Traceback (most recent call last):") and exc.endswith("KeyError: 'missing'")
@@ -191,7 +191,7 @@ def test_the_structlog_example(tmp_path):
     events = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     placed = [e for e in events if e["data"]["message"] == "order placed"]
     assert [(e["data"]["order_id"], e["data"]["currency"]) for e in placed] == [(0, "EUR"), (1, "EUR"), (2, "EUR")]
-    (failed,) = [e for e in events if e["tags"]["level"] == "ERROR"]
+    (failed,) = [e for e in events if e["tags"]["level"] == "error"]
     assert failed["data"]["order_id"] == 3
     assert failed["data"]["exception"].endswith("ZeroDivisionError: division by zero")
     assert agent.LogHandler is LogHandler
