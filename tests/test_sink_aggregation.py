@@ -242,3 +242,66 @@ async def test_an_aggregating_sink_lingers_for_fuller_batches_until_a_flush(tmp_
         assert sum(e.value or 0 for e in got if e.kind == "counter") == sum(
             e.value or 0 for e in workload(20) if e.kind == "counter"
         )
+
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from tests.conftest_supabase import PgTable
+from tests.test_sink_aggregation import FAULTS, make, workload
+
+async def main() -> None:
+    data, dsn, table = sys.argv[1:4]
+    FAULTS.hang_after_write = True  # every write lands, then never returns: no cursor moves
+    agent = make(Path(data), PgTable(dsn, "public", table), "faulty_postgres", batch_size=1000)
+    await agent.start()
+    await agent.submit(workload(100))
+    agent.workers["pg"].hurry()
+    while len(FAULTS.sent) < 1:
+        await asyncio.sleep(0.01)
+    await agent.submit(workload(200, offset=100))
+    agent.workers["pg"].hurry()
+    while len(FAULTS.sent) < 2:  # pipelined: the second batch is written while the first hangs
+        await asyncio.sleep(0.01)
+    print("written", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_after_the_writes_landed_resends_the_same_rows(tmp_path: Path, pg_table: PgTable) -> None:
+    """An agent in its own process writes two aggregated batches and is killed (SIGKILL)
+    before either cursor moves; the next run re-sends both ranges: the same ids, no row
+    counted twice, the sums exact."""
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+
+    data = tmp_path / "data"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(data), pg_table.dsn, pg_table.table],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        assert line.strip() == "written", proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.wait(60)
+    written = {r["id"] for r in await rows(pg_table)}
+    assert written
+    async with make(data, pg_table, "faulty_postgres", batch_size=1000) as agent:
+        assert await agent.flush(timeout=60)
+    assert len(FAULTS.sent) == 2  # the two ranges again, nothing else
+    assert {i for ids in FAULTS.sent for i in ids} == written  # the same ids as before the kill
+    found = await rows(pg_table)
+    assert len(found) == len(written)
+    assert table_sums(found) == sums(workload(300))
