@@ -93,8 +93,10 @@ def test_timer_made_before_start_records_after(embedded, jsonl_config):
 
 
 def test_record_from_threads_delivered_exactly_once(embedded, jsonl_config):
-    embedded.start(jsonl_config)
     per_thread, threads = 2000, 8
+    # every event's tags are its key here: above the cardinality cap they would be folded
+    jsonl_config["agent"]["max_series_per_name"] = per_thread * threads
+    embedded.start(jsonl_config)
     barrier = threading.Barrier(threads)
 
     def worker(t):
