@@ -17,17 +17,20 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
 import pytest
-from agent.builtin_plugins.nats import CONTENT_TYPE, NatsSink, NatsSinkOptions, subject_matches
+from agent.builtin_plugins.nats import CONTENT_TYPE, NatsSink, NatsSinkOptions, map_nats_error, subject_matches
 from nats.js.errors import NotFoundError
 
 from agent.errors import PermanentError, RetryableError
 from agent.event import Event
+from tests import test_sink_contract as contract
+from tests.faultserver import TcpGate
 from tests.helpers import (
     agent_config,
     await_until,
@@ -122,9 +125,87 @@ async def test_sink_without_a_server_is_retryable():
     await sink.close()
 
 
+def test_error_mapping():
+    from nats.errors import ConnectionClosedError, MaxPayloadError, TimeoutError
+    from nats.js.errors import APIError, ServiceUnavailableError
+
+    assert isinstance(map_nats_error(TimeoutError()), RetryableError)
+    assert isinstance(map_nats_error(ConnectionClosedError()), RetryableError)
+    assert isinstance(map_nats_error(ServiceUnavailableError(code=503)), RetryableError)
+    assert isinstance(map_nats_error(MaxPayloadError()), PermanentError)
+    assert isinstance(map_nats_error(APIError(code=400, description="bad request")), PermanentError)
+
+
 def test_subject_matching():
     assert subject_matches("a.*", "a.b") and subject_matches("a.>", "a.b.c") and subject_matches("a.b", "a.b")
     assert not subject_matches("a.*", "a.b.c") and not subject_matches("a.>", "a") and not subject_matches("a.b", "a")
+
+
+# -- the sink contract (tests/test_sink_contract.py), run here for the nats sink ----------------
+
+
+@asynccontextmanager
+async def open_nats(fixtures: dict[str, Any], tmp_path: Path) -> AsyncIterator[contract.Harness]:
+    """The nats sink behind a TcpGate to the shared server, on a stream of its own; what
+    landed is read back from the stream, message by message."""
+    _require(SHARED_URL)
+    tag = uuid.uuid4().hex[:10]
+    name, subject = f"C_{tag}", f"contract.{tag}"
+    async with TcpGate("127.0.0.1", int(SHARED_URL.rsplit(":", 1)[1])) as gate:
+
+        async def read_back() -> contract.Landed:
+            nc = await nats.connect(SHARED_URL)
+            try:
+                js = nc.jetstream()
+                with contextlib.suppress(NotFoundError):
+                    last = (await js.stream_info(name)).state.last_seq
+                    msgs = [await js.get_msg(name, seq) for seq in range(1, last + 1)]
+                    return [msgspec.to_builtins(msgspec.msgpack.decode(m.data or b"", type=Event)) for m in msgs]
+                return []
+            finally:
+                await nc.close()
+
+        options = {
+            "url": f"nats://127.0.0.1:{gate.port}",
+            "stream": name,
+            "subject": subject,
+            "request_timeout_s": 2,
+            "connect_timeout_s": 2,
+        }
+        try:
+            yield contract.Harness(
+                "nats",
+                options,
+                read_back,
+                gate=gate,
+                unreachable=({"url": f"nats://127.0.0.1:{free_port()}", "connect_timeout_s": 1}, None),
+            )
+        finally:
+            nc = await nats.connect(SHARED_URL)
+            with contextlib.suppress(NotFoundError):
+                await nc.jetstream().delete_stream(name)
+            await nc.close()
+
+
+NATS_KIND = contract.SinkKind("nats", open_nats, remote=True)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[contract.Harness]:
+    async with open_nats({}, tmp_path) as h:
+        yield h
+
+
+async def test_contract_delivers_every_event_once_with_its_fields(harness):
+    await contract.test_delivers_every_event_once_with_its_fields(harness)
+
+
+async def test_contract_a_resent_batch_lands_each_id_once(harness):
+    await contract.test_a_resent_batch_loses_nothing_and_an_idempotent_sink_lands_each_id_once(harness, NATS_KIND)
+
+
+async def test_contract_an_outage_is_retryable_and_resends_lose_and_duplicate_nothing(harness):
+    await contract.test_an_outage_is_retryable_and_resends_after_it_lose_and_duplicate_nothing(harness)
 
 
 # -- the source ------------------------------------------------------------------------
@@ -156,6 +237,8 @@ async def test_source_commits_before_acking_and_keeps_ids_and_agent_ids(stream, 
         # All acked: nothing left pending on the consumer.
         nc = await nats.connect(SHARED_URL)
         try:
+            ci = await nc.jetstream().consumer_info(name, "c")
+            assert ci.config.max_ack_pending == 10_000  # the source's bound, set on the durable consumer
 
             async def pending() -> int:
                 ci = await nc.jetstream().consumer_info(name, "c")
