@@ -1,5 +1,6 @@
 # `make run`, `make test` and `make lint` create or reuse .venv and install what each needs:
-# run only the package and its runtime dependencies, test adds the test extras, lint ruff and mypy.
+# run only the package and its runtime dependencies, test adds the test extras, lint ruff and mypy
+# and the optional plugin extras (otlp, nats) whose imports mypy checks.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -42,8 +43,8 @@ $(TEST_STAMP): $(VENV_OK) pyproject.toml
 	@touch $@
 
 $(LINT_STAMP): $(VENV_OK) pyproject.toml
-	@echo "$(PIP) install -e '.[lint]'  (output: $(LOG))"
-	@$(PIP) install -e '.[lint]' $(QUIETLY)
+	@echo "$(PIP) install -e '.[lint,otlp,nats]'  (output: $(LOG))"
+	@$(PIP) install -e '.[lint,otlp,nats]' $(QUIETLY)
 	@touch $@
 
 install: $(RUN_STAMP)
