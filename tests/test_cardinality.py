@@ -182,3 +182,45 @@ async def test_every_way_in_is_capped_counted_at_metrics_and_status_and_nothing_
     by_name = {s.labels["name"]: s.value for s in fam.samples}
     assert by_name == {k: float(v) for k, v in overflowed.items()}
     assert agent.ledger.total() == 0  # folded, not lost
+
+
+def test_a_forwarders_events_are_capped_by_the_owner(tmp_path):
+    """A child forked after start() forwards to its parent (agent.forwarding): the owner's
+    committer caps what the forwarder sends, as it caps its own records."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.helpers import subprocess_env
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent("""
+        import os, sys
+        import agent
+
+        owner = agent.start({"agent": {"data_dir": "data", "max_series_per_name": 2}, "server": {"enabled": False},
+                             "dashboard": {"store": False},
+                             "sinks": {"out": {"type": "jsonl", "path": "out.jsonl", "policies": []}}})
+        pid = os.fork()
+        if pid == 0:
+            for i in range(4):
+                agent.record("forwarded", 1, kind="counter", tags={"user": str(i)})
+            ok = type(agent.current()).__name__ == "Forwarder" and agent.flush(30)
+            agent.stop()
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert agent.flush(30)
+        print(owner.status()["series"]["overflowed"])
+        agent.stop()
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "{'forwarded': 2}"
+    events = [e for e in read_jsonl(tmp_path / "out.jsonl") if e["name"] == "forwarded"]
+    assert sorted(e["tags"].get("user", "overflow") for e in events) == ["0", "1", "overflow", "overflow"]
+    assert sum(e["value"] for e in events) == 4
