@@ -25,9 +25,10 @@ import msgspec
 import nats
 import pytest
 from agent.builtin_plugins.nats import CONTENT_TYPE, NatsSink, NatsSinkOptions, map_nats_error, subject_matches
+from agent.builtin_plugins.nats_source import NatsSource, NatsSourceOptions
 from nats.js.errors import NotFoundError
 
-from agent.errors import PermanentError, RetryableError
+from agent.errors import IntakeFullError, PermanentError, RetryableError
 from agent.event import Event
 from tests import test_sink_contract as contract
 from tests.faultserver import TcpGate
@@ -420,3 +421,37 @@ async def test_edges_to_jetstream_to_two_collectors_to_postgres_exactly_once(tmp
             c.stop()
         for edge in edges:
             await edge.stop()
+
+
+async def test_source_naks_when_the_agent_is_full_and_jetstream_redelivers(stream):
+    name, subject = stream
+    sink = NatsSink("nats", NatsSinkOptions(url=SHARED_URL, stream=name, subject=subject), make_ctx("nats"))
+    events = make_events(20)
+    await sink.send(events)
+    await sink.close()
+    committed: list[str] = []
+    refusals = 0
+
+    async def submit(batch: list[Event]) -> list[str]:
+        # The agent's durable way in, full the first time (as Agent.submit raises it).
+        nonlocal refusals
+        if refusals == 0:
+            refusals += 1
+            raise IntakeFullError("the intake holds 10 of 10 events")
+        committed.extend(e.id for e in batch)
+        return []
+
+    ctx = make_ctx("in")
+    ctx.submit = submit
+    opts = NatsSourceOptions(
+        url=SHARED_URL, stream=name, subject=subject, durable="full", fetchers=1, full_retry_s=0.2, ack_wait_s=30
+    )
+    task = asyncio.ensure_future(NatsSource("in", opts, ctx).run(ctx.emit))
+    try:
+        await await_until(lambda: ctx.stats.get("acked") == 20, timeout=30, what="every message acked")
+        assert sorted(committed) == sorted(e.id for e in events) and refusals == 1
+        assert ctx.stats["redelivered"] >= 1 and ctx.ledger.total() == 0  # kept by JetStream, nothing lost
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
