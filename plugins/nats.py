@@ -248,9 +248,11 @@ class NatsSink(BaseSink):
         o = self.options
         futures: list[asyncio.Future[Any]] = []
         try:
+            # No Nats-Expected-Stream header per message: the stream was checked to capture the
+            # subject, and the server lets no other stream capture it (overlaps are refused).
             for e in events:
                 headers = {MSG_ID: e.id, "Content-Type": CONTENT_TYPE}
-                futures.append(await js.publish_async(o.subject, _encoder.encode(e), headers=headers, stream=o.stream))
+                futures.append(await js.publish_async(o.subject, _encoder.encode(e), headers=headers))
             async with asyncio.timeout(o.request_timeout_s):
                 acks = await asyncio.gather(*futures)
         except (PermanentError, RetryableError):
