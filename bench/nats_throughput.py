@@ -13,7 +13,9 @@ Target: nats sink >= 0.7x bare (the median over rounds of the ratio within a rou
 Collector side: the stream is filled first, then an agent with the nats source and the
 postgres sink starts; events/s from its start until every row is in the table, against
 the same agent (no source) fed the same events by Agent.submit, the durable path the
-source uses, 4 batches at a time (same round, fresh table): the cost of NATS itself.
+source uses, 4 batches at a time (same round, fresh table): the cost of NATS itself. Also
+a bare nats-py pull consumer (fetch, decode, ack each), and the collector with one fetch
+loop instead of the default 4.
 """
 
 from __future__ import annotations
@@ -166,16 +168,18 @@ async def bare_consume(url: str, stream: str, subject: str, n: int, size: int) -
         await nc.close()
 
 
-async def collector_round(url: str, dsn: str, n: int, size: int) -> tuple[float, float, float]:
+async def collector_round(url: str, dsn: str, n: int, size: int) -> tuple[float, float, float, float]:
     """(collector events/s, the same agent fed by Agent.submit, a bare nats-py consumer) for n events."""
     stream, subject = await fresh_stream(url)
     try:
         await run_sink(url, stream, subject, events(n), size, 4)
         source = {"type": "nats", "url": url, "stream": stream, "subject": subject, "durable": "bench", "batch": size}
         collector = await agent_to_postgres(dsn, {"in": source}, events(n), size, feed=False)
+        one_loop = await agent_to_postgres(dsn, {"in": {**source, "durable": "one", "fetchers": 1}}, events(n), size,
+                                           feed=False)  # fmt: skip
         direct = await agent_to_postgres(dsn, {}, events(n), size, feed=True)
         bare = await bare_consume(url, stream, subject, n, size)
-        return collector, direct, bare
+        return collector, direct, bare, one_loop
     finally:
         await drop_stream(url, stream)
 
@@ -201,7 +205,8 @@ async def main() -> None:
     dsn = args.dsn.rsplit("/", 1)[0] + "/" + dbname
     try:
         for _ in range(args.repeat):
-            collector, direct, bare = await collector_round(args.url, dsn, args.events, args.batch)
+            collector, direct, bare, one_loop = await collector_round(args.url, dsn, args.events, args.batch)
+            rates.setdefault("collector with fetchers = 1", []).append(one_loop)
             rates.setdefault("bare pull consumer (fetch, decode, ack)", []).append(bare)
             rates.setdefault("JetStream -> collector -> Postgres", []).append(collector)
             rates.setdefault("Agent.submit -> Postgres", []).append(direct)
@@ -217,6 +222,7 @@ async def main() -> None:
     base_of = dict.fromkeys(EDGE_METHODS, "bare publish_async")
     base_of["JetStream -> collector -> Postgres"] = base_of["Agent.submit -> Postgres"] = "Agent.submit -> Postgres"
     base_of["bare pull consumer (fetch, decode, ack)"] = "Agent.submit -> Postgres"
+    base_of["collector with fetchers = 1"] = "Agent.submit -> Postgres"
     ratios = {}
     for method, got in rates.items():
         base = rates[base_of[method]]
