@@ -1,4 +1,9 @@
-"""`statsd` source: StatsD and DogStatsD lines over UDP, one event per sample.
+"""`statsd` source: StatsD and DogStatsD lines over UDP.
+
+A reader thread receives and parses (see _Reader). By default (`aggregate = true`) the
+samples of each `flush_interval_s` are aggregated per name and tag set, as StatsD servers
+do (plugins/statsd_aggregate.py); lines with their own `T` timestamp, and every line with
+`aggregate = false`, become one event per sample:
 
 `name:value|type[|@rate][|#k:v,...][|T<epoch>]`, several lines per datagram:
 
@@ -19,10 +24,14 @@ the kernel dropped because the socket's receive buffer was full
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
+import socket
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,18 +39,29 @@ import msgspec
 
 from agent.plugin import MAX_TAGS, Emit, Event, PluginContext, RegisterComponent, ThrottledLog, hookimpl
 
+from .statsd_aggregate import Aggregate
+
 # Loss ledger reasons this plugin counts under (see docs/operations.md).
 MALFORMED = "malformed_statsd"
 UNSUPPORTED = "unsupported_statsd"
 SOCKET_OVERFLOW = "statsd_socket_overflow"
+SHUTDOWN_LOST = "shutdown_timeout"  # a batch arriving after the source stopped (not expected)
 
 # Gauge values kept for +N/-N deltas. Past this many distinct name+tag sets the least
 # recently updated is forgotten (its next delta starts from 0): a sender inventing names
 # must not grow the agent without bound.
 MAX_GAUGES = 100_000
+# Parsed `#tags` fields remembered by their text (cleared when full).
+MAX_TAG_CACHE = 10_000
 # A taken or refused address is retried (0.5 s doubling to 10 s), one WARNING line per try.
 BIND_RETRY_INITIAL_S = 0.5
 BIND_RETRY_MAX_S = 10.0
+# The reader thread hands events to the loop when this many wait, or the oldest has
+# waited BATCH_S; with nothing arriving it wakes every IDLE_WAKE_S to do so (and to stop).
+BATCH_LINES = 2000
+BATCH_S = 0.005
+IDLE_WAKE_S = 0.05
+MAX_DATAGRAM = 65536
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -49,7 +69,10 @@ _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 class StatsdOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"  # StatsD has no authentication: anyone who can reach it can send
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8125  # 0: any free port (see status)
-    flush_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # sets, and the kernel drop count
+    flush_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # aggregates, sets, the kernel drop count
+    aggregate: bool = True  # one event per series and interval, as StatsD servers do; false: one per sample
+    # SO_RCVBUF asked for; the kernel caps it at net.core.rmem_max (granted size in status)
+    receive_buffer_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
     tags: dict[str, str] = {}  # added to every event; a line's own tags win
 
 
@@ -83,6 +106,8 @@ class Parser:
         self.max_gauges = max_gauges
         self.gauges: dict[tuple[str, Any], float] = {}
         self.sets: dict[tuple[str, Any], tuple[dict[str, str], set[str]]] = {}
+        self._base = (self.tags, tuple(sorted(self.tags.items())))
+        self._tag_cache: dict[str, tuple[dict[str, str], Any]] = {}
 
     def feed(self, datagram: bytes, now: float) -> tuple[list[Event], list[BadLine]]:
         """Parse every line of a datagram: the events, and one BadLine per line that failed."""
@@ -100,8 +125,47 @@ class Parser:
                 bad.append(exc)
         return events, bad
 
+    def feed_into(self, datagram: bytes, now: float, agg: Aggregate) -> tuple[list[Event], list[BadLine]]:
+        """Parse a datagram into `agg`: the events of lines with their own `T` timestamp
+        (not aggregated: they keep their time), and one BadLine per line that failed."""
+        events: list[Event] = []
+        bad: list[BadLine] = []
+        for raw in datagram.split(b"\n"):
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                line = raw.decode("utf-8")
+                name, mtype, values, rate, tags, tkey, ts = self._split(line, None)
+                if ts is not None:
+                    events.extend(self._events(name, mtype, values, rate, tags, tkey, ts, line))
+                    continue
+                key = (name, tkey)
+                if mtype == "s":
+                    agg.member(key, tags, self._member(values, line))
+                    continue
+                nums = [_number(v) for v in values.split(":")]  # all or nothing
+                if mtype == "c":
+                    agg.counter(key, tags, nums, rate)
+                elif mtype == "g":
+                    agg.gauge(key, tags, self._gauge(key, values.split(":"), nums))
+                elif mtype in ("ms", "h", "d"):
+                    agg.observe(key, tags, nums)
+                else:
+                    raise BadLine(MALFORMED, f"unknown metric type {mtype[:10]!r}: {line[:80]!r}")
+            except UnicodeDecodeError:
+                bad.append(BadLine(MALFORMED, f"not UTF-8: {raw[:80]!r}"))
+            except BadLine as exc:
+                bad.append(exc)
+        return events, bad
+
     def parse_line(self, line: str, now: float) -> list[Event]:
         """One line's events (none for a set member); raises BadLine."""
+        name, mtype, values, rate, tags, tkey, ts = self._split(line, now)
+        return self._events(name, mtype, values, rate, tags, tkey, ts if ts is not None else now, line)
+
+    def _split(self, line: str, now: float | None) -> tuple[str, str, str, float, dict[str, str], Any, float | None]:
+        """(name, type, value text, rate, tags, tag key, ts): ts is the line's `T`, else `now`."""
         if line.startswith(("_e{", "_sc|")):
             raise BadLine(UNSUPPORTED, f"DogStatsD events and service checks are not supported: {line[:80]!r}")
         name, sep, rest = line.partition(":")
@@ -110,39 +174,59 @@ class Parser:
             raise BadLine(MALFORMED, f"expected name:value|type: {line[:80]!r}")
         if len(name) > 255:
             raise BadLine(MALFORMED, f"name longer than 255 characters: {name[:80]!r}...")
-        values, mtype = fields[0], fields[1]
-        rate, tags, ts = 1.0, self.tags, now
+        rate, (tags, tkey), ts = 1.0, self._base, now
         for f in fields[2:]:
             if f.startswith("@"):
                 rate = _number(f[1:])
                 if not 0 < rate <= 1:
                     raise BadLine(MALFORMED, f"sample rate must be in (0, 1]: {line[:80]!r}")
             elif f.startswith("#"):
-                tags = self._tags(f[1:])
+                tags, tkey = self._tagset(f[1:])
             elif f.startswith("T"):
                 ts = _number(f[1:])
                 if ts <= 0:
                     raise BadLine(MALFORMED, f"timestamp must be positive epoch seconds: {line[:80]!r}")
             elif not f.startswith(("c:", "e:")):  # DogStatsD container id / external data: not kept
                 raise BadLine(MALFORMED, f"unknown field |{f[:20]}: {line[:80]!r}")
+        return name, fields[1], fields[0], rate, tags, tkey, ts
+
+    @staticmethod
+    def _member(values: str, line: str) -> str:
+        if not values:
+            raise BadLine(MALFORMED, f"empty set member: {line[:80]!r}")
+        return values
+
+    def _events(
+        self, name: str, mtype: str, values: str, rate: float, tags: dict[str, str], tkey: Any, ts: float, line: str
+    ) -> list[Event]:
+        """The events of one parsed line, one per sample (sets are collected instead)."""
+        key = (name, tkey)
         if mtype == "s":
-            if not values:
-                raise BadLine(MALFORMED, f"empty set member: {line[:80]!r}")
-            key = (name, tuple(sorted(tags.items())))
-            self.sets.setdefault(key, (tags, set()))[1].add(values)
+            self.sets.setdefault(key, (tags, set()))[1].add(self._member(values, line))
             return []
         raw = values.split(":")  # DogStatsD 1.1: several values in one line
         nums = [_number(v) for v in raw]  # all or nothing: no half-applied gauge deltas
         if mtype == "c":
             return [Event(name=name, kind="counter", value=v / rate, ts=ts, tags=tags) for v in nums]
         if mtype == "g":
-            return [
-                Event(name=name, kind="gauge", value=v, ts=ts, tags=tags) for v in self._gauge(name, tags, raw, nums)
-            ]
+            return [Event(name=name, kind="gauge", value=v, ts=ts, tags=tags) for v in self._gauge(key, raw, nums)]
         if mtype in ("ms", "h", "d"):
             data = {"sample_rate": rate} if rate != 1.0 else None
             return [Event(name=name, kind="histogram", value=v, ts=ts, tags=tags, data=data) for v in nums]
         raise BadLine(MALFORMED, f"unknown metric type {mtype[:10]!r}: {line[:80]!r}")
+
+    def _tagset(self, text: str) -> tuple[dict[str, str], Any]:
+        """The tags of a `#...` field and their sorted items (the series key), cached by
+        the field's text: senders repeat the same few tag sets."""
+        hit = self._tag_cache.get(text)
+        if hit is not None:
+            return hit
+        tags = self._tags(text)
+        hit = (tags, tuple(sorted(tags.items())))
+        if len(self._tag_cache) >= MAX_TAG_CACHE:
+            self._tag_cache.clear()  # a sender inventing tag sets: start over, stay bounded
+        self._tag_cache[text] = hit
+        return hit
 
     def _tags(self, text: str) -> dict[str, str]:
         tags = dict(self.tags)
@@ -157,8 +241,7 @@ class Parser:
             raise BadLine(MALFORMED, f"too many tags ({len(tags)} > {MAX_TAGS})")
         return tags
 
-    def _gauge(self, name: str, tags: dict[str, str], raw: list[str], nums: list[float]) -> list[float]:
-        key = (name, tuple(sorted(tags.items())))
+    def _gauge(self, key: tuple[str, Any], raw: list[str], nums: list[float]) -> list[float]:
         value = self.gauges.pop(key, 0.0)  # re-inserted below: the dict's order is recency
         out = []
         for text, v in zip(raw, nums, strict=True):
@@ -193,91 +276,188 @@ def socket_drops(sock: Any) -> int | None:
     return None
 
 
-class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, source: StatsdSource) -> None:
+def granted_rcvbuf(sock: socket.socket, wanted: int) -> tuple[int, int | None]:
+    """Ask for a `wanted`-byte receive buffer: (what the kernel granted, net.core.rmem_max).
+
+    Linux caps the request at rmem_max and reports twice what it keeps (bookkeeping)."""
+    with contextlib.suppress(OSError):  # refused: keep the default
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    try:
+        rmem_max: int | None = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        rmem_max = None
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), rmem_max
+
+
+class _Reader:
+    """The receive path, on its own thread: `recv_into` a preallocated buffer in a tight
+    loop, parse there, and hand events to the loop in batches (every BATCH_LINES events or
+    BATCH_S seconds), never one loop callback per datagram. With aggregation on, the
+    aggregate of each flush interval is the batch."""
+
+    def __init__(self, source: StatsdSource, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
+        self.sock = sock
+        self.loop = loop
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"statsd-{source.name}", daemon=True)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.source.received(data)
+    def start(self) -> None:
+        self.thread.start()
 
-    def error_received(self, exc: Exception) -> None:
-        self.source.warn("statsd socket error: %s", exc)
+    def _run(self) -> None:
+        src, sock = self.source, self.sock
+        parser, stats, interval = src.parser, src.stats, src.options.flush_interval_s
+        agg = Aggregate() if src.options.aggregate else None
+        buf = bytearray(MAX_DATAGRAM)
+        view = memoryview(buf)
+        pending: list[Event] = []
+        bad: list[BadLine] = []
+        first_at = 0.0  # when the oldest pending event arrived
+        next_flush = time.time() + interval
+        sock.settimeout(IDLE_WAKE_S)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    n = sock.recv_into(buf)
+                except TimeoutError:
+                    n = -1
+                now = time.time()
+                if n >= 0:
+                    stats["packets"] += 1
+                    if agg is not None:
+                        events, wrong = parser.feed_into(bytes(view[:n]), now, agg)
+                    else:
+                        events, wrong = parser.feed(bytes(view[:n]), now)
+                    if events:
+                        if not pending:
+                            first_at = now
+                        pending.extend(events)
+                    if wrong:
+                        bad.extend(wrong)
+                if now >= next_flush:
+                    pending.extend(agg.flush(now, interval) if agg is not None else parser.flush_sets(now))
+                    next_flush = now + interval
+                    self._hand(pending, bad, drops=True)
+                    pending, bad = [], []
+                elif bad or (pending and (len(pending) >= BATCH_LINES or now - first_at >= BATCH_S)):
+                    self._hand(pending, bad)
+                    pending, bad = [], []
+        finally:
+            # Stopping (or the socket failed): the partial interval goes too, no loss.
+            now = time.time()
+            pending.extend(agg.flush(now, interval) if agg is not None else parser.flush_sets(now))
+            self._hand(pending, bad, drops=True)
+
+    def _hand(self, events: list[Event], bad: list[BadLine], drops: bool = False) -> None:
+        self.source.inbox.append((events, bad, drops))
+        # RuntimeError: the loop is closed; run()'s finally drains the inbox itself.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.source.deliver)
 
 
 class StatsdSource:
-    """Listens on UDP; every datagram's events go to intake as one batch."""
+    """Listens on UDP with a reader thread (see _Reader); hands its batches to intake."""
 
     def __init__(self, name: str, options: StatsdOptions, ctx: PluginContext) -> None:
+        self.name = name
         self.options = options
         self.ctx = ctx
         self.parser = Parser(options.tags)
         self.warn = ThrottledLog(ctx.log)
         self.warn_overflow = ThrottledLog(ctx.log)  # not muted by a flood of bad lines
         self.stats = ctx.stats
-        self.stats.update(address=None, error=None, packets=0, events=0, malformed=0, unsupported=0, socket_overflow=0)
+        self.stats.update(
+            address=None,
+            error=None,
+            rcvbuf=None,
+            packets=0,
+            events=0,
+            malformed=0,
+            unsupported=0,
+            socket_overflow=0,
+        )
+        # (events, bad lines, check kernel drops) from the reader thread; deque appends and
+        # pops are atomic, so the thread and the loop share it without a lock.
+        self.inbox: deque[tuple[list[Event], list[BadLine], bool]] = deque()
         self._emit: Emit | None = None
+        self._sock: socket.socket | None = None
         self._drops_seen = 0
 
     async def run(self, emit: Emit) -> None:
-        self._emit = emit  # before the socket exists, so no datagram can find it unset
-        transport = await self._listen()
-        sock = transport.get_extra_info("socket")
+        self._emit = emit
+        sock = await self._listen()
         host, port = sock.getsockname()[:2]
-        self.stats["address"] = f"{host}:{port}"
-        self.ctx.log.info("statsd listening on udp %s:%d", host, port)
+        granted, rmem_max = granted_rcvbuf(sock, self.options.receive_buffer_bytes)
+        self.stats.update(address=f"{host}:{port}", rcvbuf=granted)
+        self.ctx.log.info(
+            "statsd listening on udp %s:%d, receive buffer %d bytes (asked %d; net.core.rmem_max %s)",
+            host, port, granted, self.options.receive_buffer_bytes, rmem_max,
+        )  # fmt: skip
+        self._sock = sock
         self._drops_seen = 0  # the kernel counts per socket, and this one is new
+        reader = _Reader(self, sock, asyncio.get_running_loop())
+        reader.start()
         try:
-            while True:
+            while reader.thread.is_alive():
                 await asyncio.sleep(self.options.flush_interval_s)
-                self._flush(sock)
+            raise RuntimeError("the statsd reader thread stopped")  # the supervisor restarts us
         finally:
-            # Cancelled at shutdown: hand over the sets gathered so far (intake is still
-            # open while sources stop) and the last drop count, then stop listening.
-            self._flush(sock)
-            transport.close()
+            # Cancelled at shutdown: the reader hands over its partial interval (intake is
+            # still open while sources stop), then its batches and the drop count go in.
+            reader.stopping.set()
+            await asyncio.to_thread(reader.thread.join)
+            self.deliver()
+            sock.close()
             self._emit = None
 
-    async def _listen(self) -> asyncio.DatagramTransport:
+    async def _listen(self) -> socket.socket:
         """Bind the UDP socket. A taken or refused address is a user's problem, not a bug:
         one WARNING line per try naming the address (no traceback), `error` in status, and
         a retry with backoff until it is free."""
-        loop = asyncio.get_running_loop()
         delay = BIND_RETRY_INITIAL_S
+        host, port = self.options.host, self.options.port
         while True:
             try:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _Receiver(self), local_addr=(self.options.host, self.options.port)
-                )
+                info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+                sock = socket.socket(info[0], socket.SOCK_DGRAM)
+                try:
+                    sock.bind(info[4])
+                except OSError:
+                    sock.close()
+                    raise
             except OSError as exc:
-                where = f"udp {self.options.host}:{self.options.port}"
+                where = f"udp {host}:{port}"
                 self.stats["error"] = f"cannot listen on {where}: {exc.strerror or exc}"
                 self.ctx.log.warning("statsd: %s; retrying in %.1fs", self.stats["error"], delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BIND_RETRY_MAX_S)
                 continue
             self.stats["error"] = None
-            return transport
+            return sock
 
-    def received(self, data: bytes) -> None:
-        """One datagram (called by the protocol on the loop)."""
-        self.stats["packets"] += 1
-        events, bad = self.parser.feed(data, time.time())
-        for exc in bad:
-            self.ctx.lost(exc.reason)
-            self.stats["malformed" if exc.reason == MALFORMED else "unsupported"] += 1
-            self.warn("statsd line dropped (%s): %s", exc.reason, exc)
-        if events and self._emit is not None:
-            self.stats["events"] += len(events)
-            self._emit(events)  # never blocks: when intake is full it counts them as intake_full
+    def deliver(self) -> None:
+        """On the loop: hand the reader's batches to intake, count their bad lines, and
+        (each flush interval) the datagrams the kernel dropped."""
+        while self.inbox:
+            events, bad, drops = self.inbox.popleft()
+            for exc in bad:
+                self.ctx.lost(exc.reason)
+                self.stats["malformed" if exc.reason == MALFORMED else "unsupported"] += 1
+                self.warn("statsd line dropped (%s): %s", exc.reason, exc)
+            if events:
+                if self._emit is None:  # cannot happen while run() is alive; counted if it does
+                    self.ctx.lost(SHUTDOWN_LOST, len(events))
+                else:
+                    self.stats["events"] += len(events)
+                    self._emit(events)  # never blocks: when intake is full it counts them as intake_full
+            if drops and self._sock is not None:
+                self._count_drops(self._sock)
 
-    def _flush(self, sock: Any) -> None:
-        events = self.parser.flush_sets(time.time())
-        if events and self._emit is not None:
-            self.stats["events"] += len(events)
-            self._emit(events)
+    def _count_drops(self, sock: socket.socket) -> None:
         drops = socket_drops(sock)
         if drops is not None and drops > self._drops_seen:
-            # Each datagram held at least one event: a lower bound on what was lost.
+            # Each datagram held at least one line: a lower bound on what was lost.
             self.ctx.lost(SOCKET_OVERFLOW, drops - self._drops_seen)
             self.stats["socket_overflow"] += drops - self._drops_seen
             self.warn_overflow(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from agent.builtin_plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
+from agent.builtin_plugins.statsd_aggregate import Aggregate
 
 from agent.plugin.base import ThrottledLog
 from agent.runtime import Agent
@@ -153,6 +155,69 @@ def test_option_errors_name_the_key_path(tmp_path, toml, path, problem):
     assert msg.startswith(f"{tmp_path / 'agent.toml'}: {path}: ") and problem in msg
 
 
+# -- aggregation per flush interval ------------------------------------------------------
+
+
+def aggregate(*datagrams: str, parser: Parser | None = None, now: float = NOW):
+    """Feed datagrams into one interval; (its events by (name, kind, tags), pass-through events, bad lines)."""
+    parser, agg, passed, bad = parser or Parser(), Aggregate(), [], []
+    for d in datagrams:
+        ev, wrong = parser.feed_into(d.encode(), now, agg)
+        passed += ev
+        bad += wrong
+    out = {(e.name, e.kind, tuple(sorted(e.tags.items()))): e for e in agg.flush(now + 10, 10.0)}
+    assert len(out) == len(agg.flush(0, 10.0)) + len(out)  # the flush emptied it
+    return out, passed, bad
+
+
+def test_aggregated_counters_are_summed_with_their_sample_rates():
+    out, passed, bad = aggregate("hits:1|c|@0.1\nhits:2|c\nhits:1|c|@0.5|#k:v", "hits:3|c|#k:v\nhits:1:1|c")
+    assert not passed and not bad
+    hits = out["hits", "counter", ()]
+    assert (hits.value, hits.data) == (14.0, {"interval_s": 10.0, "count": 4})
+    assert out["hits", "counter", (("k", "v"),)].value == 5.0
+    assert out["hits", "counter", ()].ts == NOW + 10  # the flush time
+
+
+def test_aggregated_gauges_keep_the_last_value_with_relative_deltas_across_intervals():
+    p = Parser()
+    out, _, _ = aggregate("q:10|g\nq:+5|g", "q:-3|g\nq:7|g|#h:a", parser=p)
+    assert out["q", "gauge", ()].value == 12.0 and out["q", "gauge", ()].data["count"] == 3
+    assert out["q", "gauge", (("h", "a"),)].value == 7.0
+    # the next interval's delta starts from the last value
+    out, _, _ = aggregate("q:+1|g", parser=p)
+    assert out["q", "gauge", ()].value == 13.0
+
+
+def test_aggregated_timers_are_one_histogram_with_count_sum_min_max_and_a_sketch():
+    out, _, _ = aggregate("rt:12.5|ms\nrt:3|ms|@0.5\nrt:40:0.5|ms", "rt:-1|h\nrt:0|d")
+    h = out["rt", "histogram", ()]
+    assert h.value == 55.0
+    d = h.data
+    assert (d["count"], d["sum"], d["min"], d["max"]) == (6, 55.0, -1.0, 40.0)
+    sk = d["sketch"]
+    assert sk["zero"] == 1 and sum(sk["pos"].values()) == 4 and sum(sk["neg"].values()) == 1
+    # the same bucket keys as the history sketch, so the aggregates merge with the agent's own
+    from agent.history.sketch import Sketch
+    ref = Sketch()
+    for v in (12.5, 3, 40, 0.5, -1, 0):
+        ref.add(v)
+    assert sk == {"zero": ref.zero, "pos": {str(k): c for k, c in ref.pos.items()},
+                  "neg": {str(k): c for k, c in ref.neg.items()}}
+
+
+def test_aggregated_sets_count_distinct_members_and_timestamped_lines_pass_through():
+    out, passed, bad = aggregate("u:alice|s\nu:bob|s\nu:alice|s\nu:x|s|#a:b\nold:1|c|T1600000000\nbad|c")
+    assert out["u", "gauge", ()].value == 2.0 and out["u", "gauge", (("a", "b"),)].value == 1.0
+    assert [(e.name, e.value, e.ts) for e in passed] == [("old", 1.0, 1_600_000_000.0)]
+    assert [b.reason for b in bad] == [MALFORMED]
+
+
+def test_tag_order_does_not_split_a_series():
+    out, _, _ = aggregate("a:1|c|#x:1,y:2\na:1|c|#y:2,x:1")
+    assert [e.value for e in out.values()] == [2.0]
+
+
 # -- a real agent, real datagrams -------------------------------------------------------
 
 
@@ -175,13 +240,13 @@ async def _address(agent: Agent) -> tuple[str, int]:
 
 
 async def test_datagrams_become_journaled_events_with_names_kinds_values_and_tags(tmp_path):
-    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, tags={"env": "test"}))
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, tags={"env": "test"}, aggregate=False))
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"orders:1|c|@0.5|#region:eu\nqueue:10|g\nqueue:-3|g\nlatency:12.5|ms", addr)
             udp.sendto(b"users:alice|s\nusers:bob|s\nusers:alice|s", addr)
-        await await_until(lambda: _stats(agent)["packets"] == 2)
+        await await_until(lambda: _stats(agent)["events"] == 4)
         assert await agent.flush(10)
         events = read_jsonl(tmp_path / "out.jsonl")
         got = [(e["name"], e["kind"], e["value"], e["tags"], e["source"]) for e in events]
@@ -214,13 +279,13 @@ async def test_sets_are_flushed_every_interval(tmp_path):
 
 
 async def test_malformed_lines_are_counted_in_the_loss_ledger_by_reason(tmp_path, caplog):
-    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path))
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, aggregate=False))
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"good:1|c\ngarbage\nbad:x|c\n_sc|db|0", addr)
             udp.sendto(b"a:1|zz", addr)
-        await await_until(lambda: _stats(agent)["packets"] == 2)
+        await await_until(lambda: (s := _stats(agent))["malformed"] + s["unsupported"] == 4)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{agent.server_url}/api/v1/losses") as resp:
                 losses = await resp.json()
@@ -241,16 +306,16 @@ async def test_malformed_lines_are_counted_in_the_loss_ledger_by_reason(tmp_path
 
 
 async def test_a_full_intake_drops_the_datagram_and_counts_it(tmp_path):
-    cfg = statsd_config(tmp_path)
+    cfg = statsd_config(tmp_path, aggregate=False)
     cfg["agent"]["intake_capacity"] = 5
     agent = await start_agent(tmp_path / "data", **cfg)
     try:
         addr = await _address(agent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto("\n".join(f"n{i}:1|c" for i in range(10)).encode(), addr)
-            await await_until(lambda: _stats(agent)["packets"] == 1)
+            await await_until(lambda: _stats(agent)["events"] == 10)  # handed over (and refused) first
             udp.sendto(b"after:1|c", addr)
-        await await_until(lambda: _stats(agent)["packets"] == 2)
+        await await_until(lambda: _stats(agent)["events"] == 11)
         assert await agent.flush(10)
         assert agent.ledger.by_reason() == {"intake_full": 10}
         assert [e["name"] for e in read_jsonl(tmp_path / "out.jsonl")] == ["after"]
@@ -260,13 +325,14 @@ async def test_a_full_intake_drops_the_datagram_and_counts_it(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/net/udp").exists(), reason="the kernel's drop count is read from /proc/net/udp")
 async def test_datagrams_the_kernel_drops_are_counted(tmp_path):
-    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, flush_interval_s=0.05))
+    # the smallest receive buffer the kernel grants (a few KiB): it overflows at once
+    cfg = statsd_config(tmp_path, flush_interval_s=0.05, receive_buffer_bytes=1024)
+    agent = await start_agent(tmp_path / "data", **cfg)
     try:
         addr = await _address(agent)
         sent = 3000
         payload = b"x:1|c\n" + b"#" * 1400  # one good line, one malformed: the buffer fills fast
-        # Sent from the agent's own loop thread without yielding, so nothing is read meanwhile
-        # and the socket's receive buffer (a few hundred KiB) overflows.
+        # Sent as fast as one thread can: the reader thread parses slower than that.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             for _ in range(sent):
                 udp.sendto(payload, addr)
@@ -312,3 +378,47 @@ def test_two_parsers_share_no_state():
     a, b = Parser(), Parser()
     one("g:5|g", a)
     assert one("g:+1|g", b) == [("g", "gauge", 1.0, {})]
+
+
+async def test_aggregation_is_the_default_and_stop_flushes_the_partial_interval(tmp_path):
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, flush_interval_s=3600, tags={"env": "t"}))
+    try:
+        addr = await _address(agent)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"orders:1|c|@0.5\norders:3|c\nq:10|g\nq:-4|g\nrt:10|ms\nrt:30|ms", addr)
+            udp.sendto(b"u:a|s\nu:b|s\nu:a|s", addr)
+        await await_until(lambda: _stats(agent)["packets"] == 2)
+        assert await agent.flush(10)
+        assert read_jsonl(tmp_path / "out.jsonl") == []  # the hour-long interval has not ended
+    finally:
+        await agent.stop()
+    got = {(e["name"], e["kind"]): e for e in read_jsonl(tmp_path / "out.jsonl")}
+    assert {k: v["value"] for k, v in got.items()} == {
+        ("orders", "counter"): 5.0, ("q", "gauge"): 6.0, ("rt", "histogram"): 40.0, ("u", "gauge"): 2.0}
+    rt = got["rt", "histogram"]["data"]
+    assert (rt["count"], rt["sum"], rt["min"], rt["max"], rt["interval_s"]) == (2, 40.0, 10.0, 30.0, 3600.0)
+    assert all(e["tags"] == {"env": "t"} and e["source"] == "statsd" for e in got.values())
+
+
+async def test_a_burst_is_accounted_for_line_by_line(tmp_path):
+    """50k one-line packets as fast as a thread sends them: every line is delivered or
+    counted as statsd_socket_overflow, none vanishes."""
+    agent = await start_agent(tmp_path / "data", **statsd_config(tmp_path, flush_interval_s=0.2))
+    sent = 50_000
+    try:
+        addr = await _address(agent)
+
+        def burst() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                for _ in range(sent):
+                    udp.sendto(b"burst:1|c|#k:v", addr)
+
+        await asyncio.to_thread(burst)
+        stats = await await_until(lambda: (s := _stats(agent))["packets"] + s["socket_overflow"] == sent and s,
+                                  timeout=120, what="every datagram received or counted as dropped")
+    finally:
+        await agent.stop()
+    delivered = sum(e["value"] for e in read_jsonl(tmp_path / "out.jsonl") if e["name"] == "burst")
+    assert delivered == stats["packets"]
+    assert delivered + agent.ledger.by_reason().get(SOCKET_OVERFLOW, 0) == sent
+    assert agent.ledger.by_reason().keys() <= {SOCKET_OVERFLOW}
