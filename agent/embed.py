@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from agent import losses
+from agent import celery_hook, losses
 from agent.config import differences, resolve
 from agent.errors import ConfigError
 from agent.forwarding.forwarder import Forwarder
@@ -130,6 +130,7 @@ def _after_fork_in_child() -> None:
         parent.forget_in_child()
     if parent is not None and parent.state in ("starting", "running"):
         _agent = _start_forwarder(parent.config)  # it may take the data dir over, as any forwarder
+        celery_hook.connect(stop)  # a Celery pool child ends with os._exit(): hand over before it
 
 
 def _release_listeners(loop: asyncio.AbstractEventLoop) -> None:
@@ -201,6 +202,8 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
                     ", ".join(started.workers) or "none",
                 )
         _agent = started
+        # Celery prefork: a pool child ends with os._exit(), skipping the exit hook below.
+        celery_hook.connect(stop)
         if not _hooks_installed:
             _hooks_installed = True
             _register_exit_hook()

@@ -9,6 +9,11 @@ record one event. Three ways the agent can be started:
 - in each pool child (`worker_process_init`): the first child owns the data dir and the
   others forward to it.
 
+The app connects no signal of its own: a pool child ends with billiard's `os._exit()`,
+and the agent connects Celery's `worker_process_shutdown` to its stop() by itself
+(agent/celery_hook.py). The last two tests check that hook without a broker: a forked
+child records, Celery's signal is sent and the child `os._exit()`s at once.
+
 Each test queues its tasks on a queue of its own (in a Redis db picked by the queue's
 name), waits until every task's event reached the jsonl sink, stops the worker with
 SIGTERM (a warm shutdown) and checks: every event arrived exactly once by id, each tagged
@@ -23,6 +28,7 @@ tests/conftest.py) a skip is a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -190,3 +196,67 @@ def test_celery_prefork_delivers_every_task_event_once(tmp_path, broker, embedde
         assert len(pids) > CONCURRENCY, pids
     else:
         assert pids <= children, (pids, children)
+
+
+# -- the hook itself, without a broker: a pool child's exit as billiard does it ----------
+
+CHILD_EXIT = """
+import json, os, sys
+{imports}
+import agent
+
+data_dir, jsonl, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+agent.start({{
+    "agent": {{"data_dir": data_dir, "id": "celery-hook"}},
+    "server": {{"enabled": False}},
+    "dashboard": {{"store": False}},
+    "sinks": {{"out": {{"type": "jsonl", "path": jsonl, "policies": []}}}},
+}})
+pid = os.fork()
+if pid == 0:  # a pool child: a forwarder from the at-fork hook
+    for k in range(n):
+        agent.record("celery.task", 1, kind="counter", data={{"w": 1, "k": k}})
+    {child_exit}
+    os._exit(0)  # billiard's Worker._do_exit: no exit hooks
+os.waitpid(pid, 0)
+assert agent.flush(60)
+print(json.dumps({{"losses": agent.current().status()["losses"], "celery": "celery" in sys.modules}}))
+agent.stop()
+"""
+
+
+def _fork_and_exit(tmp_path: Path, imports: str, child_exit: str, n: int = 500) -> dict[str, Any]:
+    script = tmp_path / "child_exit.py"
+    script.write_text(CHILD_EXIT.format(imports=imports, child_exit=child_exit))
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "data"), str(tmp_path / "out.jsonl"), str(n)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_worker_process_shutdown_hands_a_forked_childs_events_over_with_no_app_code(tmp_path):
+    """Celery is loaded (as in a worker), the app connects no signal: the child's events,
+    recorded right before Celery's worker_process_shutdown and os._exit(), all arrive."""
+    pytest.importorskip("celery")
+    n = 500
+    result = _fork_and_exit(
+        tmp_path,
+        "import celery.signals",
+        "celery.signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)",
+        n,
+    )
+    assert result["losses"] == {}
+    rows = [e for e in read_jsonl(tmp_path / "out.jsonl") if e["name"] == "celery.task"]
+    assert_exactly_once(rows, {(1, k) for k in range(n)})
+    assert len({e["tags"]["pid"] for e in rows}) == 1
+
+
+def test_the_agent_never_imports_celery(tmp_path):
+    """Without Celery loaded, start() and the at-fork hook connect nothing and import nothing."""
+    result = _fork_and_exit(tmp_path, "", "agent.flush(60)", 10)
+    assert result == {"losses": {}, "celery": False}

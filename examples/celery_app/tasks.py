@@ -10,10 +10,11 @@ pool child is forked after that and gets a forwarder from the at-fork hook, with
 in the child. With SIDECAR_APP_START_IN=child, the agent is started in each pool child
 instead (`worker_process_init`): the first child owns the data dir and the others forward.
 
-Either way, one line is needed: a pool child ends with `os._exit()`, which skips the
-interpreter's exit hooks, so `worker_process_shutdown` calls `agent.stop()` to hand the
-child's events over first. Each event carries the pid of the child that ran the task in
-the tag `pid`. See docs/multiprocess.md.
+Either way no other line is needed. A pool child ends with `os._exit()`, which skips the
+interpreter's exit hooks; the agent connects Celery's `worker_process_shutdown` signal
+itself (agent/celery_hook.py), so each child hands its events over before it exits. Each
+event carries the pid of the child that ran the task in the tag `pid`. See
+docs/multiprocess.md.
 
 CELERY_BROKER_URL (default redis://127.0.0.1:6379/0), SIDECAR_APP_QUEUE,
 SIDECAR_APP_DATA_DIR and SIDECAR_APP_JSONL (used by the tests) choose the broker, the
@@ -54,10 +55,9 @@ def _start_in_child(**_: Any) -> None:
         agent.start(CONFIG)
 
 
-@signals.worker_process_shutdown.connect
-def _hand_over(**_: Any) -> None:
-    # The child exits with os._exit() next: hand over (or spill) what it recorded now.
-    agent.stop()
+# No `worker_process_shutdown` handler calling agent.stop() is needed: a pool child exits
+# with os._exit(), but agent.start() (and the at-fork hook) connect that signal to stop()
+# themselves whenever Celery is loaded, so the child hands its events over first.
 
 
 if os.environ.get("SIDECAR_APP_START_IN") != "child":
