@@ -70,6 +70,32 @@ async def test_ingested_events_are_queryable(agent):
         assert [c or 0 for c in body["v"]] == want
 
 
+async def test_rate_and_bucket_quantiles_over_http(agent):
+    """Counters posted as deltas chart as a rate; `_bucket` series as a quantile, not an average."""
+    start = (int(time.time()) - 300) // 20 * 20  # on a step boundary: each step holds two posts
+    async with aiohttp.ClientSession() as s:
+        await post_events(agent, session=s, events=[{"name": "jobs", "kind": "counter", "value": 4, "ts": start + 10 * i}
+                                                    for i in range(20)])
+        buckets = {"0.1": 8, "1": 10, "+Inf": 10}
+        await post_events(agent, session=s, events=[{"name": "rt_bucket", "kind": "counter", "value": v,
+                                                     "ts": start + 10 * i, "tags": {"le": le}}
+                                                    for i in range(20) for le, v in buckets.items()])
+        assert await agent.flush(5)
+        async with s.get(agent.server_url + "/api/v1/series",
+                         params={"name": "jobs", "agg": "rate", "from": str(start), "to": str(start + 200),
+                                 "step": "20"}) as r:
+            body = await r.json()
+        assert r.status == 200 and body["agg"] == "rate"
+        assert [v for v in body["v"] if v is not None] == pytest.approx([0.4] * 10)
+        async with s.get(agent.server_url + "/api/v1/series",
+                         params={"name": "rt_bucket", "agg": "quantile", "q": "0.9", "from": str(start),
+                                 "to": str(start + 200), "step": "20"}) as r:
+            body = await r.json()
+        assert r.status == 200 and body["q"] == 0.9
+        # rank 9 of 10 falls in (0.1, 1], one of its two observations in: 0.1 + 0.9 * 1/2
+        assert [v for v in body["v"] if v is not None] == pytest.approx([0.55] * 10)
+
+
 async def test_bad_queries_name_the_problem(agent):
     async with aiohttp.ClientSession() as s:
         for path, params, needle in [
@@ -84,6 +110,9 @@ async def test_bad_queries_name_the_problem(agent):
             ("/api/v1/series", {"name": "x", "from": "1e30", "to": "1e31"}, "to must be between 0 and 1e+11"),
             ("/api/v1/series", {"name": "x", "step": "1e20"}, "step must be between 0 and 1e+09"),
             ("/api/v1/events", {"from": "-1e30"}, "from must be between 0 and 1e+11"),
+            ("/api/v1/series", {"name": "x_bucket", "agg": "quantile"}, "agg=quantile needs q"),
+            ("/api/v1/series", {"name": "latency", "agg": "quantile", "q": "0.9"}, "agg=quantile needs q"),
+            ("/api/v1/series", {"name": "x_bucket", "agg": "quantile", "q": "1.5"}, "q must be between 0 and 1"),
         ]:
             async with s.get(agent.server_url + path, params=params) as r:
                 assert r.status == 400

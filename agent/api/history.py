@@ -82,8 +82,9 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 async def series(request: web.Request) -> web.Response:
-    """GET /api/v1/series?name=&from=&to=&step=&agg=&tag.k=v; all=1 instead of name (with
-    agg=count) counts every event of every name."""
+    """GET /api/v1/series?name=&from=&to=&step=&agg=&q=&tag.k=v; all=1 instead of name (with
+    agg=count) counts every event of every name. agg=rate is growth per second;
+    agg=quantile&q=0.9 estimates a quantile from a `<name>_bucket` histogram's `le` buckets."""
     store = await _store(request)
     q = request.query
     name = q.get("name") or None
@@ -95,6 +96,9 @@ async def series(request: web.Request) -> web.Response:
     agg = q.get("agg", "avg")
     if agg not in AGGS:
         raise web.HTTPBadRequest(reason=f"agg must be one of {', '.join(AGGS)}")
+    q_value = _num(request, "q", within=(0.0, 1.0))
+    if agg == "quantile" and (q_value is None or not (name or "").endswith("_bucket")):
+        raise web.HTTPBadRequest(reason="agg=quantile needs q (0..1) and a histogram bucket name (<name>_bucket)")
     if every and agg != "count":
         raise web.HTTPBadRequest(reason="all=1 (every name) only makes sense with agg=count")
     now = time.time()
@@ -107,7 +111,7 @@ async def series(request: web.Request) -> web.Response:
     if step is not None and step <= 0:
         raise web.HTTPBadRequest(reason="step must be positive")
     tags = {k[4:]: v for k, v in q.items() if k.startswith("tag.") and len(k) > 4}
-    return web.json_response(await store.series(name, start, end, step, agg, tags, now=now))
+    return web.json_response(await store.series(name, start, end, step, agg, tags, now=now, q=q_value))
 
 
 async def names(request: web.Request) -> web.Response:

@@ -47,7 +47,10 @@ from agent.storage.migrations import migrate
 __all__ = ["AGGS", "LEVELS", "MIGRATIONS", "SKETCH_KINDS", "STORE_FILE", "HistoryStore", "decode_cursor", "tagset_key"]
 
 STORE_FILE = "store.db"
-AGGS = ("avg", "sum", "min", "max", "count", "p50", "p95", "p99")
+AGGS = ("avg", "sum", "min", "max", "count", "p50", "p90", "p95", "p99", "rate", "quantile")
+# `rate`: growth per second per step (query.increases: deltas summed, running totals reset-aware).
+# `quantile` (with q): for a Prometheus-style `<name>_bucket` with `le` tags, the q-quantile
+# estimated from the buckets' growth per step (query.bucket_quantile), never an average across `le`.
 MAX_POINTS = 2000
 READERS = 2  # reader threads: a slow query leaves one for the rest
 PROGRESS_STEPS = 10_000  # SQLite VM steps between a reader's checks whether the store is closing
@@ -273,6 +276,7 @@ class HistoryStore:
         agg: str = "avg",
         tags: dict[str, str] | None = None,
         now: float | None = None,
+        q: float | None = None,
     ) -> dict[str, Any]:
         """Aggregate `name` over [start, end) in `step`-second buckets; `t` and `v` arrays
         cover every bucket (v is None where there is no data). `name` None takes every
@@ -286,6 +290,11 @@ class HistoryStore:
         step = max(res, math.ceil(step / res) * res)
         first = math.floor(start / step) * step
         nb = math.ceil((end - first) / step)
+        if agg in ("rate", "quantile") and name is not None:
+            running = self.kind_of(name) == "gauge"
+            if running and level != "raw" and self._raw_reaches(first, now):
+                level = "raw"  # a running total's resets are only seen in its raw values
+            return await self._growth(name, agg, q, level, first, end, step, nb, running, tags or {})
 
         def run(conn: sqlite3.Connection) -> list[float | None]:
             cells = query.series_cells(
@@ -313,6 +322,66 @@ class HistoryStore:
             "t": [first + i * step for i in range(nb)],
             "v": values,
         }
+
+    def kind_of(self, name: str) -> str | None:
+        """The kind a name was recorded with (None if never)."""
+        if self.writer is None:
+            return None
+        with self.writer.names_lock:
+            entry = self.writer.names.get(name)
+        return entry[0] if entry else None
+
+    def _raw_reaches(self, start: float, now: float) -> bool:
+        floor = now - self.retention["raw"]
+        if self.writer is not None:
+            floor = max(floor, self.writer.raw_floor)
+        return start >= floor
+
+    async def _growth(
+        self,
+        name: str,
+        agg: str,
+        q: float | None,
+        level: str,
+        first: float,
+        end: float,
+        step: float,
+        nb: int,
+        running: bool,
+        tags: dict[str, str],
+    ) -> dict[str, Any]:
+        """`rate` and bucket `quantile` answers: both start from each step's growth."""
+
+        def run(conn: sqlite3.Connection) -> list[float | None]:
+            grown = query.increases(
+                conn,
+                level=level,
+                name=name,
+                tags=tags,
+                first=first,
+                end=end,
+                step=step,
+                nb=nb,
+                running=running,
+                key=query.le_of if agg == "quantile" else (lambda _t: None),
+                closing=lambda: self._closing,
+            )
+            if agg == "rate":
+                row = grown.get(None) or [None] * nb
+                return [None if v is None else v / step for v in row]
+            bounds = {query.parse_le(le): row for le, row in grown.items()}
+            per_le = {b: row for b, row in bounds.items() if b is not None}
+            out: list[float | None] = []
+            for i in range(nb):
+                counts = {b: v for b, row in per_le.items() if (v := row[i]) is not None}
+                out.append(query.bucket_quantile(q if q is not None else 0.5, counts) if counts else None)
+            return out
+
+        values = await self._in_reader(run)
+        out = {"name": name, "agg": agg, "level": level, "step": step, "from": first, "to": first + nb * step}
+        if agg == "quantile":
+            out["q"] = q
+        return {**out, "t": [first + i * step for i in range(nb)], "v": values}
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
