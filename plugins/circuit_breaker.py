@@ -48,6 +48,7 @@ log = logging.getLogger("sidecar_agent.circuit_breaker")
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 EVENT_NAME = "sidecar_agent.breaker"
+WARN_EVERY_S = 60.0  # at most one breaker-open and one failed-attempt WARNING per sink this often
 # purgatory's state names, used in the shared (Redis) store
 _TO_PURGATORY = {CLOSED: "closed", OPEN: "opened", HALF_OPEN: "half-opened"}
 
@@ -155,6 +156,9 @@ class CircuitBreakerPolicy(BasePolicy):
         self._not_closed_since = 0.0
         self._open_total = 0.0
         self.stats: dict[str, Any] = ctx.stats if ctx is not None else {}
+        # Throttled WARNINGs (like agent.pipeline.deadletter_log): kind -> (may log again at, held back since)
+        self._warn_clock = clock or time.monotonic
+        self._warned: dict[str, tuple[float, int]] = {}
         # Declared figures (docs/resilience.md): /metrics serves `breaker_state_code` as
         # sidecar_agent_breaker_state and `breaker_open_seconds_total` as ..._open_seconds;
         # the latter is a callable, so every read includes the current open period.
@@ -198,9 +202,9 @@ class CircuitBreakerPolicy(BasePolicy):
             if self.failures:
                 self._on_success(gen)
             raise
-        except Exception:
+        except Exception as exc:
             if not _stopping():
-                self._on_failure(gen)
+                self._on_failure(gen, exc)
             raise
         if self.failures:
             self._on_success(gen)
@@ -231,13 +235,13 @@ class CircuitBreakerPolicy(BasePolicy):
             if self.failures:
                 await self._on_success_shared(gen)
             raise
-        except Exception:
+        except Exception as exc:
             if _stopping():
                 raise
-            if self._on_failure(gen) is False and store is not None and gen == self._gen:
+            if self._on_failure(gen, exc) is False and store is not None and gen == self._gen:
                 shared = await self._store_op(store.add_failure(), 0)
                 if shared >= self.threshold and self.state is CLOSED:
-                    self._transition(OPEN, self._clock())
+                    self._transition(OPEN, self._clock(), error=exc)
                     await self._store_op(store.save_state(OPEN, self.opened_at), None)
             elif store is not None and self.state is OPEN:
                 await self._store_op(store.save_state(OPEN, self.opened_at), None)
@@ -257,9 +261,9 @@ class CircuitBreakerPolicy(BasePolicy):
         except PermanentError:
             await self._probe_done(gen, CLOSED)
             raise
-        except Exception:
+        except Exception as exc:
             if not _stopping():
-                await self._probe_done(gen, OPEN)
+                await self._probe_done(gen, OPEN, exc)
             raise
         finally:
             probing.reset(token)
@@ -267,10 +271,10 @@ class CircuitBreakerPolicy(BasePolicy):
         await self._probe_done(gen, CLOSED)
         return result
 
-    async def _probe_done(self, gen: int, to: str) -> None:
+    async def _probe_done(self, gen: int, to: str, error: BaseException | None = None) -> None:
         if gen != self._gen:
             return
-        self._transition(to, self._clock())
+        self._transition(to, self._clock(), error=error)
         store = self._store
         if store is not None:
             await self._store_op(store.save_state(to, self.opened_at if to is OPEN else None), None)
@@ -281,15 +285,34 @@ class CircuitBreakerPolicy(BasePolicy):
 
     # -- transitions -----------------------------------------------------------------
 
-    def _on_failure(self, gen: int) -> bool:
+    def _on_failure(self, gen: int, error: BaseException) -> bool:
         """Count a failure from a call admitted while closed; True if it opened the circuit."""
         if gen != self._gen:
             return True  # stale: the state moved on while the call ran
         self.failures += 1
         if self.failures >= self.threshold:
-            self._transition(OPEN, self._clock())
+            self._transition(OPEN, self._clock(), error=error)
             return True
+        self._warn(
+            "attempt",
+            "sink %s: a delivery attempt failed (%d in a row; the circuit opens at %d): %s%s",
+            self.failures,
+            self.threshold,
+            error,
+        )
         return False
+
+    def _warn(self, kind: str, msg: str, *args: Any) -> None:
+        """A WARNING at most once per WARN_EVERY_S for this sink and `kind`, with how many
+        were held back since the last one: a sink failing every call must not flood the log."""
+        now = self._warn_clock()
+        until, held = self._warned.get(kind, (float("-inf"), 0))
+        if now < until:
+            self._warned[kind] = (until, held + 1)
+            return
+        self._warned[kind] = (now + WARN_EVERY_S, 0)
+        more = f" ({held} more since the last such line)" if held else ""
+        log.warning(msg, self.name, *args, more)
 
     def _on_success(self, gen: int) -> None:
         if gen == self._gen:
@@ -300,7 +323,9 @@ class CircuitBreakerPolicy(BasePolicy):
         if self._store is not None:
             await self._store_op(self._store.reset_failures(), None)
 
-    def _transition(self, to: str, now: float, opened_at: float | None = None) -> None:
+    def _transition(
+        self, to: str, now: float, opened_at: float | None = None, error: BaseException | None = None
+    ) -> None:
         frm = self.state
         if frm == to:
             return
@@ -319,7 +344,17 @@ class CircuitBreakerPolicy(BasePolicy):
         stats["breaker_state"] = to
         stats["breaker_state_code"] = code
         stats["breaker_transitions"] += 1
-        log.info("sink %s: circuit %s -> %s", self.name, frm, to)
+        if to is OPEN:
+            # Loud: the sink's deliveries stop for reset_timeout_s (a WARNING naming why, throttled).
+            self._warn(
+                "open",
+                "sink %s: circuit breaker opened (%s -> open), no deliveries for %gs: %s%s",
+                frm,
+                self.reset_timeout_s,
+                error if error is not None else "opened by another agent sharing the circuit",
+            )
+        else:
+            log.info("sink %s: circuit %s -> %s", self.name, frm, to)
         if self.ctx is not None:
             self.ctx.event(EVENT_NAME, float(code), from_state=frm, to_state=to, sink=self.name)
 
