@@ -4,8 +4,9 @@ they record, and that they follow the process-wide agent through start, stop and
 from __future__ import annotations
 
 import os
+import threading
 
-from tests.helpers import read_jsonl
+from tests.helpers import journal_events, read_jsonl, wait_until
 from tests.test_embed import _run_script
 
 
@@ -31,10 +32,10 @@ def test_handles_record_what_record_would(embedded, jsonl_config):
     by_name: dict[str, list] = {}
     for e in got:
         by_name.setdefault(e["name"], []).append(e)
-    assert [(e["kind"], e["value"], e["tags"]) for e in by_name["orders.placed"]] == [
+    # the handle's two incs arrive summed, as one delta; record()'s call is its own event
+    assert sorted((e["kind"], e["value"], e["tags"]) for e in by_name["orders.placed"]) == [
         ("counter", 1.0, {"region": "eu", "pid": pid}),
-        ("counter", 3.0, {"region": "eu", "pid": pid}),
-        ("counter", 1.0, {"region": "eu", "pid": pid}),
+        ("counter", 4.0, {"region": "eu", "pid": pid}),
     ]
     (d,) = by_name["queue.depth"]
     assert d["value"] == 17 and d["tags"] == {"pid": pid} and d.get("kind", "gauge") == "gauge"
@@ -64,26 +65,43 @@ def test_a_handle_made_before_start_counts_until_then_and_follows_a_restart(embe
     assert [e["value"] for e in _events(second)] == [5.0]
 
 
-def test_a_full_intake_is_counted_for_a_handle(embedded, jsonl_config):
+def test_a_full_intake_is_counted_for_a_histogram_handle(embedded, jsonl_config):
     jsonl_config["agent"]["intake_capacity"] = 2
     a = embedded.start(jsonl_config)
-    burst = embedded.counter_handle("burst")
+    burst = embedded.histogram_handle("burst")
     n = 5000
     for _ in range(n):
-        burst.inc()
+        burst.observe(1.0)
     assert embedded.flush(10)
     lost = a.ledger.by_reason().get("intake_full", 0)
     assert lost > 0 and len(_events(jsonl_config)) + lost == n
 
 
+def test_a_full_intake_loses_no_counter_increment(embedded, jsonl_config):
+    """A counter handle's sum waits in its cells while the intake is full: nothing lost."""
+    jsonl_config["agent"]["intake_capacity"] = 2
+    a = embedded.start(jsonl_config)
+    burst = embedded.counter_handle("burst")
+    flood = embedded.histogram_handle("flood")
+    for _ in range(5000):
+        burst.inc()
+        flood.observe(1.0)  # keeps the intake full
+    assert embedded.flush(10)
+    assert sum(e["value"] for e in _events(jsonl_config) if e["name"] == "burst") == 5000
+    assert a.ledger.by_reason().get("intake_full", 0) > 0  # the histogram's, counted
+
+
 def test_invalid_handle_is_counted_not_raised(embedded, jsonl_config):
     a = embedded.start(jsonl_config)
-    embedded.counter_handle("").inc()
+    nameless = embedded.counter_handle("")
+    nameless.inc()
+    nameless.inc()  # found bad at binding: each call is counted, as record()'s would be
     embedded.gauge_handle("ok").set("not a number")  # type: ignore[arg-type]
+    embedded.counter_handle("fine").inc("x")  # type: ignore[arg-type]
     embedded.counter_handle("fine").inc()
     assert embedded.flush(10)
     assert [e["name"] for e in _events(jsonl_config)] == ["fine"]
-    assert a.ledger.by_reason().get("invalid") == 2
+    assert a.ledger.by_reason().get("invalid") == 4
 
 
 def test_a_handle_bound_before_fork_records_through_the_childs_forwarder(tmp_path):
@@ -97,7 +115,7 @@ def test_a_handle_bound_before_fork_records_through_the_childs_forwarder(tmp_pat
                "sinks": {"out": {"type": "jsonl", "path": "out.jsonl", "policies": []}}}
         hits = agent.counter_handle("hits", tags={"side": "any"})
         parent = agent.start(cfg)
-        hits.inc(1)  # bound to the parent's agent
+        hits.inc(1)  # bound to the parent's agent, maybe not emitted yet at fork time
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -121,6 +139,66 @@ def test_a_handle_bound_before_fork_records_through_the_childs_forwarder(tmp_pat
     )
     assert r.returncode == 0, r.stderr
     child = r.stdout.split()[-1]
-    got = sorted((e["value"], e["tags"]["pid"]) for e in read_jsonl(tmp_path / "out.jsonl"))
-    parent = got[0][1]
-    assert got == [(1.0, parent), (2.0, child), (3.0, parent)] and parent != child
+    sums: dict[str, float] = {}
+    for e in read_jsonl(tmp_path / "out.jsonl"):
+        sums[e["tags"]["pid"]] = sums.get(e["tags"]["pid"], 0) + e["value"]
+    # the child counts only its own inc: the parent's 1 (in its cells at fork) is the parent's
+    assert sums.pop(child) == 2.0
+    assert list(sums.values()) == [4.0]
+
+
+def test_concurrent_increments_sum_exactly(embedded, jsonl_config):
+    """Many threads incrementing one handle at once, while the agent drains and some
+    threads end: the delivered deltas add up to the number of incs, as far fewer events."""
+    a = embedded.start(jsonl_config)
+    hits = embedded.counter_handle("hits", tags={"route": "/a"})
+    threads, per_thread = 8, 20_000
+    go = threading.Barrier(threads)
+
+    def work():
+        go.wait()
+        for _ in range(per_thread):
+            hits.inc()
+
+    for _ in range(2):  # the second wave finds the first wave's cells dead and folded
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    hits.inc(0.5)
+    assert embedded.flush(10)
+    got = _events(jsonl_config)
+    assert sum(e["value"] for e in got) == 2 * threads * per_thread + 0.5
+    assert {e["kind"] for e in got} == {"counter"} and len(got) < 1000
+    assert a.ledger.total() == 0
+
+
+def test_flush_returns_after_the_delta_is_journaled(embedded, jsonl_config):
+    a = embedded.start(jsonl_config)
+    hits = embedded.counter_handle("hits")
+    for _ in range(1000):
+        hits.inc()
+    assert embedded.flush(10)  # no waiting for the next interval: flush drains the handles first
+    assert journal_values(a, "hits") and sum(journal_values(a, "hits")) == 1000
+    assert sum(e["value"] for e in _events(jsonl_config)) == 1000
+
+
+def test_deltas_arrive_every_interval_without_a_flush(embedded, jsonl_config):
+    a = embedded.start(jsonl_config)
+    hits = embedded.counter_handle("hits")
+    depth = embedded.gauge_handle("depth")
+    hits.inc(2)
+    depth.set(3)
+    depth.set(7)  # only the last value of an interval is sent
+    wait_until(lambda: len(journal_values(a, "depth")) == 1, what="the gauge's reading, unflushed")
+    wait_until(lambda: journal_values(a, "hits") == [2.0], what="the counter's delta, unflushed")
+    hits.inc(5)
+    wait_until(lambda: journal_values(a, "hits") == [2.0, 5.0], what="the next interval's delta")
+    assert embedded.flush(10)
+    assert journal_values(a, "depth") == [7.0]  # unchanged since: not sent again
+
+
+def journal_values(agent, name):
+    """The values of `name`'s events in the agent's journal, in order."""
+    return [e.value for e in journal_events(agent.db.path) if e.name == name]

@@ -147,6 +147,9 @@ class Forwarder(RecordQueue, Recorder):
     def _handed_over(self, end: float, stopping: bool = False) -> bool:
         """Wait until every tuple recorded before now is taken and its batch acked.
         `stopping`: give up early once no owner is listening (its socket is gone)."""
+        from agent import handles  # here, not at import: agent.handles imports agent.embed, which imports us
+
+        handles.drain_into(self, flushing=True)  # what counter/gauge handles summed is handed over too
         with self._cond:  # the drain takes off the deque under _cond too: no tuple is missed
             target = len(self.records) + self._taken
         self._wake.set()
@@ -270,6 +273,9 @@ class Forwarder(RecordQueue, Recorder):
 
     def _ship(self) -> None:
         """Take what is queued (as far as the in-flight bound allows) and send it."""
+        from agent import handles
+
+        handles.drain_into(self)  # the deltas of counter/gauge handles, once per round
         while True:
             with self._cond:
                 while self._link is not None and not self._closing and len(self._unacked) >= WINDOW:

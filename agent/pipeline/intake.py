@@ -282,6 +282,9 @@ class Committer(RecordQueue):
         """Wait until everything queued before this call is committed."""
         if self.journal is None:  # never opened: nothing can be committed
             return not (self.records or self.batches)
+        from agent import handles  # here, not at import: agent.handles imports this module
+
+        handles.drain_into(self, flushing=True)  # what counter/gauge handles summed in place goes in this drain
         try:
             async with asyncio.timeout(timeout):
                 while self.records or self.batches:
