@@ -19,10 +19,13 @@ export class ChartManager {
   // Create (or replace) the chart `key` in `target` with optional history. `windowSec`
   // overrides the manager's window for this chart; `span` (seconds) fixes its x axis to
   // the last `span` seconds (the explorer's range) instead of the data's extent.
-  add(key, target, { label = key, t = [], v = [], windowSec = null, span = null } = {}) {
+  // `begins` (epoch s, optional): where the chart's data begins, marked on it (see mark()).
+  add(key, target, { label = key, t = [], v = [], windowSec = null, span = null, begins = null, beginsText = "" } = {}) {
     this.remove(key);
     const chart = { t: t.slice(), v: v.slice(), dirty: false, plot: null, windowSec };
-    chart.plot = this.createPlot(target, span ? { label, span } : { label }, [chart.t, chart.v]);
+    chart.meta = span ? { label, span } : { label };
+    if (begins != null) Object.assign(chart.meta, { begins, beginsText });
+    chart.plot = this.createPlot(target, chart.meta, [chart.t, chart.v]);
     this.charts.set(key, chart);
     this.draws++;
     return chart;
@@ -58,6 +61,18 @@ export class ChartManager {
     const c = this.charts.get(key);
     if (!c) return false;
     c.t = t.slice(); c.v = v.slice();
+    c.dirty = true;
+    this._schedule();
+    return true;
+  }
+
+  // Mark where a chart's data begins (null: it fills the range); the plot reads its meta
+  // on every draw, so it redraws on the next frame.
+  mark(key, begins, beginsText = "") {
+    const c = this.charts.get(key);
+    if (!c) return false;
+    if (c.meta.begins === begins && c.meta.beginsText === beginsText) return true;
+    Object.assign(c.meta, { begins, beginsText });
     c.dirty = true;
     this._schedule();
     return true;
@@ -126,10 +141,36 @@ export function sparse(u, seriesIdx, i0, i1) {
   return true;
 }
 
+// Draw the "data begins" mark on a uPlot: the time before it shaded (nothing was recorded
+// there, which a flat line would pass off as zeros) and a dashed line with its label.
+export function drawBegins(u, { begins, beginsText }, colour = "#888") {
+  if (begins == null) return;
+  const { left, top, width, height } = u.bbox;
+  const x = Math.round(u.valToPos(begins, "x", true));
+  if (!(x > left && x <= left + width)) return;
+  const ctx = u.ctx;
+  ctx.save();
+  ctx.fillStyle = `${colour}22`;
+  ctx.fillRect(left, top, x - left, height);
+  ctx.strokeStyle = colour;
+  ctx.setLineDash([4, 4]);
+  ctx.beginPath();
+  ctx.moveTo(x, top);
+  ctx.lineTo(x, top + height);
+  ctx.stroke();
+  ctx.fillStyle = colour;
+  ctx.font = `${Math.round(11 * (globalThis.devicePixelRatio || 1))}px sans-serif`;
+  const text = beginsText || "data begins";
+  const w = ctx.measureText(text).width;
+  ctx.fillText(text, x - w - 6 > left ? x - w - 6 : x + 6, top + 14 * (globalThis.devicePixelRatio || 1));
+  ctx.restore();
+}
+
 // A uPlot factory for the page: sized to its container (and resized with it, so a chart
 // made in a hidden tab gets its width when shown), colours from CSS variables.
 export function uplotFactory(uPlot, { height = 180, ResizeObserverImpl = globalThis.ResizeObserver } = {}) {
-  return (target, { label, span }, data) => {
+  return (target, meta, data) => {
+    const { label, span } = meta;
     const css = getComputedStyle(target);
     const stroke = css.getPropertyValue("--accent").trim() || "#3b82f6";
     const axis = { stroke: css.getPropertyValue("--muted").trim() || "#888", grid: { stroke: css.getPropertyValue("--grid").trim() || "#8883" } };
@@ -139,6 +180,7 @@ export function uplotFactory(uPlot, { height = 180, ResizeObserverImpl = globalT
       // With only a point or two, uPlot would stretch the time axis over years: show at least a minute.
       scales: { x: { time: true, range: span ? () => lastSpan(span) : minuteAtLeast } },
       axes: [axis, { ...axis, size: 56, values: (u, splits) => splits.map(compact) }], legend: { show: false }, cursor: { drag: { x: false, y: false } },
+      hooks: { draw: [(u) => drawBegins(u, meta, axis.stroke)] },
     }, data, target);
     let resize = null;
     if (ResizeObserverImpl) {

@@ -4,9 +4,15 @@
 // aggregating, so count, sum and p99 stay right and no event is counted twice.
 // The choice lives in the URL (#metrics?names=a&names=b&range=3600&agg=p95&tags=k%3Dv), so
 // a view can be bookmarked or shared.
+// The default aggregation ("auto", stored as avg) fits each metric: a counter is charted as
+// its rate, a histogram as its p99, a Prometheus `_bucket` series as a percentile estimated
+// from its `le` buckets (never averaged across them), anything else as its average.
 
 export const RANGES = [300, 3600, 86400, 604800];
-export const AGGS = ["avg", "sum", "min", "max", "count", "p50", "p95", "p99"];
+export const AGGS = ["avg", "sum", "min", "max", "count", "rate", "p50", "p90", "p95", "p99"];
+const PERCENTILES = { p50: 0.5, p90: 0.9, p95: 0.95, p99: 0.99 };
+// How the choices read in the select; the default one is the per-kind choice.
+const AGG_LABELS = { avg: "auto (avg · rate for counters · p99 for histograms)" };
 export const MAX_CHARTS = 8;
 const DEFAULTS = { names: [], range: 3600, agg: "avg", tags: "" };
 
@@ -48,6 +54,43 @@ export function parseTags(text) {
     tags[k] = v;
   }
   return { tags };
+}
+
+// A Prometheus-style histogram bucket series: its values are per `le` bound.
+export function isBucketSeries(entry) {
+  return Boolean(entry) && entry.name.endsWith("_bucket") && (entry.tag_keys || []).includes("le");
+}
+
+// What a chart asks the agent for, from the chosen aggregation and the metric's catalogue
+// entry: {agg, q?, label}. Bucket series always get a quantile (an average, sum or rate
+// across `le` bounds means nothing); the default choice becomes rate for counters and
+// p99 for histograms.
+export function seriesAgg(agg, entry) {
+  if (isBucketSeries(entry)) {
+    if (agg === "count") return { agg, label: agg };
+    const p = agg in PERCENTILES ? agg : "p99";
+    return { agg: "quantile", q: PERCENTILES[p], label: p };
+  }
+  if (agg === "avg" && entry?.kind === "counter") return { agg: "rate", label: "rate" };
+  if (agg === "avg" && entry?.kind === "histogram") return { agg: "p99", label: "p99" };
+  return { agg, label: agg };
+}
+
+// Where the data in a chart begins, when the range before it is empty for longer than
+// `minLead` seconds (a fresh agent's 1h range): the time of the first bucket with a value,
+// else null. The chart marks it, so the empty part is not read as zeros or as an outage; a
+// lead no longer than a bridged gap is just a sparse metric's first sample falling late.
+export function dataBegins({ t, v }, minLead = 0) {
+  const i = v.findIndex((x) => x != null);
+  return i > 0 && t[i] - t[0] > minLead ? t[i] : null;
+}
+
+// "14:05" (or "Nov 29 14:05" on ranges longer than a day), in local time.
+export function clockLabel(ts, range) {
+  const d = new Date(ts * 1000);
+  const hm = `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+  if (range <= 86400) return hm;
+  return `${d.toLocaleString("en", { month: "short" })} ${d.getDate()} ${hm}`;
 }
 
 // How often a chart re-reads its newest buckets: a quarter of a step, between 1 s and 30 s.
@@ -182,6 +225,14 @@ export class MetricExplorer {
 
   renderControls() {
     const { list, tags, agg, ranges } = this.els;
+    if (agg.options.length !== AGGS.length) {
+      agg.replaceChildren(...AGGS.map((a) => {
+        const o = this.doc.createElement("option");
+        o.value = a;
+        o.textContent = AGG_LABELS[a] || a;
+        return o;
+      }));
+    }
     agg.value = this.state.agg;
     tags.value = this.state.tags;
     for (const b of ranges.querySelectorAll("button")) b.classList.toggle("on", Number(b.dataset.range) === this.state.range);
@@ -254,7 +305,7 @@ export class MetricExplorer {
     const cap = this.doc.createElement("figcaption");
     const title = this.doc.createElement("span");
     title.className = "title";
-    title.textContent = `${this.state.agg}(${name})`;
+    title.textContent = `${this.aggOf(name).label}(${name})`;
     const info = this.doc.createElement("span");
     info.className = "info muted small";
     info.textContent = "loading…";
@@ -269,8 +320,14 @@ export class MetricExplorer {
     return this.els.charts.querySelector(`figure[data-name="${CSS.escape(name)}"]`);
   }
 
+  aggOf(name) {
+    return seriesAgg(this.state.agg, this.catalogue.find((n) => n.name === name));
+  }
+
   query(name, from, to, tags, step = null) {
-    const q = new URLSearchParams({ name, from: String(from), to: String(to), agg: this.state.agg });
+    const chosen = this.aggOf(name);
+    const q = new URLSearchParams({ name, from: String(from), to: String(to), agg: chosen.agg });
+    if (chosen.q != null) q.set("q", String(chosen.q));
     if (step) q.set("step", String(step));
     for (const [k, v] of Object.entries(tags)) q.set(`tag.${k}`, v);
     return `/api/v1/series?${q}`;
@@ -292,7 +349,11 @@ export class MetricExplorer {
     if (gen !== this.generation) return;
     const key = `metric:${name}`;
     const drawn = bridgeShortGaps(s, gapToBridge(s.step));
-    charts.add(key, fig.querySelector(".chart"), { label: `${s.agg}(${name})`, ...drawn, windowSec: this.state.range + s.step, span: this.state.range });
+    const label = `${this.aggOf(name).label}(${name})`;
+    const begins = dataBegins(s, gapToBridge(s.step));
+    charts.add(key, fig.querySelector(".chart"), {
+      label, ...drawn, windowSec: this.state.range + s.step, span: this.state.range, begins, beginsText: this.beginsText(begins),
+    });
     this.series.set(name, { step: s.step, level: s.level, tags, timer: null, data: { t: s.t, v: s.v }, readAt: now });
     this.caption(fig, s.t, s.v, s);
     fig.dataset.loaded = name;
@@ -303,10 +364,17 @@ export class MetricExplorer {
   caption(fig, t, v, s) {
     const points = v.filter((x) => x != null).length;
     const last = lastValue(v);
+    const begins = dataBegins({ t, v }, gapToBridge(s.step));
     fig.dataset.last = last == null ? "" : String(last);
+    fig.dataset.begins = begins == null ? "" : String(begins);
+    const since = begins == null ? "" : ` · ${this.beginsText(begins)}`;
     fig.querySelector(".info").textContent = points
-      ? `last ${this.fmt(last)} · ${s.level} level, step ${s.step} s, ${points} of ${t.length} buckets with data`
+      ? `last ${this.fmt(last)}${since} · ${s.level} level, step ${s.step} s, ${points} of ${t.length} buckets with data`
       : "no data in this range";
+  }
+
+  beginsText(begins) {
+    return begins == null ? "" : `data begins ${clockLabel(begins, this.state.range)}`;
   }
 
   // Re-read this chart's newest buckets after a while (only while the tab is shown).
@@ -333,6 +401,8 @@ export class MetricExplorer {
       s.readAt = now;
       const drawn = bridgeShortGaps(merged, gapToBridge(s.step));
       this.charts.replace(`metric:${name}`, drawn.t, drawn.v);
+      const begins = dataBegins(merged, gapToBridge(s.step));
+      this.charts.mark(`metric:${name}`, begins, this.beginsText(begins));
       const fig = this.figureOf(name);
       if (fig) this.caption(fig, merged.t, merged.v, s);
     } catch { /* the next refresh tries again; the chart keeps what it has */ }
