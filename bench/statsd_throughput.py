@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv))
+    print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
     receivers: list[Receiver] = [Bare(), Agent(True), Agent(False)]
     if shutil.which("collectd"):
         receivers.append(Collectd())
@@ -216,8 +216,8 @@ def main() -> None:
         for rx in receivers:
             losses = [measure(rx, rate, lines, args.seconds) for _ in range(args.rounds)]
             each = " ".join(f"{x:.2%}" for x in losses)
-            print(f"{rate:>6,} pkt/s x {lines:>2} lines  {rx.name:<40} loss {min(losses):.2%}-{max(losses):.2%}  ({each})",
-                  flush=True)
+            span = f"{min(losses):.2%}-{max(losses):.2%}"
+            print(f"{rate:>6,} pkt/s x {lines:>2} lines  {rx.name:<40} loss {span}  ({each})", flush=True)
 
 
 if __name__ == "__main__":
