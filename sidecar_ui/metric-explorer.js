@@ -12,7 +12,8 @@ export const RANGES = [300, 3600, 86400, 604800];
 export const AGGS = ["avg", "sum", "min", "max", "count", "rate", "p50", "p90", "p95", "p99"];
 const PERCENTILES = { p50: 0.5, p90: 0.9, p95: 0.95, p99: 0.99 };
 // How the choices read in the select; the default one is the per-kind choice.
-const AGG_LABELS = { avg: "auto (avg · rate for counters · p99 for histograms)" };
+const AGG_LABELS = { avg: "auto (by kind)" };
+const AUTO_HINT = "auto: rate for counters, p99 for histograms, a percentile from le buckets, avg otherwise";
 export const MAX_CHARTS = 8;
 const DEFAULTS = { names: [], range: 3600, agg: "avg", tags: "" };
 
@@ -230,6 +231,7 @@ export class MetricExplorer {
         const o = this.doc.createElement("option");
         o.value = a;
         o.textContent = AGG_LABELS[a] || a;
+        if (a === "avg") o.title = AUTO_HINT;
         return o;
       }));
     }
