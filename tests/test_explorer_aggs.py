@@ -103,3 +103,17 @@ async def test_histogram_events_answer_p90_from_their_sketches(store):
     s = await store.series("lat", NOW - 120, NOW, 60, "p90", now=NOW)
     # steps [NOW-120, NOW-60) hold 1..399, [NOW-60, NOW) 400..999
     assert s["v"] == pytest.approx([0.9 * 399, 400 + 0.9 * 600], rel=0.03)
+
+
+async def test_buckets_posted_as_running_totals_give_the_same_quantiles(store):
+    # cumulative per-le totals (gauges), growing by 6/9/10/10 per 10 s; the process restarts
+    # halfway (totals fall back to one scrape's worth): the quantiles do not jump
+    bounds = {"0.1": 6.0, "0.5": 9.0, "1": 10.0, "+Inf": 10.0}
+    events = []
+    for i in range(30):
+        n = i + 1 if i < 15 else i - 14
+        events += [ev("rpc_seconds_bucket", v * n, NOW - 300 + 10 * i, kind="gauge", le=le) for le, v in bounds.items()]
+    await store.write(events, now=NOW)
+    s = await store.series("rpc_seconds_bucket", NOW - 300, NOW, 60, "quantile", now=NOW, q=0.9)
+    assert s["level"] == "raw"
+    assert s["v"] == pytest.approx([0.5] * len(s["v"]))
