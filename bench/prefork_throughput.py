@@ -13,6 +13,11 @@ sized so nothing overflows, and the owner's ledger is reported (lost must be 0).
 The children's own loop time per record() is shown too; it includes competing for the
 CPU with the owner and the other children.
 
+Each row is run twice, alternating: `untracked` is the owner as it is (batches decode
+into Events the cycle collector does not track, agent/forwarding/owner.py), `tracked`
+the named baseline (wire's decoder, tracked Events, as before). The CPU columns are the
+owner's (all its threads) and the forwarders' (from wait4) per event.
+
 record() cost: best of `repeat` timeit loops of `calls` module-level agent.record()
 calls, in the owner with no child running, then in one forked forwarder with the owner
 idle, each flushed between loops (as bench/record_overhead.py does).
@@ -64,9 +69,41 @@ def collect(child: dict) -> dict:
     while chunk := os.read(child["fd"], 65536):
         chunks.append(chunk)
     os.close(child["fd"])
-    _, st = os.waitpid(child["pid"], 0)
+    _, st, usage = os.wait4(child["pid"], 0)
     assert os.waitstatus_to_exitcode(st) == 0, "a child failed"
-    return json.loads(b"".join(chunks))
+    return {**json.loads(b"".join(chunks)), "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def run_procs(agent, owner, n: int, share: int, variant: str) -> float:  # type: ignore[no-untyped-def]
+    """Fork n forwarders recording `share` events each; print a row, return events/s."""
+    lost0 = sum(owner.ledger.snapshot().values())
+    committed0 = owner.committer.committed
+
+    def work() -> dict:
+        rec = agent.record
+        t0 = time.perf_counter()
+        for k in range(share):
+            rec("bench.event", k)
+        t1 = time.perf_counter()
+        assert agent.flush(120), "flush failed"
+        return {"ns": (t1 - t0) / share * 1e9}
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    kids = [in_child(work) for _ in range(n)]
+    results = [collect(k) for k in kids]
+    elapsed = time.perf_counter() - t0
+    owner_us = (time.process_time() - cpu0) / (share * n) * 1e6  # every thread of the owner
+    fw_us = sum(r["cpu_s"] for r in results) / (share * n) * 1e6
+    committed = owner.committer.committed - committed0
+    lost = sum(owner.ledger.snapshot().values()) - lost0
+    assert committed >= share * n, (committed, share * n)  # the owner may add an event of its own
+    child_ns = sum(r["ns"] for r in results) / n
+    rate = share * n / elapsed
+    print(
+        f"{variant:>9} {n:>5} {share * n:>8} {elapsed:>8.2f} {rate:>10,.0f} {lost:>5} {child_ns:>16.0f}"
+        f" {owner_us:>16.2f} {fw_us:>14.2f}"
+    )
+    return rate
 
 
 def main() -> int:
@@ -96,33 +133,33 @@ def main() -> int:
     # record() in the owner, then in one forwarder, the other side idle each time.
     owner_ns = record_cost_ns(args.calls, args.repeat)
     fw_ns = collect(in_child(lambda: {"ns": record_cost_ns(args.calls, args.repeat)}))["ns"]
-    print(f"record(): owner {owner_ns:.0f} ns/call, forwarder {fw_ns:.0f} ns/call "
-          f"(forwarder/owner {fw_ns / owner_ns:.2f}x); best of {args.repeat} x {args.calls} calls\n")
+    print(
+        f"record(): owner {owner_ns:.0f} ns/call, forwarder {fw_ns:.0f} ns/call "
+        f"(forwarder/owner {fw_ns / owner_ns:.2f}x); best of {args.repeat} x {args.calls} calls\n"
+    )
 
-    print(f"{'procs':>5} {'events':>8} {'seconds':>8} {'events/s':>10} {'lost':>5} {'child ns/record':>16}")
+    import msgspec
+
+    from agent.forwarding import owner as owner_mod
+    from agent.forwarding import wire
+
+    # The named baseline, in the same run: the owner decoding batches into tracked Events
+    # (wire's own decoder, as before the owner's untracked _Event), each run alternating.
+    decoders = {"tracked": msgspec.msgpack.Decoder(wire.Message), "untracked": owner_mod._decoder}
+    print(
+        f"{'decode':>9} {'procs':>5} {'events':>8} {'seconds':>8} {'events/s':>10} {'lost':>5}"
+        f" {'child ns/record':>16} {'owner cpu us/ev':>16} {'fwd cpu us/ev':>14}"
+    )
+    rates: dict[tuple[str, int], float] = {}
     for n in procs:
-        share = args.events // n
-        lost0 = sum(owner.ledger.snapshot().values())
-        committed0 = owner.committer.committed
-
-        def work(share: int = share) -> dict:
-            rec = agent.record
-            t0 = time.perf_counter()
-            for k in range(share):
-                rec("bench.event", k)
-            t1 = time.perf_counter()
-            assert agent.flush(120), "flush failed"
-            return {"ns": (t1 - t0) / share * 1e9}
-
-        t0 = time.perf_counter()
-        kids = [in_child(work) for _ in range(n)]
-        results = [collect(k) for k in kids]
-        elapsed = time.perf_counter() - t0
-        committed = owner.committer.committed - committed0
-        lost = sum(owner.ledger.snapshot().values()) - lost0
-        assert committed == share * n, (committed, share * n)
-        child_ns = sum(r["ns"] for r in results) / n
-        print(f"{n:>5} {share * n:>8} {elapsed:>8.2f} {share * n / elapsed:>10,.0f} {lost:>5} {child_ns:>16.0f}")
+        for variant, decoder in decoders.items():
+            owner_mod._decoder = decoder
+            rates[variant, n] = run_procs(agent, owner, n, args.events // n, variant)
+    owner_mod._decoder = decoders["untracked"]
+    print(
+        "\nuntracked/tracked events/s: "
+        + ", ".join(f"{n} procs {rates['untracked', n] / rates['tracked', n]:.2f}x" for n in procs)
+    )
     agent.stop()
     return 0
 
