@@ -293,9 +293,11 @@ class CircuitBreakerPolicy(BasePolicy):
         if self.failures >= self.threshold:
             self._transition(OPEN, self._clock(), error=error)
             return True
+        # With the default chain (timeout, retry, circuit_breaker: innermost first) a failure
+        # here is a send that outlived its retries; placed inside `retry`, one attempt.
         self._warn(
-            "attempt",
-            "sink %s: a delivery attempt failed (%d in a row; the circuit opens at %d): %s%s",
+            "failure",
+            "sink %s: a send failed (%d in a row, the circuit opens at %d): %s%s",
             self.failures,
             self.threshold,
             error,

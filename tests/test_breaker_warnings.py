@@ -1,5 +1,5 @@
-"""Failures are loud (issue 17, item 2): a breaker opening and a failed delivery attempt each
-log a WARNING naming the sink and the error, at most once a minute per sink."""
+"""Failures are loud (issue 17, item 2): a breaker opening and a failed send each log a
+WARNING naming the sink and the error, at most once a minute per sink."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ async def attempt(policy: CircuitBreakerPolicy) -> None:
         await policy.call(refused)
 
 
-async def test_opening_and_failed_attempts_warn_throttled(caplog):
+async def test_opening_and_failed_sends_warn_throttled(caplog):
     caplog.set_level(logging.INFO, logger="sidecar_agent.circuit_breaker")
     clock = Clock()
     policy = CircuitBreakerPolicy(
@@ -42,8 +42,8 @@ async def test_opening_and_failed_attempts_warn_throttled(caplog):
     await attempt(policy)
     await attempt(policy)
     lines = warnings(caplog)
-    assert len(lines) == 1, lines  # the second failed attempt is held back
-    assert "sink pg-main: a delivery attempt failed (1 in a row; the circuit opens at 3)" in lines[0]
+    assert len(lines) == 1, lines  # the second failure is held back
+    assert "sink pg-main: a send failed (1 in a row, the circuit opens at 3)" in lines[0]
     assert "connection refused by 127.0.0.1:5432" in lines[0]
 
     await attempt(policy)  # the third opens the circuit
