@@ -112,9 +112,13 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=200_000)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--procs", default="1,2,4,8")
+    p.add_argument("--rounds", type=int, default=2, help="each variant's best events/s over this many rounds")
     args = p.parse_args()
     procs = [int(x) for x in args.procs.split(",")]
-    print(f"$ {COMMAND} --events {args.events} --calls {args.calls} --repeat {args.repeat} --procs {args.procs}")
+    print(
+        f"$ {COMMAND} --events {args.events} --calls {args.calls} --repeat {args.repeat} --procs {args.procs}"
+        f" --rounds {args.rounds}"
+    )
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus\n")
 
     import agent
@@ -152,12 +156,13 @@ def main() -> int:
     )
     rates: dict[tuple[str, int], float] = {}
     for n in procs:
-        for variant, decoder in decoders.items():
+        for _round, (variant, decoder) in ((r, v) for r in range(args.rounds) for v in decoders.items()):
             owner_mod._decoder = decoder
-            rates[variant, n] = run_procs(agent, owner, n, args.events // n, variant)
+            rate = run_procs(agent, owner, n, args.events // n, variant)
+            rates[variant, n] = max(rate, rates.get((variant, n), 0.0))
     owner_mod._decoder = decoders["untracked"]
     print(
-        "\nuntracked/tracked events/s: "
+        "\nbest untracked/tracked events/s: "
         + ", ".join(f"{n} procs {rates['untracked', n] / rates['tracked', n]:.2f}x" for n in procs)
     )
     agent.stop()
