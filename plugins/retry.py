@@ -21,6 +21,7 @@ RetryableError escapes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,9 @@ from agent.plugin import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("sidecar_agent.retry")
+WARN_EVERY_S = 60.0  # at most one "will be retried" WARNING per sink this often (a down sink fails every call)
 
 _MAX_EXP = 62  # 2**62 * any sane initial exceeds any cap; avoids float overflow
 
@@ -182,6 +186,8 @@ class RetryPolicy(BasePolicy):
         self.stats.setdefault("retries_budget_exhausted", 0)
         self.stats.setdefault("retries_gave_up", 0)
         self.stats.setdefault("retries_timed_out", 0)  # batches given up after max_timeouts timeouts
+        self._warn_until = float("-inf")
+        self._warn_held = 0  # retries not logged since the last WARNING
 
     def budget_state(self) -> dict[str, Any]:
         """The budget's window, requests, retries, allowed and remaining, now."""
@@ -224,6 +230,7 @@ class RetryPolicy(BasePolicy):
                 stats["retries_budget_exhausted"] += 1
                 raise exc
             stats["retries"] += 1
+            self._warn_retry(now, attempt, delay, exc)
             await self._sleep(delay)
             attempt += 1
             try:
@@ -236,6 +243,24 @@ class RetryPolicy(BasePolicy):
                 if attempt >= self.max_attempts:
                     stats["retries_gave_up"] += 1
                     raise
+
+    def _warn_retry(self, now: float, attempt: int, delay: float, exc: BaseException) -> None:
+        """A failed attempt that will be retried is a WARNING, at most once a minute per sink
+        (with how many were held back), so a failing sink is visible before anything is parked."""
+        if now < self._warn_until:
+            self._warn_held += 1
+            return
+        more = f" ({self._warn_held} more since the last such line)" if self._warn_held else ""
+        self._warn_until, self._warn_held = now + WARN_EVERY_S, 0
+        log.warning(
+            "sink %s: attempt %d of %d failed, retrying in %.2gs: %s%s",
+            self.name,
+            attempt,
+            self.max_attempts,
+            delay,
+            exc,
+            more,
+        )
 
 
 @hookimpl

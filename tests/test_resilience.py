@@ -181,6 +181,23 @@ async def test_retry_retries_retryable_up_to_max_attempts() -> None:
     assert ft.sleeps == pytest.approx([0.05, 0.1, 0.125])
 
 
+async def test_a_retried_failure_is_one_warning_a_minute_per_sink(caplog: pytest.LogCaptureFixture) -> None:
+    """A failing sink shows in the log before anything is parked, without a line per attempt."""
+    ft = FakeTime()
+    policy = retry_policy(ft, max_attempts=4, initial_backoff_ms=100, max_backoff_ms=250)
+    with caplog.at_level(logging.WARNING, logger="sidecar_agent.retry"):
+        with pytest.raises(RetryableError):
+            await policy.call(Calls(RetryableError("503 unavailable")))
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines == ["sink sink: attempt 1 of 4 failed, retrying in 0.05s: 503 unavailable"]
+        ft.t += 61  # a minute on: the next retry is logged again, with what was held back
+        with pytest.raises(RetryableError):
+            await policy.call(Calls(RetryableError("503 unavailable")))
+        assert [r.getMessage() for r in caplog.records][1:] == [
+            "sink sink: attempt 1 of 4 failed, retrying in 0.05s: 503 unavailable (2 more since the last such line)"
+        ]
+
+
 async def test_retry_succeeds_after_transient_failures() -> None:
     ft = FakeTime()
     fn = Calls(RetryableError("reset"), RetryableError("reset"), "ok")

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agent.api.history import STEP_RANGE, TIME_RANGE
 from agent.event import EventIn
+from agent.history.store import AGGS
 from agent.version import __version__
 
 JSON = "application/json"
@@ -125,7 +126,8 @@ def spec() -> dict[str, Any]:
     series = [
         _q("name", "the event name (or all=1)"),
         _q("all", "1: every name (agg=count only)"),
-        _q("agg", "avg, sum, min, max, count, p50, p95, p99"),
+        _q("agg", ", ".join(AGGS) + " (rate: growth per second; quantile: with q, from `<name>_bucket` series)"),
+        _q("q", "the quantile for agg=quantile", {"type": "number", "minimum": 0, "maximum": 1}),
         _q("from", "epoch seconds", _TIME),
         _q("to", "epoch seconds", _TIME),
         _q(
