@@ -28,11 +28,17 @@ def connect(stop: Callable[[], None]) -> bool:
     signals = sys.modules.get("celery.signals")
     if signals is None:
         return False
+    signal = signals.worker_process_shutdown
+    # Already connected (a forked child inherits its parent's receivers): return without
+    # connect(), which takes the signal's lock, and in a child of fork() that lock may
+    # have been held by another thread of the parent at fork time.
+    if any(key[0] == DISPATCH_UID for key, _ in list(getattr(signal, "receivers", ()))):
+        return True
 
     def hand_over(**_: Any) -> None:
         # Sent in the pool child just before billiard's os._exit(): no exit hook follows.
         stop()
 
     # weak=False: the receiver is a closure nobody else references.
-    signals.worker_process_shutdown.connect(hand_over, weak=False, dispatch_uid=DISPATCH_UID)
+    signal.connect(hand_over, weak=False, dispatch_uid=DISPATCH_UID)
     return True

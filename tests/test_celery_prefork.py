@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -260,3 +261,20 @@ def test_the_agent_never_imports_celery(tmp_path):
     """Without Celery loaded, start() and the at-fork hook connect nothing and import nothing."""
     result = _fork_and_exit(tmp_path, "", "agent.flush(60)", 10)
     assert result == {"losses": {}, "celery": False}
+
+
+def test_the_hook_is_connected_once_however_often_the_agent_starts():
+    """start() and every fork connect it again: Celery must still call one stop()."""
+    signals = pytest.importorskip("celery.signals")
+    from agent import celery_hook
+
+    signal = signals.worker_process_shutdown
+    signal.disconnect(dispatch_uid=celery_hook.DISPATCH_UID)  # an earlier test's agent may have connected it
+    calls: list[int] = []
+    try:
+        assert celery_hook.connect(lambda: calls.append(1))
+        assert celery_hook.connect(lambda: calls.append(2))  # already connected: kept as it is
+        signal.send(sender=None, pid=os.getpid(), exitcode=0)
+        assert calls == [1]
+    finally:
+        signal.disconnect(dispatch_uid=celery_hook.DISPATCH_UID)
