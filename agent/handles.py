@@ -191,14 +191,15 @@ class CounterHandle(_Handle):
 class GaugeHandle(_Handle):
     """A gauge: `set(value)` keeps the last value; the drainer emits it when it changed."""
 
-    __slots__ = ("_changes", "_last", "_seen")
+    __slots__ = ("_changes", "_last", "_seen", "_sent")
     kind = "gauge"
 
     def __init__(self, name: str, tags: dict[str, str] | None = None) -> None:
         super().__init__(name, tags)
         self._last: Any = None
-        self._changes = 0
+        self._changes = 0  # += from several threads may lose a step: _sent covers that (see _drain)
         self._seen = 0
+        self._sent: Any = None  # the value object last emitted
         _register(self)
 
     def set(self, value: float) -> None:
@@ -210,22 +211,26 @@ class GaugeHandle(_Handle):
         return None
 
     def _reset(self) -> None:
-        self._seen = self._changes  # the parent's reading is the parent's to send
+        self._seen, self._sent = self._changes, self._last  # the parent's reading is the parent's to send
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            if self._changes != self._seen:
+            if self._changes != self._seen or self._last is not self._sent:
                 self._last_words(self._last, "gauge")
 
     def _drain(self, queue: Any, now: float, capacity: int) -> None:
+        # The count first, then the value (set() writes them the other way round). Two
+        # threads' `+= 1` may leave the count where it was last seen; the value is then
+        # another object than the one sent, unless it is the same value.
         n = self._changes
-        if n == self._seen:
+        v = self._last
+        if n == self._seen and v is self._sent:
             return
         r = queue.records
         if len(r) >= capacity:
             return
-        r.append((self.name, self._last, "gauge", self.tags, now, None, None))
-        self._seen = n
+        r.append((self.name, v, "gauge", self.tags, now, None, None))
+        self._seen, self._sent = n, v
 
 
 class HistogramHandle(_Handle):

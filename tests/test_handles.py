@@ -3,6 +3,7 @@ they record, and that they follow the process-wide agent through start, stop and
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -202,3 +203,64 @@ def test_deltas_arrive_every_interval_without_a_flush(embedded, jsonl_config):
 def journal_values(agent, name):
     """The values of `name`'s events in the agent's journal, in order."""
     return [e.value for e in journal_events(agent.db.path) if e.name == name]
+
+
+def test_a_forwarders_handle_sums_across_threads_exactly(embedded, jsonl_config, tmp_path):
+    """Another process on the same data dir forwards: its drain thread sends the deltas,
+    and its flush() hands over what its threads counted, exactly."""
+    a = embedded.start(jsonl_config)
+    cfg = {k: jsonl_config[k] for k in ("agent", "server", "sinks")}
+    r = _run_script(
+        tmp_path,
+        f"""
+        import json, os, threading
+        import agent
+
+        fw = agent.start(json.loads({json.dumps(json.dumps(cfg))}))
+        assert type(fw).__name__ == "Forwarder", fw
+        hits = agent.counter_handle("fw.hits")
+        depth = agent.gauge_handle("fw.depth")
+
+        def work():
+            for i in range(5000):
+                hits.inc()
+                depth.set(i)
+
+        pool = [threading.Thread(target=work) for _ in range(4)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        depth.set(-1.0)
+        assert agent.flush(30)
+        agent.stop()
+        print(os.getpid())
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    child = r.stdout.split()[-1]
+    assert embedded.flush(10)
+    got = [e for e in _events(jsonl_config) if e["name"].startswith("fw.")]
+    assert {e["tags"]["pid"] for e in got} == {child}
+    assert sum(e["value"] for e in got if e["name"] == "fw.hits") == 20_000
+    assert [e["value"] for e in got if e["name"] == "fw.depth"][-1] == -1.0
+    assert a.ledger.total() == 0
+
+
+def test_a_gauge_sends_its_last_value(embedded, jsonl_config):
+    a = embedded.start(jsonl_config)
+    depth = embedded.gauge_handle("depth")
+
+    def work(k):
+        for i in range(2000):
+            depth.set(k * 10_000 + i)
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    depth.set(0.5)
+    assert embedded.flush(10)
+    values = journal_values(a, "depth")
+    assert values[-1] == 0.5 and len(values) < 1000  # one reading per interval, not per set()
