@@ -11,8 +11,12 @@ record one event. Three ways the agent can be started:
 
 The app connects no signal of its own: a pool child ends with billiard's `os._exit()`,
 and the agent connects Celery's `worker_process_shutdown` to its stop() by itself
-(agent/celery_hook.py). The last two tests check that hook without a broker: a forked
-child records, Celery's signal is sent and the child `os._exit()`s at once.
+(agent/celery_hook.py). The real worker alone rarely shows the difference: billiard
+sleeps 1 s between the signal and `os._exit()`, which is usually long enough for the
+drain thread to have its last batch acked (these tests passed with the hook disabled).
+So the tests after them check the hook without a broker and without that grace: a
+forked child records, Celery's signal is sent and the child `os._exit()`s at once; with
+the hook disabled none of its 500 events arrive.
 
 Each test queues its tasks on a queue of its own (in a Redis db picked by the queue's
 name), waits until every task's event reached the jsonl sink, stops the worker with
