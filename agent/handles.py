@@ -27,9 +27,10 @@ count that may never be delivered is a loss, and is said so at once). It binds l
 and binds again whenever the process-wide agent is another object (start, stop, fork).
 A name or tags that no event may carry are found at binding: every call of that handle
 then goes through record() and is counted `invalid`, one per call. After fork() a child
-starts from empty cells (the parent's counts are the parent's to send). A count made
-while the agent stops, after its last drain, is sent by the next agent the handle binds
-to in this process.
+starts from empty cells (the parent's counts are the parent's to send). The stop's last
+drain unbinds the agent's handles, so a call after it is counted `stopped`, as record()'s;
+only an increment racing that drain by a few bytecodes stays in its cell, and is sent by
+the next agent the handle binds to in this process (none at interpreter exit).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class _Handle:
         agent = _embed._agent
         if agent is None or self._is_bad():  # counted as the module record() counts it
             _embed.record(self.name, value, kind=self.kind, tags=self.tags)
+            return
+        queue: Any = getattr(agent, "committer", agent)
+        if queue.refused:  # stopping: its last drain is done (drain_into unbound us), as record() counts it
+            queue.ledger.add(queue.refused)
             return
         self._bind(agent)
         getattr(self, _METHOD[self.kind])(value)
@@ -288,6 +293,9 @@ def drain_into(queue: Any, flushing: bool = False) -> None:
         handles = [h for h in _live if h._queue is queue]
     if not handles:
         return
+    if queue.refused:  # stopping: from now on a call is counted as `stopped`, as record()'s
+        for h in handles:
+            h._bound = _UNBOUND
     with _drain_lock:
         now = _time()
         for h in handles:

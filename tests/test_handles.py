@@ -264,3 +264,18 @@ def test_a_gauge_sends_its_last_value(embedded, jsonl_config):
     assert embedded.flush(10)
     values = journal_values(a, "depth")
     assert values[-1] == 0.5 and len(values) < 1000  # one reading per interval, not per set()
+
+
+def test_a_call_after_the_stops_last_drain_is_counted_stopped(embedded, jsonl_config):
+    """Between the intake's close and the end of a stop (sinks may take seconds), a
+    handle's call is counted as `stopped`, as record()'s, not left in its cell."""
+    a = embedded.start(jsonl_config)
+    hits = embedded.counter_handle("hits")
+    hits.inc(3)
+    a.committer.close("stopped")  # what Agent.stop() does first; its drain comes next
+    assert embedded.flush(10)  # the same drain: the 3 counted before the close go in
+    hits.inc()
+    hits.inc()
+    assert a.ledger.by_reason().get("stopped") == 2
+    embedded.stop()
+    assert [e["value"] for e in _events(jsonl_config)] == [3.0]
