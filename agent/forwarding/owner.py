@@ -28,6 +28,7 @@ from agent import losses
 from agent.errors import JournalFullError
 from agent.event import Event, check
 from agent.forwarding import wire
+from agent.storage.dirlock import pid_alive
 
 if TYPE_CHECKING:
     from agent.runtime import Agent
@@ -71,16 +72,6 @@ def _decode(body: bytes) -> wire.Hello | _Batch | wire.Flush | wire.Ack:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise wire.FrameError(str(exc)) from exc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. EPERM: it exists
-        return True
-    return True
 
 
 class Peer:
@@ -214,7 +205,7 @@ class Owner:
         """Fold the oldest departed forwarders past KEEP_DEPARTED into `departed`. Only
         those whose process has exited: one that is alive may reconnect and report its
         cumulative loss counts again, which its entry is needed to subtract."""
-        gone = [p for p in self.peers.values() if not p.connected and not _alive(p.pid)]
+        gone = [p for p in self.peers.values() if not p.connected and not pid_alive(p.pid)]
         if len(gone) <= KEEP_DEPARTED:
             return
         gone.sort(key=lambda p: p.last_seen)

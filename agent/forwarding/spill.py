@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agent.event import Event
 from agent.forwarding import wire
+from agent.storage.dirlock import pid_alive
 
 log = logging.getLogger("sidecar_agent.forwarding")
 
@@ -56,16 +57,6 @@ def release(claims: dict[Path, set[int]], seq: int) -> None:
             return
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. EPERM: it exists
-        return True
-    return True
-
-
 def claim(d: Path, pid: int) -> list[tuple[Path, wire.Spill]]:
     """Take the spill files in `d` that nobody holds: each is renamed to
     `<name>.<pid>.claimed` (a rename is atomic: of two claimers, one gets it), as are the
@@ -78,7 +69,7 @@ def claim(d: Path, pid: int) -> list[tuple[Path, wire.Spill]]:
         name = path.name
         if name.endswith(CLAIMED):
             holder = name[: -len(CLAIMED)].rsplit(".", 1)[-1]
-            if not holder.isdigit() or _alive(int(holder)):
+            if not holder.isdigit() or pid_alive(int(holder)):
                 continue
         elif not name.endswith(SUFFIX):
             continue

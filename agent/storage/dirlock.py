@@ -31,6 +31,17 @@ LOCK_FILE = "agent.lock"
 CLI_WAIT_S = 10.0
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0; EPERM means it exists but is not ours)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 class DataDirInUse(AgentError):
     """Another agent (or CLI command) holds this data dir."""
 
