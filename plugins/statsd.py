@@ -300,6 +300,7 @@ class _Reader:
         self.sock = sock
         self.loop = loop
         self.stopping = threading.Event()
+        self.error: BaseException | None = None  # what ended the thread, if not a stop
         self.thread = threading.Thread(target=self._run, name=f"statsd-{source.name}", daemon=True)
 
     def start(self) -> None:
@@ -343,6 +344,8 @@ class _Reader:
                 elif bad or (pending and (len(pending) >= BATCH_LINES or now - first_at >= BATCH_S)):
                     self._hand(pending, bad)
                     pending, bad = [], []
+        except Exception as exc:  # run() raises it, so the supervisor logs it and restarts the source
+            self.error = exc
         finally:
             # Stopping (or the socket failed): the partial interval goes too, no loss.
             now = time.time()
@@ -401,7 +404,7 @@ class StatsdSource:
         try:
             while reader.thread.is_alive():
                 await asyncio.sleep(self.options.flush_interval_s)
-            raise RuntimeError("the statsd reader thread stopped")  # the supervisor restarts us
+            raise RuntimeError(f"the statsd reader thread failed: {reader.error!r}") from reader.error
         finally:
             # Cancelled at shutdown: the reader hands over its partial interval (intake is
             # still open while sources stop), then its batches and the drop count go in.

@@ -390,12 +390,16 @@ async def test_aggregation_is_the_default_and_stop_flushes_the_partial_interval(
         await await_until(lambda: _stats(agent)["packets"] == 2)
         assert await agent.flush(10)
         assert read_jsonl(tmp_path / "out.jsonl") == []  # the hour-long interval has not ended
+        rcvbuf = _stats(agent)["rcvbuf"]
     finally:
         await agent.stop()
     got = {(e["name"], e["kind"]): e for e in read_jsonl(tmp_path / "out.jsonl")}
     assert {k: v["value"] for k, v in got.items()} == {
         ("orders", "counter"): 5.0, ("q", "gauge"): 6.0, ("rt", "histogram"): 40.0, ("u", "gauge"): 2.0}
     rt = got["rt", "histogram"]["data"]
+    if Path("/proc/sys/net/core/rmem_max").exists():  # Linux grants min(asked, rmem_max), doubled
+        rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+        assert rcvbuf == 2 * min(8 * 1024 * 1024, rmem_max)
     assert (rt["count"], rt["sum"], rt["min"], rt["max"], rt["interval_s"]) == (2, 40.0, 10.0, 30.0, 3600.0)
     assert all(e["tags"] == {"env": "t"} and e["source"] == "statsd" for e in got.values())
 
