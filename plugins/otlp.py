@@ -32,6 +32,7 @@ from agent.plugin import (
     PluginError,
     RegisterComponent,
     ThrottledLog,
+    bind_with_retry,
     hookimpl,
 )
 
@@ -40,8 +41,6 @@ from agent.plugin import (
 SERIES_EVICTED = "otlp_series_evicted"
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
-BIND_RETRY_INITIAL_S = 0.5
-BIND_RETRY_MAX_S = 10.0
 RETRY_AFTER_S = "1"
 REJECTED_POINTS = "rejected_data_points"
 
@@ -116,20 +115,14 @@ class OtlpSource:
 
     async def _listen(self, runner: web.AppRunner) -> web.TCPSite:
         """Bind; a taken address is retried with backoff, one WARNING per try (as statsd does)."""
-        delay = BIND_RETRY_INITIAL_S
-        while True:
+
+        async def bind() -> web.TCPSite:
             site = web.TCPSite(runner, self.options.host, self.options.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                where = f"{self.options.host}:{self.options.port}"
-                self.stats["error"] = f"cannot listen on {where}: {exc.strerror or exc}"
-                self.ctx.log.warning("otlp: %s; retrying in %.1fs", self.stats["error"], delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BIND_RETRY_MAX_S)
-                continue
-            self.stats["error"] = None
+            await site.start()
             return site
+
+        where = f"{self.options.host}:{self.options.port}"
+        return await bind_with_retry(bind, where, self.stats, self.ctx.log, "otlp")
 
     # -- handlers ------------------------------------------------------------------
 

@@ -37,7 +37,16 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agent.plugin import MAX_TAGS, Emit, Event, PluginContext, RegisterComponent, ThrottledLog, hookimpl
+from agent.plugin import (
+    MAX_TAGS,
+    Emit,
+    Event,
+    PluginContext,
+    RegisterComponent,
+    ThrottledLog,
+    bind_with_retry,
+    hookimpl,
+)
 
 from .statsd_aggregate import Aggregate
 
@@ -54,8 +63,6 @@ MAX_GAUGES = 100_000
 # Parsed `#tags` fields remembered by their text (cleared when full).
 MAX_TAG_CACHE = 10_000
 # A taken or refused address is retried (0.5 s doubling to 10 s), one WARNING line per try.
-BIND_RETRY_INITIAL_S = 0.5
-BIND_RETRY_MAX_S = 10.0
 # The reader thread hands events to the loop when this many wait, or the oldest has
 # waited BATCH_S; with nothing arriving it wakes every IDLE_WAKE_S to do so (and to stop).
 BATCH_LINES = 2000
@@ -418,26 +425,19 @@ class StatsdSource:
         """Bind the UDP socket. A taken or refused address is a user's problem, not a bug:
         one WARNING line per try naming the address (no traceback), `error` in status, and
         a retry with backoff until it is free."""
-        delay = BIND_RETRY_INITIAL_S
         host, port = self.options.host, self.options.port
-        while True:
+
+        async def bind() -> socket.socket:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_DGRAM)
             try:
-                info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-                sock = socket.socket(info[0], socket.SOCK_DGRAM)
-                try:
-                    sock.bind(info[4])
-                except OSError:
-                    sock.close()
-                    raise
-            except OSError as exc:
-                where = f"udp {host}:{port}"
-                self.stats["error"] = f"cannot listen on {where}: {exc.strerror or exc}"
-                self.ctx.log.warning("statsd: %s; retrying in %.1fs", self.stats["error"], delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BIND_RETRY_MAX_S)
-                continue
-            self.stats["error"] = None
+                sock.bind(info[4])
+            except OSError:
+                sock.close()
+                raise
             return sock
+
+        return await bind_with_retry(bind, f"udp {host}:{port}", self.stats, self.ctx.log, "statsd")
 
     def deliver(self) -> None:
         """On the loop: hand the reader's batches to intake, count their bad lines, and

@@ -47,6 +47,7 @@ from agent.plugin.base import (
     probing,
 )
 from agent.plugin.hookspecs import hookimpl
+from agent.plugin.listening import bind_with_retry
 from agent.table.ddl import check_identifier
 from agent.table.rows import COLUMNS, sqlstate_retryable, to_record, to_rest_row
 
@@ -81,6 +82,7 @@ __all__ = [
     "Source",
     "Submit",
     "ThrottledLog",
+    "bind_with_retry",
     "check_identifier",
     "hookimpl",
     "json_encoder",
