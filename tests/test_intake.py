@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import re
 import sys
 import threading
 
@@ -220,3 +221,56 @@ async def test_flush_waits_on_signals_not_a_timer(tmp_path):
         assert not waiting.done()
         a.flags.set("sinks.s.enabled", False, "test")
         assert await asyncio.wait_for(waiting, 5)
+
+
+# record() tuples: (name, value, kind, tags, ts, data, session_id). The committer checks the
+# common shape inline (intake.event_from_record's fast path); these cover both sides of
+# each inline rule, and the odd shapes that must take the full path.
+_NOW = 1_700_000_000.0
+_RECORDS = [
+    ("http.requests", 1.0, None, {"route": "/a", "method": "GET"}, _NOW, None, None),
+    ("http.requests", 1.0, "counter", None, _NOW, None, None),
+    ("http.requests", 1.0, "counter", {}, _NOW, None, None),
+    ("http.requests", 1.0, "counter", {"pid": "7"}, _NOW, None, None),
+    ("h", 2.5, "histogram", {f"k{i}": "v" for i in range(63)}, _NOW, None, None),
+    ("h", 2.5, "histogram", {f"k{i}": "v" for i in range(64)}, _NOW, None, None),  # full: no pid
+    ("h", 2.5, "histogram", {f"k{i}": "v" for i in range(65)}, _NOW, None, None),  # too many
+    ("n" * 255, 0.0, None, None, 0.0, None, None),
+    ("n" * 256, 0.0, None, None, _NOW, None, None),
+    ("", 1.0, None, None, _NOW, None, None),
+    (17, 1.0, None, None, _NOW, None, None),
+    ("naïve", 1.0, None, {"ü": "ß"}, _NOW, None, None),
+    ("bad\ud800", 1.0, None, None, _NOW, None, None),
+    ("x", 1.0, None, {"k": "\udc80"}, _NOW, None, None),
+    ("x", 1.0, None, {"k": 5, 6: "v"}, _NOW, None, None),  # str() of both, full path
+    ("x", float("nan"), None, None, _NOW, None, None),
+    ("x", float("inf"), "counter", None, _NOW, None, None),
+    ("x", 3, None, None, _NOW, None, None),  # an int value becomes a float
+    ("x", None, None, None, _NOW, None, None),
+    ("x", 1.0, "bogus", None, _NOW, None, None),
+    ("x", 1.0, None, None, -1.0, None, None),
+    ("x", 1.0, None, None, _NOW + 301, None, None),
+    ("x", 1.0, None, None, float("nan"), None, None),
+    ("x", 1.0, None, None, _NOW, {"a": 1}, None),
+    ("x", 1.0, None, None, _NOW, None, "s-1"),
+    ("x", 1.0, None, ["not", "a", "dict"], _NOW, None, None),
+]
+
+
+@pytest.mark.parametrize("t", _RECORDS, ids=range(len(_RECORDS)))
+@pytest.mark.parametrize("pid", ["123", None])
+def test_event_from_record_fast_path_gives_the_full_paths_answer(t, pid):
+    # ts_max=None makes event_from_record take the full path (check() with its own ts_max),
+    # so the two calls compare the inline checks with check() on the same tuple.
+    def outcome(ts_max):
+        try:
+            e = intake.event_from_record(t, "agent-1", ts_max, pid)
+        except (TypeError, ValueError) as exc:
+            return type(exc), re.sub(r"to \d+ \(now", "to T (now", str(exc))
+        return msgspec.structs.asdict(e)
+
+    fast = outcome(_NOW + 300)
+    if t[4] == _NOW + 301:  # only the explicit ts_max can refuse this one
+        assert fast[0] is ValueError and "ts must be from 0" in fast[1]
+        return
+    assert fast == outcome(None)
