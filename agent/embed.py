@@ -35,13 +35,18 @@ from agent.errors import ConfigError
 from agent.forwarding.forwarder import Forwarder
 from agent.forwarding.owner import Owner, serve_forwarders
 from agent.losses import LossLedger
+from agent.pipeline.recording import RecordQueue
 from agent.runtime import Agent
 from agent.storage.dirlock import DataDirInUse, DataDirLock
 
 log = logging.getLogger("sidecar_agent")
+_time = time.time
 
 _lock = threading.Lock()
 _agent: Agent | Forwarder | None = None
+# The deque record() appends to: _agent's intake (an Agent's committer, or the Forwarder
+# itself). Set only with _agent, by _use(), so record() reads one global, not two.
+_intake: RecordQueue | None = None
 _owner: Owner | None = None
 _thread: threading.Thread | None = None
 _loop: asyncio.AbstractEventLoop | None = None
@@ -112,9 +117,10 @@ def _after_fork_in_child() -> None:
     the parent had one (owner or forwarder), the child gets a forwarder to the same data
     dir; the fds it inherited (lock, listening socket, connection) are closed in the
     child only, so the parent's lock and socket end with the parent."""
-    global _agent, _owner, _thread, _loop, _lock, _early, _retired
+    global _owner, _thread, _loop, _lock, _early, _retired
     parent, owner, retired, loop = _agent, _owner, _retired, _loop
-    _agent = _owner = _thread = _loop = _retired = None
+    _use(None)
+    _owner = _thread = _loop = _retired = None
     if loop is not None:
         _release_listeners(loop)
     _lock = threading.Lock()
@@ -129,7 +135,7 @@ def _after_fork_in_child() -> None:
     elif isinstance(parent, Forwarder):
         parent.forget_in_child()
     if parent is not None and parent.state in ("starting", "running"):
-        _agent = _start_forwarder(parent.config)  # it may take the data dir over, as any forwarder
+        _use(_start_forwarder(parent.config))  # it may take the data dir over, as any forwarder
         celery_hook.connect(stop)  # a Celery pool child ends with os._exit(): hand over before it
 
 
@@ -168,7 +174,7 @@ def _lock_busy(data_dir: Path) -> bool:
 def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
     """Start the process-wide agent (idempotent); config is a path, a dict or None.
     Returns the Agent when this process owns the data dir, else a Forwarder to its owner."""
-    global _agent, _thread, _hooks_installed
+    global _thread, _hooks_installed
     with _lock:
         if _agent is not None and _agent.state in ("starting", "running"):
             # A forwarder (this data dir is another process's, or this is a fork child) takes
@@ -201,7 +207,7 @@ def start(config: Any = None, timeout: float = 30.0) -> Agent | Forwarder:
                     Path(cfg.agent.data_dir).absolute(),
                     ", ".join(started.workers) or "none",
                 )
-        _agent = started
+        _use(started)
         # Celery prefork: a pool child ends with os._exit(), skipping the exit hook below.
         celery_hook.connect(stop)
         if not _hooks_installed:
@@ -233,7 +239,7 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
     """Failover, on `fw`'s drain thread, which holds the data-dir lock: start an Agent
     on that lock (as start() does for an owner) and make it this process's agent. False
     when this forwarder is no longer the process's agent (stopped, replaced)."""
-    global _agent, _thread, _retired
+    global _thread, _retired
     with _lock:  # stop() and start() wait for the takeover to end, then see its outcome
         if _agent is not fw or fw.state != "running" or fw.takeover is None:
             return False
@@ -248,7 +254,8 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
         gap = round(time.monotonic() - lost_at, 3) if lost_at is not None else None
         if _owner is not None:
             _owner.took_over = {"from_pid": fw.owner.owner_pid, "at": time.time(), "gap_s": gap}
-        _agent, _retired = agent, fw
+        _use(agent)
+        _retired = fw
     log.warning(
         "pid %d took over data dir %s (the owner, pid %s, is gone) after %ss",
         fw.pid,
@@ -302,6 +309,18 @@ def _start_owner(cfg: Any, timeout: float) -> tuple[Agent, threading.Thread]:
     return agent, thread
 
 
+def _use(agent: Agent | Forwarder | None) -> None:
+    """Make `agent` the process-wide agent (None: there is none) for record() and friends."""
+    global _agent, _intake
+    _agent = agent
+    _intake = intake_of(agent) if agent is not None else None
+
+
+def intake_of(agent: Agent | Forwarder) -> RecordQueue:
+    """The deque `agent` records into: an Agent's committer, or the Forwarder itself."""
+    return agent.committer if isinstance(agent, Agent) else agent
+
+
 def current() -> Agent | Forwarder | None:
     """The running process-wide agent (or forwarder), if any."""
     return _agent
@@ -331,7 +350,7 @@ def flush(timeout: float = 10.0) -> bool:
 
 def stop(timeout: float | None = None) -> None:
     """Stop the process-wide agent gracefully (a forwarder hands everything over first)."""
-    global _agent, _thread, _owner, _retired
+    global _thread, _owner, _retired
     with _lock:  # not during a takeover: stop what it leaves
         agent, thread, owner, retired = _agent, _thread, _owner, _retired
         if isinstance(agent, Forwarder):
@@ -347,7 +366,8 @@ def stop(timeout: float | None = None) -> None:
         _call(lambda a: _stop_owner(a, owner, t), t + 5.0)
         if thread is not None:
             thread.join(t + 5.0)
-    _agent = _thread = _owner = _retired = None
+    _use(None)
+    _thread = _owner = _retired = None
 
 
 async def _stop_owner(agent: Agent, owner: Owner | None, timeout: float) -> None:
@@ -389,15 +409,21 @@ def record(
     session_id: str | None = None,
 ) -> None:
     """Record an event on the process-wide agent; before start() it is counted as lost."""
-    agent = _agent
-    if agent is None:
+    q = _intake
+    if q is None:
         _early.add(losses.NOT_STARTED)
         return
-    # The pid tag is added off this thread, where the queue is drained (the committer, or
-    # a forwarder's drain thread), with the pid of the process that created the agent.
-    # Explicit keywords, not **kw: this is the hot path, and packing a dict per call
-    # cost about half again as much as Agent.record itself (bench/record_overhead.py).
-    agent.record(name, value, kind=kind, tags=tags, ts=ts, data=data, session_id=session_id)
+    # RecordQueue.record's body, inlined: this is the hot path, and a second call (with
+    # its keywords) cost about a fifth of this function (bench/record_overhead.py).
+    # Keep the two alike; tests/test_embed_record.py compares them. The pid tag is added
+    # where the queue is drained, off this thread.
+    records = q.records
+    if len(records) >= q.capacity or q.refused:
+        q.ledger.add(q.refused or losses.INTAKE_FULL)
+        return
+    records.append((name, value, kind, tags, ts or _time(), data, session_id))
+    if len(records) >= q._signal_at:
+        q._signal()
 
 
 def counter(name: str, value: float = 1, **kw: Any) -> None:

@@ -77,7 +77,7 @@ class _Handle:
         if agent is None or self._is_bad():  # counted as the module record() counts it
             _embed.record(self.name, value, kind=self.kind, tags=self.tags)
             return
-        queue: Any = getattr(agent, "committer", agent)
+        queue: Any = _embed.intake_of(agent)
         if queue.refused:  # stopping: its last drain is done (drain_into unbound us), as record() counts it
             queue.ledger.add(queue.refused)
             return
@@ -110,7 +110,7 @@ class _Handle:
         """Cache the recorder's queue. `_bound` is written last: another thread sees either
         the old binding or the whole new one. (The `pid` tag is added where the queue is
         drained, as for record().)"""
-        queue = getattr(agent, "committer", agent)  # an Agent's intake, or a Forwarder itself
+        queue = _embed.intake_of(agent)
         self._queue = queue
         self._records = queue.records
         self._capacity = queue.capacity

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
+from agent.losses import LossLedger
+from agent.pipeline.recording import RecordQueue
 from tests.helpers import read_jsonl, subprocess_env
 
 
@@ -158,6 +161,55 @@ def test_invalid_record_is_counted_not_raised(embedded, jsonl_config):
     assert embedded.flush(10)
     assert [e["name"] for e in _events(jsonl_config)] == ["fine"]
     assert a.ledger.by_reason().get("invalid") == 3
+
+
+class _Signalled(RecordQueue):
+    """A queue nobody drains, which notes when record() signals it."""
+
+    def __init__(self, capacity: int, signal_at: int) -> None:
+        super().__init__(LossLedger(), capacity=capacity, commit_batch=3, signal_at=signal_at)
+        self.signals: list[int] = []
+
+    def _wake_up(self, n: int) -> None:
+        self.signals.append(n)
+
+
+@pytest.mark.parametrize("signal_at", [1, 2])
+def test_module_record_behaves_as_the_queues_record(signal_at):
+    """agent.record() inlines RecordQueue.record for speed: the same calls must queue the
+    same tuples, signal at the same lengths and count the same losses on both."""
+    from agent import embed
+
+    calls = [
+        (("a",), {}),
+        (("b", 2.5), {"kind": "gauge", "tags": {"k": "v"}, "ts": 1000.0, "data": {"d": 1}, "session_id": "s"}),
+        (("c", None), {"ts": 0.0}),  # 0 means "now", as None does
+        (("d", 1), {"kind": "counter"}),
+        (("e", 1), {}),  # over capacity: intake_full
+    ]
+    results = []
+    for use_module in (True, False):
+        q = _Signalled(capacity=4, signal_at=signal_at)
+        embed._intake = q  # what _use() sets for a started agent; reset below
+        try:
+            before = time.time()
+            for args, kw in calls:
+                (embed.record if use_module else q.record)(*args, **kw)
+            q.refused = "stopped"
+            (embed.record if use_module else q.record)("f", 1)
+        finally:
+            embed._intake = None
+        queued = [list(t) for t in q.records]
+        for t in queued:
+            assert t[4] == 1000.0 or before <= t[4] <= time.time()
+            t[4] = None if t[4] != 1000.0 else t[4]
+        results.append((queued, q.signals, q.ledger.by_reason()))
+    assert results[0] == results[1]
+    queued, signals, lost = results[0]
+    assert [t[0] for t in queued] == ["a", "b", "c", "d"]
+    assert queued[1] == ["b", 2.5, "gauge", {"k": "v"}, 1000.0, {"d": 1}, "s"]
+    assert lost == {"intake_full": 1, "stopped": 1}
+    assert signals == ([1, 3] if signal_at == 1 else [2, 3])
 
 
 def _run_script(tmp_path, body, timeout=60):

@@ -67,6 +67,7 @@ class RecordQueue:
         session_id: str | None = None,
     ) -> None:
         """Record one event. Thread-safe, non-blocking; counted as `intake_full` when full.
+        (agent.embed.record inlines this body for speed: change both alike.)
         It is checked later, off the caller's thread; what fails is counted as `invalid`."""
         q = self.records
         if len(q) >= self.capacity or self.refused:
