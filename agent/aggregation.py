@@ -109,35 +109,45 @@ class Aggregator:
         tags = e.tags
         tkey = tuple(sorted(tags.items())) if len(tags) > 1 else tuple(tags.items())
         series: SeriesKey = (e.name, kind, tkey, e.source, e.agent_id)
-        i = self.interval_s
-        bucket = math.floor(e.ts / i) * i
-        cell = self._cells.get((series, bucket))
-        if cell is None:
-            cell = self._cells[(series, bucket)] = _State()
-        self.added += 1
         if summary is not None:  # only histograms carry one
+            cell = self._cell(series, e.ts)
             if cell.sketch is None:
                 cell.sketch = Sketch()
             _merge_summary(cell, summary)
             return None
-        x = float(v)  # type: ignore[arg-type]  # not None: checked above
+        self.add_value(series, e.ts, float(v))  # type: ignore[arg-type]  # not None: checked above
+        return None
+
+    def add_value(self, series: SeriesKey, ts: float, x: float) -> None:
+        """Merge one finite sample of `series` (its kind: counter, gauge or histogram)
+        taken at `ts`. The StatsD source feeds its parsed samples in here directly."""
+        cell = self._cell(series, ts)
         cell.count += 1
         cell.sum += x
+        kind = series[1]
         if kind == "counter":
-            return None
+            return
         if x < cell.min:
             cell.min = x
         if x > cell.max:
             cell.max = x
         if kind == "gauge":
-            if e.ts >= cell.last_ts:
-                cell.last_ts = e.ts
+            if ts >= cell.last_ts:
+                cell.last_ts = ts
                 cell.last = x
-            return None
+            return
         if cell.sketch is None:
             cell.sketch = Sketch()
         cell.sketch.add(x)
-        return None
+
+    def _cell(self, series: SeriesKey, ts: float) -> _State:
+        i = self.interval_s
+        key = (series, math.floor(ts / i) * i)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = _State()
+        self.added += 1
+        return cell
 
     def add_many(self, events: Iterable[Event]) -> list[Event]:
         """Merge many events; returns those passed through, in order."""

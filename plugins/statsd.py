@@ -149,15 +149,15 @@ class Parser:
                     continue
                 key = (name, tkey)
                 if mtype == "s":
-                    agg.member(key, tags, self._member(values, line))
+                    agg.member(key, tags, self._member(values, line), now)
                     continue
                 nums = [_number(v) for v in values.split(":")]  # all or nothing
                 if mtype == "c":
-                    agg.counter(key, tags, nums, rate)
+                    agg.counter(key, nums, rate, now)
                 elif mtype == "g":
-                    agg.gauge(key, tags, self._gauge(key, values.split(":"), nums))
+                    agg.gauge(key, self._gauge(key, values.split(":"), nums), now)
                 elif mtype in ("ms", "h", "d"):
-                    agg.observe(key, tags, nums)
+                    agg.observe(key, nums, now)
                 else:
                     raise BadLine(MALFORMED, f"unknown metric type {mtype[:10]!r}: {line[:80]!r}")
             except UnicodeDecodeError:
@@ -296,6 +296,11 @@ def granted_rcvbuf(sock: socket.socket, wanted: int) -> tuple[int, int | None]:
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), rmem_max
 
 
+def _next_boundary(now: float, interval: float) -> float:
+    """The first multiple of `interval` after `now`."""
+    return (math.floor(now / interval) + 1) * interval
+
+
 class _Reader:
     """The receive path, on its own thread: `recv_into` a preallocated buffer in a tight
     loop, parse there, and hand events to the loop in batches (every BATCH_LINES events or
@@ -316,13 +321,14 @@ class _Reader:
     def _run(self) -> None:
         src, sock = self.source, self.sock
         parser, stats, interval = src.parser, src.stats, src.options.flush_interval_s
-        agg = Aggregate() if src.options.aggregate else None
+        agg = Aggregate(interval) if src.options.aggregate else None
         buf = bytearray(MAX_DATAGRAM)
         view = memoryview(buf)
         pending: list[Event] = []
         bad: list[BadLine] = []
         first_at = 0.0  # when the oldest pending event arrived
-        next_flush = time.time() + interval
+        # Flushes fall on interval boundaries, so each closes exactly one aggregation bucket.
+        next_flush = _next_boundary(time.time(), interval)
         sock.settimeout(IDLE_WAKE_S)
         try:
             while not self.stopping.is_set():
@@ -344,8 +350,8 @@ class _Reader:
                     if wrong:
                         bad.extend(wrong)
                 if now >= next_flush:
-                    pending.extend(agg.flush(now, interval) if agg is not None else parser.flush_sets(now))
-                    next_flush = now + interval
+                    pending.extend(agg.flush(now) if agg is not None else parser.flush_sets(now))
+                    next_flush = _next_boundary(now, interval)
                     self._hand(pending, bad, drops=True)
                     pending, bad = [], []
                 elif bad or (pending and (len(pending) >= BATCH_LINES or now - first_at >= BATCH_S)):
@@ -356,7 +362,7 @@ class _Reader:
         finally:
             # Stopping (or the socket failed): the partial interval goes too, no loss.
             now = time.time()
-            pending.extend(agg.flush(now, interval) if agg is not None else parser.flush_sets(now))
+            pending.extend(agg.flush() if agg is not None else parser.flush_sets(now))
             self._hand(pending, bad, drops=True)
 
     def _hand(self, events: list[Event], bad: list[BadLine], drops: bool = False) -> None:

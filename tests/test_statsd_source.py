@@ -9,9 +9,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from agent.aggregation import Aggregator
 from agent.builtin_plugins.statsd import MALFORMED, SOCKET_OVERFLOW, UNSUPPORTED, Parser
 from agent.builtin_plugins.statsd_aggregate import Aggregate
 
+from agent.event import Event
 from agent.plugin.base import ThrottledLog
 from agent.runtime import Agent
 from tests.helpers import await_until, jsonl_sink, plan_error, read_jsonl, start_agent
@@ -160,13 +162,13 @@ def test_option_errors_name_the_key_path(tmp_path, toml, path, problem):
 
 def aggregate(*datagrams: str, parser: Parser | None = None, now: float = NOW):
     """Feed datagrams into one interval; (its events by (name, kind, tags), pass-through events, bad lines)."""
-    parser, agg, passed, bad = parser or Parser(), Aggregate(), [], []
+    parser, agg, passed, bad = parser or Parser(), Aggregate(10.0), [], []
     for d in datagrams:
         ev, wrong = parser.feed_into(d.encode(), now, agg)
         passed += ev
         bad += wrong
-    out = {(e.name, e.kind, tuple(sorted(e.tags.items()))): e for e in agg.flush(now + 10, 10.0)}
-    assert len(out) == len(agg.flush(0, 10.0)) + len(out)  # the flush emptied it
+    out = {(e.name, e.kind, tuple(sorted(e.tags.items()))): e for e in agg.flush(now + 10)}
+    assert len(agg) == 0 and agg.flush() == []  # the flush emptied it
     return out, passed, bad
 
 
@@ -176,7 +178,7 @@ def test_aggregated_counters_are_summed_with_their_sample_rates():
     hits = out["hits", "counter", ()]
     assert (hits.value, hits.data) == (14.0, {"interval_s": 10.0, "count": 4})
     assert out["hits", "counter", (("k", "v"),)].value == 5.0
-    assert out["hits", "counter", ()].ts == NOW + 10  # the flush time
+    assert out["hits", "counter", ()].ts == NOW // 10 * 10  # the start of its 10 s interval
 
 
 def test_aggregated_gauges_keep_the_last_value_with_relative_deltas_across_intervals():
@@ -216,6 +218,32 @@ def test_aggregated_sets_count_distinct_members_and_timestamped_lines_pass_throu
 def test_tag_order_does_not_split_a_series():
     out, _, _ = aggregate("a:1|c|#x:1,y:2\na:1|c|#y:2,x:1")
     assert [e.value for e in out.values()] == [2.0]
+
+
+def test_statsd_aggregates_are_the_sink_aggregators_own():
+    """The source feeds agent.aggregation's Aggregator (the one a sink's `aggregate` uses):
+    the same samples give the same bucket, value and data either way."""
+    out, _, _ = aggregate("rt:12.5|ms\nrt:3|ms\nq:4|g\nq:9|g\nhits:2|c", now=NOW + 3)
+    sink = Aggregator(10.0)
+    for name, kind, value in [("rt", "histogram", 12.5), ("rt", "histogram", 3.0), ("q", "gauge", 4.0),
+                              ("q", "gauge", 9.0), ("hits", "counter", 2.0)]:
+        assert sink.add(Event(name=name, kind=kind, value=value, ts=NOW + 3)) is None
+    want = {(e.name, e.kind): e for e in sink.flush()}
+    assert {(n, k) for n, k, _ in out} == set(want)
+    for (name, kind, _), e in out.items():
+        assert (e.ts, e.value, e.data) == (want[name, kind].ts, want[name, kind].value, want[name, kind].data)
+    assert out["q", "gauge", ()].data == {"interval_s": 10.0, "count": 2, "sum": 13.0, "min": 4.0, "max": 9.0,
+                                          "last_ts": NOW + 3}
+
+
+def test_a_flush_closes_only_the_intervals_that_ended():
+    p, agg = Parser(), Aggregate(10.0)
+    p.feed_into(b"hits:1|c\nu:a|s", NOW + 1, agg)
+    p.feed_into(b"hits:5|c", NOW + 12, agg)  # the next interval
+    first = agg.flush(NOW + 10)
+    assert sorted((e.name, e.value, e.ts) for e in first) == [("hits", 1.0, NOW), ("u", 1.0, NOW)]
+    assert [(e.name, e.value, e.ts) for e in agg.flush(NOW + 19)] == []  # not ended yet
+    assert [(e.name, e.value, e.ts) for e in agg.flush()] == [("hits", 5.0, NOW + 10)]  # a stop takes all
 
 
 # -- a real agent, real datagrams -------------------------------------------------------

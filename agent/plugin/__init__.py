@@ -8,11 +8,13 @@
 
 Everything a source, sink or policy needs is here: the hook marker, the base classes
 and protocols, the context a plugin instance is given, the error classes it raises,
-the `probing` flag of a breaker's half-open probe, the Postgres table helpers the
+the `probing` flag of a breaker's half-open probe, the aggregator a source can pre-aggregate
+with (the one `[sinks.NAME] aggregate` uses), the Postgres table helpers the
 built-in sinks share, and the typed `register` callbacks of each hook. Built-in
 plugins import nothing else from the agent (tests/test_layout.py keeps it so).
 """
 
+from agent.aggregation import Aggregator
 from agent.errors import (
     AgentError,
     CircuitOpenError,
@@ -56,6 +58,7 @@ __all__ = [
     "MAX_TAGS",
     "STORE_FILE",
     "AgentError",
+    "Aggregator",
     "BasePolicy",
     "BaseSink",
     "CircuitOpenError",
