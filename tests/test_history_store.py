@@ -42,6 +42,44 @@ async def test_redelivery_does_not_double_count(store):
     assert names[0]["count"] == 50 and names[0]["last_value"] == 49.0
 
 
+async def test_hour_rollups_are_the_events_folded_directly(store, tmp_path):
+    """Each hour cell is merged from the batch's minute cells: it must hold what folding
+    the events straight into hours gives (counts, sum, min, max and the sketch), also for
+    a batch across an hour boundary, several series and kinds, and a later batch merging in."""
+    import sqlite3
+
+    rng = random.Random(7)
+    batches = [
+        [ev(name=name, kind=kind, value=rng.choice([rng.uniform(-5, 500), 0.0, None]), ts=NOW - 7300 + i * 2.0)
+         for i in range(3000)
+         for name, kind in [rng.choice([("g", "gauge"), ("h", "histogram"), ("c", "counter")])]]
+        for _ in range(2)
+    ]
+    for batch in batches:
+        assert await store.write(batch, now=NOW) == len(batch)
+    want: dict = {}
+    for e in (e for batch in batches for e in batch):
+        hour = int(e.ts // 3600) * 3600
+        n, vn, values = want.get((e.name, hour), (0, 0, []))
+        want[e.name, hour] = (n + 1, vn + (e.value is not None), values + ([e.value] if e.value is not None else []))
+    with sqlite3.connect(tmp_path / "store.db") as conn:
+        rows = conn.execute("SELECT s.name, r.bucket, r.n, r.vn, r.sum, r.mn, r.mx, r.sketch"
+                            " FROM rollup_hour r JOIN series s ON s.id = r.sid").fetchall()
+    assert len(rows) == len(want) == 9  # 3 series x 3 hours
+    for name, bucket, n, vn, total, mn, mx, blob in rows:
+        wn, wvn, values = want[name, bucket]
+        assert (n, vn, mn, mx) == (wn, wvn, min(values), max(values))
+        assert total == pytest.approx(sum(values), rel=1e-12)
+        if name == "c":  # counters keep no sketch
+            assert blob is None
+            continue
+        ref = Sketch()
+        for v in values:
+            ref.add(v)
+        got = Sketch.from_bytes(blob)
+        assert (got.n, got.zero, got.pos, got.neg) == (ref.n, ref.zero, ref.pos, ref.neg)
+
+
 async def test_duplicate_inside_one_batch_counts_once(store):
     e = ev()
     assert await store.write([e, e], now=NOW) == 1

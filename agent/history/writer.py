@@ -66,6 +66,18 @@ class Cell:
         self.mx: float | None = None
         self.sketch = Sketch() if with_sketch else None
 
+    def merge(self, other: Cell) -> None:
+        """Add another cell of the same series (a finer level's) into this one."""
+        self.n += other.n
+        self.vn += other.vn
+        self.sum += other.sum
+        if other.mn is not None and (self.mn is None or other.mn < self.mn):
+            self.mn = other.mn
+        if other.mx is not None and (self.mx is None or other.mx > self.mx):
+            self.mx = other.mx
+        if self.sketch is not None and other.sketch is not None:
+            self.sketch.merge(other.sketch)
+
     def add(self, v: float | None) -> None:
         self.n += 1
         if v is None or not math.isfinite(v):
@@ -150,8 +162,7 @@ class Writer:
                         for e, sid in zip(new, sids, strict=True)
                     ],
                 )
-                for level, width in LEVELS:
-                    self._fold(level, width, new, sids)
+                self._fold(new, sids)
                 catalogue = self._catalogue(new)
             conn.execute("COMMIT")
         except BaseException:
@@ -192,7 +203,11 @@ class Writer:
             out.append(sid)
         return out
 
-    def _fold(self, level: str, width: int, events: list[Event], sids: list[int]) -> None:
+    def _fold(self, events: list[Event], sids: list[int]) -> None:
+        """Fold a batch into every roll-up level: the finest from the events, each coarser
+        one from the level below's cells (LEVELS' widths divide each other, so a cell lies
+        within one coarser cell), which adds each value to a sketch once, not per level."""
+        (finest, width), *coarser = LEVELS
         cells: dict[tuple[int, int], Cell] = {}
         for e, sid in zip(events, sids, strict=True):
             key = (int(e.ts // width) * width, sid)
@@ -200,6 +215,20 @@ class Writer:
             if cell is None:
                 cell = cells[key] = Cell(e.kind in SKETCH_KINDS)
             cell.add(e.value)
+        self._upsert(finest, cells)
+        for level, width in coarser:
+            merged: dict[tuple[int, int], Cell] = {}
+            for (b, sid), c in cells.items():
+                key = (b // width * width, sid)
+                m = merged.get(key)
+                if m is None:
+                    merged[key] = c  # the finer level's rows are written already: reuse the cell
+                else:
+                    m.merge(c)
+            cells = merged
+            self._upsert(level, cells)
+
+    def _upsert(self, level: str, cells: dict[tuple[int, int], Cell]) -> None:
         # Merging a cell that already has rows happens in SQL (sketch_merge on conflict):
         # no read-back per cell.
         self.conn.executemany(
