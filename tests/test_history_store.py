@@ -197,3 +197,16 @@ def test_sketches_of_the_first_format_still_decode_and_merge():
     assert merged.n == whole.n
     for q in (0.01, 0.5, 0.99):
         assert merged.quantile(q) == whole.quantile(q)
+
+
+def test_sketch_add_many_counts_as_add_one_at_a_time():
+    rng = random.Random(3)
+    values = [rng.choice([rng.lognormvariate(0, 6), -rng.lognormvariate(0, 3), 0.0, 1e-10, -1e-10, 1e-9, -1e-9])
+              for _ in range(5000)]
+    one, many = Sketch(), Sketch()
+    for v in values:
+        one.add(v)
+    many.add_many(values[:1000])
+    many.add_many(values[1000:])
+    assert (many.n, many.zero, many.pos, many.neg) == (one.n, one.zero, one.pos, one.neg)
+    assert one.zero > 0 and one.neg and one.pos

@@ -59,6 +59,26 @@ class Sketch:
         if len(bins) > MAX_BINS:
             _collapse(bins)
 
+    def add_many(self, values: list[float]) -> None:
+        """Add finite values (the caller leaves out NaN and infinities): the counts of
+        add() one at a time, in one loop without a call per value."""
+        pos, neg, log, ceil, lg = self.pos, self.neg, math.log, math.ceil, _LOG_GAMMA
+        zero = 0
+        for v in values:
+            if v >= MIN_MAGNITUDE:
+                k = ceil(log(v) / lg)
+                pos[k] = pos.get(k, 0) + 1
+            elif v <= -MIN_MAGNITUDE:
+                k = ceil(log(-v) / lg)
+                neg[k] = neg.get(k, 0) + 1
+            else:
+                zero += 1
+        self.zero += zero
+        self.n += len(values)
+        for bins in (pos, neg):
+            if len(bins) > MAX_BINS:
+                _collapse(bins)
+
     def merge(self, other: Sketch) -> Sketch:
         """Add `other`'s counts into this sketch; returns self."""
         self.n += other.n

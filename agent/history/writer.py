@@ -22,6 +22,8 @@ from agent.event import Event
 from agent.history.schema import LEVELS, tagset_key
 from agent.history.sketch import Sketch, merge_bytes
 
+_isfinite = math.isfinite
+
 SKETCH_KINDS = frozenset({"gauge", "histogram"})
 ID_CHUNK = 500
 CHUNK = 5000  # rows per compaction or trim transaction: writes interleave with them
@@ -77,6 +79,20 @@ class Cell:
             self.mx = other.mx
         if self.sketch is not None and other.sketch is not None:
             self.sketch.merge(other.sketch)
+
+    def add_many(self, values: list[float | None]) -> None:
+        """Add a batch's values at once (None, NaN and infinities count in `n` only)."""
+        self.n += len(values)
+        ok = [v for v in values if v is not None and _isfinite(v)]
+        if not ok:
+            return
+        self.vn += len(ok)
+        self.sum += sum(ok)
+        low, high = min(ok), max(ok)
+        self.mn = low if self.mn is None or low < self.mn else self.mn
+        self.mx = high if self.mx is None or high > self.mx else self.mx
+        if self.sketch is not None:
+            self.sketch.add_many(ok)
 
     def add(self, v: float | None) -> None:
         self.n += 1
@@ -208,13 +224,17 @@ class Writer:
         one from the level below's cells (LEVELS' widths divide each other, so a cell lies
         within one coarser cell), which adds each value to a sketch once, not per level."""
         (finest, width), *coarser = LEVELS
-        cells: dict[tuple[int, int], Cell] = {}
+        values: dict[tuple[int, int], list[Any]] = {}  # cell -> [its first kind, values...]
         for e, sid in zip(events, sids, strict=True):
             key = (int(e.ts // width) * width, sid)
-            cell = cells.get(key)
-            if cell is None:
-                cell = cells[key] = Cell(e.kind in SKETCH_KINDS)
-            cell.add(e.value)
+            vs = values.get(key)
+            if vs is None:
+                vs = values[key] = [e.kind]
+            vs.append(e.value)
+        cells: dict[tuple[int, int], Cell] = {}
+        for key, vs in values.items():
+            cell = cells[key] = Cell(vs[0] in SKETCH_KINDS)
+            cell.add_many(vs[1:])
         self._upsert(finest, cells)
         for level, width in coarser:
             merged: dict[tuple[int, int], Cell] = {}
