@@ -38,6 +38,7 @@ from agent.plugin import (
     PermanentError,
     PluginContext,
     RegisterComponent,
+    Throttle,
     hookimpl,
     probing,
 )
@@ -156,9 +157,8 @@ class CircuitBreakerPolicy(BasePolicy):
         self._not_closed_since = 0.0
         self._open_total = 0.0
         self.stats: dict[str, Any] = ctx.stats if ctx is not None else {}
-        # Throttled WARNINGs (like agent.pipeline.deadletter_log): kind -> (may log again at, held back since)
-        self._warn_clock = clock or time.monotonic
-        self._warned: dict[str, tuple[float, int]] = {}
+        # Throttled WARNINGs, one per kind ("failure", "open") per WARN_EVERY_S
+        self._warned = Throttle(WARN_EVERY_S, clock or time.monotonic)
         # Declared figures (docs/resilience.md): /metrics serves `breaker_state_code` as
         # sidecar_agent_breaker_state and `breaker_open_seconds_total` as ..._open_seconds;
         # the latter is a callable, so every read includes the current open period.
@@ -307,13 +307,10 @@ class CircuitBreakerPolicy(BasePolicy):
     def _warn(self, kind: str, msg: str, *args: Any) -> None:
         """A WARNING at most once per WARN_EVERY_S for this sink and `kind`, with how many
         were held back since the last one: a sink failing every call must not flood the log."""
-        now = self._warn_clock()
-        until, held = self._warned.get(kind, (float("-inf"), 0))
-        if now < until:
-            self._warned[kind] = (until, held + 1)
+        allowed = self._warned.allow(kind)
+        if allowed is None:
             return
-        self._warned[kind] = (now + WARN_EVERY_S, 0)
-        more = f" ({held} more since the last such line)" if held else ""
+        more = f" ({allowed[0]} more since the last such line)" if allowed[0] else ""
         log.warning(msg, self.name, *args, more)
 
     def _on_success(self, gen: int) -> None:

@@ -35,6 +35,7 @@ from agent.plugin import (
     PluginContext,
     RegisterComponent,
     RetryableError,
+    Throttle,
     hookimpl,
     probing,
 )
@@ -186,8 +187,7 @@ class RetryPolicy(BasePolicy):
         self.stats.setdefault("retries_budget_exhausted", 0)
         self.stats.setdefault("retries_gave_up", 0)
         self.stats.setdefault("retries_timed_out", 0)  # batches given up after max_timeouts timeouts
-        self._warn_until = float("-inf")
-        self._warn_held = 0  # retries not logged since the last WARNING
+        self._warned = Throttle(WARN_EVERY_S, clock)  # "will be retried" WARNINGs
 
     def budget_state(self) -> dict[str, Any]:
         """The budget's window, requests, retries, allowed and remaining, now."""
@@ -247,11 +247,10 @@ class RetryPolicy(BasePolicy):
     def _warn_retry(self, now: float, attempt: int, delay: float, exc: BaseException) -> None:
         """A failed attempt that will be retried is a WARNING, at most once a minute per sink
         (with how many were held back), so a failing sink is visible before anything is parked."""
-        if now < self._warn_until:
-            self._warn_held += 1
+        allowed = self._warned.allow(now=now)
+        if allowed is None:
             return
-        more = f" ({self._warn_held} more since the last such line)" if self._warn_held else ""
-        self._warn_until, self._warn_held = now + WARN_EVERY_S, 0
+        more = f" ({allowed[0]} more since the last such line)" if allowed[0] else ""
         log.warning(
             "sink %s: attempt %d of %d failed, retrying in %.2gs: %s%s",
             self.name,

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.plugin.throttle import Throttle
+
 EVERY_S = 60.0
-MAX_KEYS = 256  # error codes remembered per sink; past it the oldest are forgotten (a line may repeat early)
 
 # A SQLSTATE (42P01: five capitals or digits, at least one digit) or an HTTP status (503).
 _CODE = re.compile(r"\b((?=[0-9A-Z]*\d)[0-9A-Z]{5}|[45]\d\d)\b")
@@ -35,18 +36,14 @@ class DeadLetterLog:
     """One sink's throttled dead-letter warnings."""
 
     def __init__(self, sink: str, every_s: float = EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self.sink, self.every_s, self.clock = sink, every_s, clock
-        self._next: dict[str, float] = {}  # error code -> when it may be logged again
-        self._held: dict[str, tuple[int, int]] = {}  # error code -> (batches, events) not logged since
+        self.sink = sink
+        self._throttle = Throttle(every_s, clock)  # keyed by error code
 
     def __call__(self, events: int, exc: BaseException) -> None:
-        code = error_code(exc)
-        now = self.clock()
-        if now < self._next.get(code, float("-inf")):
-            batches, held = self._held.get(code, (0, 0))
-            self._held[code] = (batches + 1, held + events)
+        allowed = self._throttle.allow(error_code(exc), events)
+        if allowed is None:
             return
-        batches, held = self._held.pop(code, (0, 0))
+        batches, held = allowed
         more = f" (and {batches} more batches, {held} events, with this error since the last line)" if batches else ""
         log.warning(
             "sink %s: %d events dead-lettered: %s%s; `sidecar-agent dlq list --sink %s` shows them,"
@@ -57,12 +54,6 @@ class DeadLetterLog:
             more,
             self.sink,
         )
-        self._next.pop(code, None)
-        self._next[code] = now + self.every_s
-        while len(self._next) > MAX_KEYS:
-            oldest = next(iter(self._next))
-            del self._next[oldest]
-            self._held.pop(oldest, None)
 
 
 def report(worker: Any, events: int, exc: BaseException) -> None:

@@ -50,6 +50,7 @@ from agent.plugin.base import (
 )
 from agent.plugin.hookspecs import hookimpl
 from agent.plugin.listening import bind_with_retry
+from agent.plugin.throttle import Throttle
 from agent.table.ddl import check_identifier
 from agent.table.rows import COLUMNS, sqlstate_retryable, to_record, to_rest_row
 
@@ -84,6 +85,7 @@ __all__ = [
     "SinkError",
     "Source",
     "Submit",
+    "Throttle",
     "ThrottledLog",
     "bind_with_retry",
     "check_identifier",

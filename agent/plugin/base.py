@@ -26,6 +26,7 @@ from agent.event import Event
 from agent.flags.definition import Flag
 from agent.history.board import HistoryBoard
 from agent.losses import LossLedger
+from agent.plugin.throttle import Throttle
 
 T = TypeVar("T")
 
@@ -192,20 +193,16 @@ class ThrottledLog:
         level: int = logging.WARNING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.log, self.every_s, self.level, self.clock = log, every_s, level, clock
-        self._next = float("-inf")
-        self._skipped = 0
+        self.log, self.level = log, level
+        self._throttle = Throttle(every_s, clock)
 
     def __call__(self, msg: str, *args: Any) -> None:
-        now = self.clock()
-        if now < self._next:
-            self._skipped += 1
+        allowed = self._throttle.allow()
+        if allowed is None:
             return
-        if self._skipped:
-            msg += f" (and {self._skipped} more like it since the last message)"
+        if allowed[0]:
+            msg += f" (and {allowed[0]} more like it since the last message)"
         self.log.log(self.level, msg, *args)
-        self._next = now + self.every_s
-        self._skipped = 0
 
 
 class RegisterComponent(Protocol):
