@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,6 +102,18 @@ def _number(text: str) -> float:
     return value
 
 
+def _lines(datagram: bytes, bad: list[BadLine]) -> Iterator[str]:
+    """The non-blank lines of a datagram, decoded; a line that is not UTF-8 goes to `bad`."""
+    for raw in datagram.split(b"\n"):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(BadLine(MALFORMED, f"not UTF-8: {raw[:80]!r}"))
+
+
 class Parser:
     """Turns datagrams into events.
 
@@ -120,14 +133,9 @@ class Parser:
         """Parse every line of a datagram: the events, and one BadLine per line that failed."""
         events: list[Event] = []
         bad: list[BadLine] = []
-        for raw in datagram.split(b"\n"):
-            raw = raw.strip()
-            if not raw:
-                continue
+        for line in _lines(datagram, bad):
             try:
-                events.extend(self.parse_line(raw.decode("utf-8"), now))
-            except UnicodeDecodeError:
-                bad.append(BadLine(MALFORMED, f"not UTF-8: {raw[:80]!r}"))
+                events.extend(self.parse_line(line, now))
             except BadLine as exc:
                 bad.append(exc)
         return events, bad
@@ -137,12 +145,8 @@ class Parser:
         (not aggregated: they keep their time), and one BadLine per line that failed."""
         events: list[Event] = []
         bad: list[BadLine] = []
-        for raw in datagram.split(b"\n"):
-            raw = raw.strip()
-            if not raw:
-                continue
+        for line in _lines(datagram, bad):
             try:
-                line = raw.decode("utf-8")
                 name, mtype, values, rate, tags, tkey, ts = self._split(line, None)
                 if ts is not None:
                     events.extend(self._events(name, mtype, values, rate, tags, tkey, ts, line))
@@ -160,8 +164,6 @@ class Parser:
                     agg.observe(key, nums, now)
                 else:
                     raise BadLine(MALFORMED, f"unknown metric type {mtype[:10]!r}: {line[:80]!r}")
-            except UnicodeDecodeError:
-                bad.append(BadLine(MALFORMED, f"not UTF-8: {raw[:80]!r}"))
             except BadLine as exc:
                 bad.append(exc)
         return events, bad
