@@ -38,8 +38,10 @@ from agent.event import Event
 from agent.flags import in_rollout
 from agent.pipeline import deadletter_log
 from agent.pipeline.batch_ranges import BatchRanges, aggregate_batch
+from agent.pipeline.cancellation import raise_if_cancelling
 from agent.pipeline.inflight import AdaptiveLimit, Batch, Window
 from agent.pipeline.journal import Journal
+from agent.pipeline.replay import DlqReplay
 from agent.pipeline.resilience import Chain
 from agent.plugin.base import PluginContext, Sink
 from agent.storage.dlq import DeadLetterQueue
@@ -55,26 +57,9 @@ HOLD_MAX_S = 30.0
 OWN_PREFIX = "sidecar_agent."  # names of the agent's own events
 
 
-def raise_if_cancelling() -> None:
-    """Re-raise a cancel that a callee turned into an ordinary exception.
-
-    Called wherever a loop catches `Exception` and carries on: if this task was asked to
-    stop (Task.cancelling()), whatever the callee raised instead, the cancel wins, so a
-    plugin or library that swallows a CancelledError cannot keep a worker alive past stop().
-    """
-    if cancelling():
-        raise asyncio.CancelledError
-
-
 class DeadLetterWriteError(Exception):
     """Parking a failed batch in the DLQ failed (e.g. the disk is full): the batch was
     neither delivered nor parked, so the cursor must stay where it is."""
-
-
-def cancelling() -> bool:
-    """Whether the current task has been asked to stop (a cancel not yet withdrawn)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 @dataclass
@@ -95,7 +80,7 @@ class SinkStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class SinkWorker:
+class SinkWorker(DlqReplay):
     """Delivers the journal to one sink."""
 
     def __init__(
@@ -136,18 +121,13 @@ class SinkWorker:
         self._hurry_to = 0
         self._read_to = 0  # the journal is read up to here; the cursor trails the window
         self._window = Window()
-        self.replay_interval = 1.0 / replay_per_s if replay_per_s > 0 else float("inf")
+        self._init_replay(replay_per_s, auto_replay)
         self.enabled = enabled
-        self.auto_replay = auto_replay
         self.rollout = rollout
         self.stats = SinkStats(extra=ctx.stats)
         self.healthy = False
         self.started = False
         self._starting: asyncio.Future[None] | None = None
-        self._next_replay = 0.0
-        self._probe_at = 0.0  # when an unhealthy sink may next try one DLQ entry
-        self._probe_delay = 1.0
-        self._replay_now = False
         self._nudge = journal.waiter()  # set on every commit, flag change or replay request
         self._hold_delay = HOLD_INITIAL_S
         self._runs = 0  # run() calls: more than one means the supervisor restarted it
@@ -172,11 +152,6 @@ class SinkWorker:
         if self._linger_at is None:
             self._linger_at = now + self.aggregate_s
         return now < self._linger_at
-
-    def request_replay(self) -> None:
-        """Replay this sink's DLQ now, even before a live batch proves it healthy."""
-        self._replay_now = True
-        self.nudge()
 
     # -- the loop --------------------------------------------------------------------
 
@@ -453,67 +428,6 @@ class SinkWorker:
         self.stats.last_error = f"{type(exc).__name__}: {exc}"
         self.stats.state = "failing"
         self.healthy = False
-
-    async def _maybe_replay(self) -> bool:
-        """Replay one DLQ entry if the sink is healthy and the rate allows."""
-        now = time.monotonic()
-        if not self.dlq.depth(self.name):
-            return False
-        if not self._replay_now and not (self.auto_replay and (self.healthy or now >= self._probe_at)):
-            return False
-        if now < self._next_replay and not self._replay_now:
-            return False
-        self._next_replay = now + self.replay_interval
-        claimed = await self.dlq.claim(self.name)
-        if claimed is None:
-            self._replay_now = False
-            return False
-        entry_id, _, events = claimed
-        try:
-            failed = await self._replay(events)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            # The whole entry stays parked; halves already delivered may be sent again.
-            await asyncio.shield(self.dlq.settle(entry_id, self.name, len(events), RetryableError("cancelled")))
-            raise
-        except Exception as exc:
-            if cancelling():  # a cancel the sink turned into an error: parked as above
-                await asyncio.shield(self.dlq.settle(entry_id, self.name, len(events), RetryableError("cancelled")))
-                raise asyncio.CancelledError from exc
-            self._failed(exc)
-            self._replay_failed(exc)
-            await self.dlq.settle(entry_id, self.name, len(events), exc)
-            return False
-        delivered = len(events) - sum(len(part) for part, _ in failed)
-        self.stats.replayed += delivered
-        if failed:
-            await self.dlq.split(entry_id, self.name, delivered, failed)
-            self._replay_failed(failed[0][1])
-            return delivered > 0
-        self._probe_delay = 1.0
-        await self.dlq.settle(entry_id, self.name, len(events), None)
-        if not self.dlq.depth(self.name):
-            self._replay_now = False
-        return True
-
-    async def _replay(self, events: list[Event]) -> list[tuple[list[Event], BaseException]]:
-        """Send a DLQ entry's events; several that fail permanently are bisected like a
-        live batch. Returns the parts that still fail (empty when all were delivered)."""
-        try:
-            await self._send(events)
-        except PermanentError as exc:
-            if len(events) == 1:
-                raise
-            self._failed(exc)
-            return await self._bisect(events, exc)
-        self._succeeded(events)
-        return []
-
-    def _replay_failed(self, exc: BaseException) -> None:
-        """A replay failed: end an explicit replay and back off the next probe."""
-        self._replay_now = False
-        wait = exc.retry_after if isinstance(exc, RetryableError) and exc.retry_after else self._probe_delay
-        self._probe_at = time.monotonic() + wait
-        self._probe_delay = min(self._probe_delay * 2, 60.0)
 
     async def close(self) -> None:
         """Close the sink (after the worker task is done), also when a stop interrupted its
