@@ -22,7 +22,6 @@ import atexit
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -32,8 +31,10 @@ from typing import Any
 from agent import celery_hook, losses
 from agent.config import differences, resolve
 from agent.errors import ConfigError
+from agent.forwarding.failover import wait_port_free
 from agent.forwarding.forwarder import Forwarder
 from agent.forwarding.owner import Owner, serve_forwarders
+from agent.loop_thread import close_loop, release_listeners
 from agent.losses import LossLedger
 from agent.pipeline.recording import RecordQueue
 from agent.runtime import Agent
@@ -82,34 +83,7 @@ def _run(agent: Agent, ready: Future[Agent]) -> None:
     try:
         loop.run_until_complete(main())
     finally:
-        _close_loop(loop)
-
-
-LEFTOVER_GRACE_S = 0.5
-
-
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """End the agent's loop for good once stop() returned, also when it abandoned tasks
-    (Agent.abandoned: a sink that swallows its cancels, a stuck close). Those would
-    otherwise stay pending on a loop nobody runs, in the host process, for ever. They
-    are cancelled once more and given LEFTOVER_GRACE_S; a task still pending then has its
-    coroutine closed (GeneratorExit ends it where a cancel did not). Their events stay
-    journaled, as stop() says. A blocking call in a worker thread cannot be ended from
-    here; the loop no longer waits for it."""
-    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for t in pending:
-        t.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.wait(pending, timeout=LEFTOVER_GRACE_S))
-    for t in pending:
-        if not t.done():
-            log.warning("closing the agent's loop: task %s ignored its cancel; its coroutine is closed", t.get_name())
-            t._log_destroy_pending = False  # type: ignore[attr-defined]  # ended below, not forgotten
-            with contextlib.suppress(RuntimeError):  # "coroutine ignored GeneratorExit"
-                t.get_coro().close()
-    with contextlib.suppress(TimeoutError):
-        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), LEFTOVER_GRACE_S))
-    loop.close()
+        close_loop(loop)
 
 
 def _after_fork_in_child() -> None:
@@ -122,7 +96,7 @@ def _after_fork_in_child() -> None:
     _use(None)
     _owner = _thread = _loop = _retired = None
     if loop is not None:
-        _release_listeners(loop)
+        release_listeners(loop)
     _lock = threading.Lock()
     _early = LossLedger()  # its lock may have been held by a parent thread at fork time
     if owner is not None:
@@ -137,30 +111,6 @@ def _after_fork_in_child() -> None:
     if parent is not None and parent.state in ("starting", "running"):
         _use(_start_forwarder(parent.config))  # it may take the data dir over, as any forwarder
         celery_hook.connect(stop)  # a Celery pool child ends with os._exit(): hand over before it
-
-
-def _release_listeners(loop: asyncio.AbstractEventLoop) -> None:
-    """In a child of fork(): let go of the child's copies of the listening sockets the
-    parent's loop serves (the HTTP port, the forwarder socket). A copy left open would
-    keep the port bound, with nobody accepting, after the parent is gone, so a new owner
-    (failover) could not bind it and clients would hang in its backlog. Each such fd is
-    pointed at /dev/null with dup2: the parent's socket objects in the child's memory may
-    close that fd number later, and must not close another file by then."""
-    selector = getattr(loop, "_selector", None)  # the loop's own fds: no public API lists them
-    if selector is None:
-        return
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        for fd in {key.fd for key in selector.get_map().values()}:
-            try:
-                with socket.socket(fileno=os.dup(fd)) as probe:
-                    listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            except OSError:
-                continue  # not a socket (the loop's self-pipe is one, but does not listen)
-            if listening:
-                os.dup2(null, fd)
-    finally:
-        os.close(null)
 
 
 def _lock_busy(data_dir: Path) -> bool:
@@ -244,7 +194,7 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
         if _agent is not fw or fw.state != "running" or fw.takeover is None:
             return False
         cfg, lost_at = fw.config, fw.owner.lost_at
-        _wait_port_free(cfg)
+        wait_port_free(cfg)
         lock.reserve()  # the Agent's own DataDirLock adopts it: the data dir is never unlocked between
         try:
             agent, _thread = _start_owner(cfg, 30.0)
@@ -264,30 +214,6 @@ def _take_over(fw: Forwarder, lock: DataDirLock) -> bool:
         gap,
     )
     return True
-
-
-PORT_WAIT_S = 5.0
-
-
-def _wait_port_free(cfg: Any) -> None:
-    """Before a takeover starts its HTTP server on the old owner's port: wait (briefly)
-    until that port can be bound, should the old owner's socket not be closed yet. The
-    server binds with SO_REUSEADDR, so the probe does too (TIME_WAIT is no obstacle)."""
-    s = cfg.server
-    if not s.enabled or not s.port:
-        return
-    end = time.monotonic() + PORT_WAIT_S
-    while True:
-        try:
-            with socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((s.host, s.port))
-            return
-        except OSError as exc:
-            if time.monotonic() > end:
-                log.warning("port %s:%d still held after %.0fs (%s); starting anyway", s.host, s.port, PORT_WAIT_S, exc)
-                return
-            time.sleep(0.1)
 
 
 def _start_owner(cfg: Any, timeout: float) -> tuple[Agent, threading.Thread]:

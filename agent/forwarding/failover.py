@@ -13,6 +13,7 @@ once it listens. A forwarder with `[agent] connect`, or one that is stopping, ha
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,3 +91,27 @@ class OwnerWatch:
             "last_failover_gap_s": self.last_failover_gap_s,
             "took_over": self.took_over,
         }
+
+
+PORT_WAIT_S = 5.0
+
+
+def wait_port_free(cfg: Any) -> None:
+    """Before a takeover starts its HTTP server on the old owner's port: wait (briefly)
+    until that port can be bound, should the old owner's socket not be closed yet. The
+    server binds with SO_REUSEADDR, so the probe does too (TIME_WAIT is no obstacle)."""
+    s = cfg.server
+    if not s.enabled or not s.port:
+        return
+    end = time.monotonic() + PORT_WAIT_S
+    while True:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((s.host, s.port))
+            return
+        except OSError as exc:
+            if time.monotonic() > end:
+                log.warning("port %s:%d still held after %.0fs (%s); starting anyway", s.host, s.port, PORT_WAIT_S, exc)
+                return
+            time.sleep(0.1)
