@@ -175,3 +175,43 @@ async def test_cursor_persisted_at_checkpoint_only(tmp_path):
     db, _, j = await open_journal(tmp_path)
     assert j.cursors == {"a": 4}
     await db.close()
+
+
+async def test_a_compaction_cancelled_after_its_delete_leaves_the_journal_writable(tmp_path):
+    """Stopping cancels housekeeping wherever it is. A cancel that lands as compaction's
+    DELETE ... RETURNING comes back from aiosqlite's thread used to leave that statement
+    unfinished (its cursor kept alive by the cancelled task's traceback), and SQLite then
+    refused every later COMMIT on the connection: the shutdown's checkpoint failed with
+    "SQL statements in progress". The cancel is made to land exactly there."""
+    import asyncio
+
+    db, _, j = await open_journal(tmp_path)
+    j.attach(["a"])
+    for _ in range(20):
+        await j.append(bodies(5, 10))
+    writer = db.writer
+    assert writer is not None
+
+    def cancelled_after(call):
+        async def wrapper(sql, *args):
+            result = await call(sql, *args)  # done in the thread: whatever it leaves is left
+            if sql.startswith("DELETE FROM journal"):
+                raise asyncio.CancelledError  # `result` stays referenced by this frame
+            return result
+
+        return wrapper
+
+    writer.execute = cancelled_after(writer.execute)  # type: ignore[method-assign]
+    writer.execute_fetchall = cancelled_after(writer.execute_fetchall)  # type: ignore[method-assign]
+    j.advance("a", j.last_seq)
+    task = asyncio.create_task(j.compact())
+    await asyncio.wait([task])  # as Agent.stop() waits: the task keeps its cancel's traceback
+    del writer.execute, writer.execute_fetchall  # the instance attributes: back to the methods
+    assert task.cancelled()
+    await j.append(bodies(1, 10))  # a COMMIT: raised "SQL statements in progress"
+    j.advance("a", j.last_seq)
+    await j.checkpoint()
+    await db.close()
+    with sqlite3.connect(tmp_path / "agent.db") as conn:
+        assert conn.execute("SELECT seq FROM cursors WHERE sink = 'a'").fetchone()[0] == j.last_seq
+    del task

@@ -190,12 +190,13 @@ class Journal:
         avg = max(1, self.bytes // self.segments)
         n = min(self.segments, need // avg + 1)
         async with self.db.tx() as conn:
-            cur = await conn.execute(
-                "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal ORDER BY seq LIMIT ?)"
-                f" RETURNING seq, count, {_ROW_BYTES}",
-                (n,),
+            deleted = list(
+                await conn.execute_fetchall(
+                    "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal ORDER BY seq LIMIT ?)"
+                    f" RETURNING seq, count, {_ROW_BYTES}",
+                    (n,),
+                )
             )
-            deleted = list(await cur.fetchall())
         dropped = self._forget(deleted)
         log.warning("journal over its cap: dropped the %d oldest events", dropped)
         self.ledger.add(losses.JOURNAL_FULL, dropped)
@@ -293,8 +294,9 @@ class Journal:
         runs, lost = segment.recover(first, seq, count, body, frames)
         rows = [(start + len(evs) - 1, start, len(evs), *segment.encode(evs)) for start, evs in runs]
         async with self.db.tx() as conn:
-            cur = await conn.execute(f"DELETE FROM journal WHERE seq = ? RETURNING {_ROW_BYTES}", (seq,))
-            gone = list(await cur.fetchall())
+            gone = list(
+                await conn.execute_fetchall(f"DELETE FROM journal WHERE seq = ? RETURNING {_ROW_BYTES}", (seq,))
+            )
             if gone:
                 await conn.execute(
                     "INSERT INTO journal_quarantine (seq, first_seq, count, body, frames, error, quarantined)"
@@ -377,12 +379,17 @@ class Journal:
         total = 0
         while self.segments and self.first_seq <= upto:
             async with self.db.tx() as conn:
-                cur = await conn.execute(
-                    "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq <= ? ORDER BY seq LIMIT ?)"
-                    f" RETURNING seq, count, {_ROW_BYTES}",
-                    (upto, COMPACT_CHUNK),
+                # One call into aiosqlite's thread (execute_fetchall), never execute() then
+                # fetchall(): a cancel between the two would leave the DELETE ... RETURNING
+                # unfinished, and SQLite then refuses every later COMMIT on this connection
+                # ("SQL statements in progress"), the shutdown's checkpoint included.
+                deleted = list(
+                    await conn.execute_fetchall(
+                        "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq <= ? ORDER BY seq LIMIT ?)"
+                        f" RETURNING seq, count, {_ROW_BYTES}",
+                        (upto, COMPACT_CHUNK),
+                    )
                 )
-                deleted = list(await cur.fetchall())
             if not deleted:
                 break  # the rest of the oldest segment is still needed by some sink
             total += self._forget(deleted)
