@@ -75,12 +75,20 @@ async def open_page(browser, request):
         pages.append(page)
         return page
 
+    async def close_all() -> None:
+        """Screenshot and close the pages opened so far. A test that stops the servers a
+        page talks to calls it first: a page left open would report their refused
+        connections as console errors."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        for i, page in enumerate(pages):
+            await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{i}.png"), full_page=True)
+            await page.context.close()
+        pages.clear()
+
     opener.allow = []  # substrings of console errors a test expects
+    opener.close_all = close_all
     yield opener
-    ARTIFACTS.mkdir(exist_ok=True)
-    for i, page in enumerate(pages):
-        await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{i}.png"), full_page=True)
-        await page.context.close()
+    await close_all()
     problems = [p for p in problems if not any(a in p for a in opener.allow)]
     assert not problems, problems
 

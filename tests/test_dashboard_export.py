@@ -170,6 +170,7 @@ async def test_the_exported_folder_served_statically_shows_two_agents_live(
         )
         assert keys and set(keys) == {emu.anon_key}
     finally:
+        await open_page.close_all()  # before the agents, the static server and the emulator go away
         for a in agents:
             await a.stop(timeout=2)
         server.terminate()

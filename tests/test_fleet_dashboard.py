@@ -127,6 +127,7 @@ async def test_fleet_from_supabase_lists_both_marks_a_stopped_one_stale_and_filt
         assert "2 agents seen, 1 stale" in await page.text_content("#fleet-status")
         await check_filter(page, ids_a, ids_b, "edge-a")
     finally:
+        await open_page.close_all()  # before `a` (its server) and the emulator go away
         await b.stop(timeout=2)
         await a.stop(timeout=2)
 
