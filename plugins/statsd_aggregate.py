@@ -43,18 +43,9 @@ class Aggregate:
     def _start(self, ts: float) -> float:
         return math.floor(ts / self.interval_s) * self.interval_s
 
-    def counter(self, key: Key, values: list[float], rate: float, ts: float) -> None:
-        series = (key[0], "counter", key[1], "", "")
-        for v in values:
-            self.metrics.add_value(series, ts, v / rate)
-
-    def gauge(self, key: Key, values: list[float], ts: float) -> None:
-        series = (key[0], "gauge", key[1], "", "")
-        for v in values:
-            self.metrics.add_value(series, ts, v)
-
-    def observe(self, key: Key, values: list[float], ts: float) -> None:
-        series = (key[0], "histogram", key[1], "", "")
+    def samples(self, key: Key, kind: str, values: list[float], ts: float) -> None:
+        """Merge a line's samples (a counter's already divided by its rate) into `kind`'s series."""
+        series = (key[0], kind, key[1], "", "")
         for v in values:
             self.metrics.add_value(series, ts, v)
 

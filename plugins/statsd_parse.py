@@ -98,11 +98,11 @@ class Parser:
                     continue
                 nums = [_number(v) for v in values.split(":")]  # all or nothing
                 if mtype == "c":
-                    agg.counter(key, nums, rate, now)
+                    agg.samples(key, "counter", [v / rate for v in nums], now)
                 elif mtype == "g":
-                    agg.gauge(key, self._gauge(key, values.split(":"), nums), now)
+                    agg.samples(key, "gauge", self._gauge(key, values.split(":"), nums), now)
                 elif mtype in ("ms", "h", "d"):
-                    agg.observe(key, nums, now)
+                    agg.samples(key, "histogram", nums, now)
                 else:
                     raise BadLine(MALFORMED, f"unknown metric type {mtype[:10]!r}: {line[:80]!r}")
             except BadLine as exc:

@@ -49,8 +49,8 @@ class BatchRanges:
     async def persist(self, after: int, upto: int) -> None:
         """Record a new batch's range durably; prune ranges the persisted cursor has passed."""
         async with self.db.tx() as conn:
-            rows = await conn.execute_fetchall("SELECT seq FROM cursors WHERE sink = ?", (self.sink,))
-            persisted = int(next(iter(rows))[0]) if rows else -1
+            rows = list(await conn.execute_fetchall("SELECT seq FROM cursors WHERE sink = ?", (self.sink,)))
+            persisted = int(rows[0][0]) if rows else -1
             self._ranges = {a: b for a, b in self._ranges.items() if b > persisted}
             self._ranges[after] = upto
             await conn.execute(
